@@ -1,0 +1,237 @@
+"""Named data sets: ``load(name, split)`` -> :class:`ImageSet` (uint8 NHWC images + labels).
+
+Files live in the data folder: ``data_dir=`` or the ``UVOOD_DATA`` environment variable.
+Each shipped file's full sha256 is a constant here and is checked on first use; the result
+is cached in memory by (path, size, mtime), so a file is hashed once per process.
+
+``identity`` is a stable string usable as a cache key:
+``name/split/sha256[:16]/subset`` (subset = ``all``, ``limit=N`` or ``size=S``).
+``limit=N`` takes N evenly spaced images (``round(linspace(0, len - 1, N))``), so
+class-major files keep their class balance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UvoodError
+from . import formats
+
+SHARED_HOW = ("it is one of uvood's prepared data files; copy the data folder (see its README.md) and set "
+              "--data-dir or UVOOD_DATA to it")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A named data set: display name, per-split file and sha256, format and classes."""
+
+    name: str
+    display: str
+    files: dict[str, str]
+    sha256: dict[str, str]
+    fmt: str  # "npz" | "jpeg" | "svhn-mat"
+    num_classes: int
+    hwc: tuple | None
+    classes: tuple[str, ...] = ()
+    how_to_get: str = SHARED_HOW
+    unlabelled: tuple[str, ...] = ()
+    notes: str = ""
+
+
+DIGITS = tuple(str(i) for i in range(10))
+FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CIFAR = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
+    DatasetInfo("mnist", "MNIST", {"train": "mnist_train.npz", "test": "mnist_test.npz"},
+                {"train": "f68f2be4651f8493c2e6c6f9823ce15b31b5ac8408212f77e5c9d6a79a8c1180",
+                 "test": "6039069bcb922bca95d26b83bf8966d0e74b04ef81e298c31d514d8ae7701924"},
+                "npz", 10, (28, 28, 1), DIGITS),
+    DatasetInfo("fashionmnist", "Fashion-MNIST",
+                {"train": "fashionmnist_train.npz", "test": "fashionmnist_test.npz"},
+                {"train": "ebb96bab2aa6ac95f4ca18b3d925145ff944f4d09ac8cf98d12a28d564e732fd",
+                 "test": "5834519bb8b58990da21e7ea8c4024a928355be292c726a5f43bd0815e69cfb2"},
+                "npz", 10, (28, 28, 1), FASHION),
+    DatasetInfo("cifar10", "CIFAR-10 (JPEG copy)",
+                {"train": "cifar10jpg_train_jpeg.npz", "test": "cifar10jpg_test_jpeg.npz"},
+                {"train": "361badd6256479306710d675d7e13752b7e1043a3f928634298cd139a7fc0657",
+                 "test": "eae28abd520dd3d089f93817e8fba347664dca7787e88ed0060fcc52fd42607d"},
+                "jpeg", 10, (32, 32, 3), CIFAR,
+                notes="JPEG q75 copy of CIFAR-10, not the official pixels (about 28 dB PSNR)."),
+    DatasetInfo("tinyimagenet", "Tiny-ImageNet-200",
+                {"val": "tinyimagenet_val_jpeg.npz", "test": "tinyimagenet_test_jpeg.npz"},
+                {"val": "d8525a4fcb35623792922c9e2abe94c9bdf7cc09e52c8187a5f9e32cb23220a9",
+                 "test": "e122dd31bbca6c51086f6b5ed8741f4d1c97ba0bd61a5821a491c7665c277a84"},
+                "jpeg", 200, (64, 64, 3), unlabelled=("test",),
+                notes="val labelled (y indexes tinyimagenet_wnids.txt), test unlabelled (y = -1)."),
+    DatasetInfo("textures", "Describable Textures (DTD, 10-class subset)", {"all": "textures10_all_jpeg.npz"},
+                {"all": "c2e1e31455ac25ab7859f181b0de22c8d4aaec6d4c8aae809d7225bdb042f5df"},
+                "jpeg", 10, None,
+                classes=("banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
+                         "crosshatched", "crystalline"),
+                notes="variable image size: decoded lazily, or resized with size=S (shorter side, centre crop)."),
+    DatasetInfo("svhn", "SVHN (official .mat)", {"train": "train_32x32.mat", "test": "test_32x32.mat"},
+                {}, "svhn-mat", 10, (32, 32, 3), DIGITS,
+                how_to_get="download it with `uvood data download svhn` (official site, md5-checked) into the "
+                           "data folder"),
+]}
+
+AUX_FILES = {  # side files of the data folder, full sha256
+    "imagenet_class_index.json": "ecae206bed9024d38507c0c6a3f8c4dc079f465ad34e44c3ffd0ea5ddf6cfa50",
+    "tinyimagenet_wnids.txt": "a36eb4b603007f1985cdfbfc5987166a2710b3c6f0f6d3e29636fc129bba527b",
+}
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def data_dir(path=None) -> Path:
+    """The data folder: ``path`` if given, else ``$UVOOD_DATA``; an error says how to set it."""
+    path = path or os.environ.get("UVOOD_DATA")
+    if not path:
+        raise UvoodError("no data folder given: pass --data-dir DIR (data_dir=) or set the environment variable "
+                         "UVOOD_DATA to the folder holding uvood's data files.")
+    return Path(path).expanduser()
+
+
+def file_sha256(path) -> str:
+    """Full hex sha256 of a file, memoised per process by (path, size, mtime)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _VERIFIED[key] = digest.hexdigest()
+    return _VERIFIED[key]
+
+
+def info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of a named data set."""
+    if name not in DATASETS:
+        raise UvoodError(f"unknown data set {name!r}; known: {sorted(DATASETS)} (see `uvood data list`).")
+    return DATASETS[name]
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def locate(name: str, split: str, data_dir_=None, verify: bool = True) -> tuple[Path, str]:
+    """(path, sha256) of a split's file, after checking that it exists and its checksum matches."""
+    ds = info(name)
+    if split not in ds.files:
+        raise UvoodError(f"{ds.display} has no split {split!r}; its splits: {sorted(ds.files)}.")
+    path = data_dir(data_dir_) / ds.files[split]
+    if not path.is_file():
+        raise UvoodError(f"{ds.display} {split} file not found: expected {path}. To get it: {ds.how_to_get}.")
+    sha = file_sha256(path) if verify or ds.sha256 else ""
+    expected = ds.sha256.get(split)
+    if verify and expected and sha != expected:
+        raise UvoodError(f"{path} has sha256 {sha[:16]}..., expected {expected[:16]}... (wrong version, damaged or "
+                         f"edited file). Replace it with the original: {ds.how_to_get}.")
+    return path, sha
+
+
+@dataclass
+class ImageSet:
+    """Images of one split: ``x`` uint8 N x H x W x C (or a lazy :class:`formats.JpegArchive`
+    for variable-size images), ``y`` int64 (-1 = unlabelled), plus identity and provenance."""
+
+    name: str
+    split: str
+    x: object
+    y: np.ndarray
+    num_classes: int
+    classes: tuple[str, ...]
+    identity: str
+    sha256: str
+    path: Path
+    display: str
+    indices: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def subset_indices(n: int, limit: int | None) -> np.ndarray | None:
+    """``limit`` evenly spaced indices of ``range(n)`` (None = all)."""
+    if limit is None or limit >= n:
+        return None
+    if limit < 1:
+        raise UvoodError(f"limit must be a positive number of images, got {limit}.")
+    return np.unique(np.round(np.linspace(0, n - 1, int(limit))).astype(np.int64))
+
+
+def _resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side to ``size`` (bilinear, antialiased), then the central ``size`` x ``size`` crop."""
+    from PIL import Image
+
+    im = Image.fromarray(image)
+    scale = size / min(im.size)
+    w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
+    im = im.resize((w, h), Image.BILINEAR)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def _decode_cached(archive: formats.JpegArchive, idx, hwc, cache_dir, key: str) -> np.ndarray:
+    if cache_dir is None:
+        return archive.decode(idx, hwc)
+    cache = Path(cache_dir) / f"decoded-{key}.npy"
+    if cache.is_file():
+        return np.load(cache, allow_pickle=False)
+    x = archive.decode(idx, hwc)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp.npy")
+    np.save(tmp, x)
+    os.replace(tmp, cache)
+    return x
+
+
+def load(name: str, split: str, data_dir=None, limit: int | None = None, size: int | None = None,
+         cache_dir=None, verify: bool = True) -> ImageSet:
+    """Load split ``split`` of data set ``name`` as an :class:`ImageSet`.
+
+    ``limit`` keeps N evenly spaced images; ``size`` resizes variable-size images (shorter
+    side to ``size``, centre crop); ``cache_dir`` stores decoded JPEG arrays as ``.npy``.
+    """
+    ds = info(name)
+    path, sha = locate(name, split, data_dir, verify)
+    subset = [f"limit={limit}"] if limit else []
+    subset += [f"size={size}"] if size else []
+    identity = f"{name}/{split}/{sha[:16]}/{','.join(subset) or 'all'}"
+    common = {"name": name, "split": split, "num_classes": ds.num_classes, "identity": identity, "sha256": sha,
+              "path": path, "display": ds.display}
+    allow_unlabelled = split in ds.unlabelled
+    if ds.fmt == "npz":
+        x, y = formats.read_decoded_npz(path, ds.num_classes, ds.hwc)
+        classes = ds.classes
+    elif ds.fmt == "svhn-mat":
+        x, y = formats.read_svhn_mat(path)
+        classes = ds.classes
+    else:
+        archive = formats.JpegArchive(path, ds.num_classes, allow_unlabelled)
+        y = archive.y
+        classes = tuple(str(c) for c in archive.extra.get("classes", ds.classes))
+        idx = subset_indices(len(y), limit)
+        if ds.hwc is not None:
+            x = _decode_cached(archive, idx, ds.hwc, cache_dir, identity.replace("/", "_").replace(",", "_"))
+        elif size:
+            x = np.stack([_resize_square(archive[i], size) for i in (range(len(y)) if idx is None else idx)])
+        else:
+            x = archive
+        y = y if idx is None else y[idx]
+        return ImageSet(x=x, y=y, classes=classes, indices=idx, **common)
+    if not allow_unlabelled and (y < 0).any():
+        raise UvoodError(f"{path}: split {split!r} of {ds.display} must be labelled but has labels -1.")
+    idx = subset_indices(len(y), limit)
+    if idx is not None:
+        x, y = x[idx], y[idx]
+    return ImageSet(x=x, y=y, classes=classes, indices=idx, **common)

@@ -1,0 +1,103 @@
+"""Cross-domain transforms: any uint8 images -> a model's float N x C x H x W input in [0, 1].
+
+``to_model_format(images, channels, size, mode)``:
+
+* ``mode="paste"`` (the seed code's convention, exact, no interpolation): a grey 28 x 28
+  image is copied into every output channel and placed at the top-left of a zero
+  ``size`` x ``size`` canvas; in the reverse direction the output takes channel 0 and the
+  top-left ``size`` x ``size`` crop. In general: channels 1 -> C repeat, C -> 1 channel 0;
+  smaller images are zero-padded bottom/right, larger ones cropped top-left.
+* ``mode="resize"``: bilinear interpolation with antialiasing (``F.interpolate(...,
+  antialias=True, align_corners=False)``) to ``size`` x ``size``, then channel conversion:
+  grey -> RGB repeats, RGB -> grey is the ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B``.
+
+The transform used is part of every result; :func:`describe` gives its stable name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UvoodError
+
+MODES = ("resize", "paste")
+LUMA = (0.299, 0.587, 0.114)
+
+
+def _as_uint8_nhwc(images) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if x.dtype != torch.uint8:
+        raise UvoodError(f"images must be uint8 (0..255), got {x.dtype}; convert with (x * 255).round().to(uint8) "
+                         "if they are floats in [0, 1].")
+    if x.ndim == 3:  # N x H x W grey
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise UvoodError(f"images must be N x H x W x C with C in (1, 3), got shape {tuple(x.shape)}.")
+    return x
+
+
+def _convert_channels(x: torch.Tensor, channels: int, mode: str) -> torch.Tensor:
+    """Float N x C x H x W -> N x channels x H x W."""
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1:
+        return x.expand(-1, channels, -1, -1).contiguous()
+    if channels == 1:
+        if mode == "paste":
+            return x[:, :1].contiguous()
+        weights = torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x * weights).sum(1, keepdim=True)
+    raise UvoodError(f"cannot convert {have} channels to {channels}; supported: 1 <-> 3.")
+
+
+def _paste(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    x = x[..., : min(h, size), : min(w, size)]
+    return F.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]))
+
+
+def to_model_format(images, channels: int, size: int, mode: str = "resize", batch: int = 4096) -> torch.Tensor:
+    """uint8 N x H x W x C images (array, tensor, or a sequence of H x W x C arrays of any
+    sizes in ``resize`` mode) -> float32 N x ``channels`` x ``size`` x ``size`` in [0, 1]."""
+    if mode not in MODES:
+        raise UvoodError(f"mode must be one of {MODES}, got {mode!r}.")
+    if channels not in (1, 3) or int(size) < 1:
+        raise UvoodError(f"channels must be 1 or 3 and size positive, got channels={channels}, size={size}.")
+    if isinstance(images, Sequence) and not isinstance(images, np.ndarray) or hasattr(images, "decode"):
+        shapes = {np.asarray(images[i]).shape for i in range(min(len(images), 2))}
+        if len(shapes) > 1 or hasattr(images, "decode"):  # variable sizes: one image at a time
+            out = [to_model_format(np.asarray(images[i])[None], channels, size, mode) for i in range(len(images))]
+            return torch.cat(out) if out else torch.zeros(0, channels, size, size)
+        images = np.stack([np.asarray(images[i]) for i in range(len(images))])
+    x = _as_uint8_nhwc(images)
+    parts = []
+    for start in range(0, max(len(x), 1), batch):
+        part = x[start:start + batch].permute(0, 3, 1, 2).float().div_(255.0)
+        if mode == "paste":
+            part = _paste(_convert_channels(part, channels, mode), size)
+        else:
+            if part.shape[-2:] != (size, size) and len(part):
+                part = F.interpolate(part, size=(size, size), mode="bilinear", antialias=True,
+                                     align_corners=False).clamp_(0.0, 1.0)
+            part = _convert_channels(part, channels, mode)
+        parts.append(part.contiguous())
+    return torch.cat(parts)
+
+
+def describe(source_shape: Sequence[int], channels: int, size: int, mode: str) -> str:
+    """Stable name of a transform, e.g. ``paste:1x28x28->3x32x32`` (source given as H, W, C)."""
+    h, w, c = (list(source_shape) + [1])[:3] if len(source_shape) == 2 else source_shape[-3:]
+    if (c, h, w) == (channels, size, size):
+        return f"identity:{c}x{h}x{w}"
+    return f"{mode}:{c}x{h}x{w}->{channels}x{size}x{size}"
+
+
+def imagenet_input(images, size: int = 224, batch: int = 256) -> torch.Tensor:
+    """The 64 px -> 224 px ImageNet pipeline: RGB, bilinear antialiased resize to ``size``,
+    float32 N x 3 x size x size in [0, 1] (the model normalises inside itself)."""
+    return to_model_format(images, 3, size, "resize", batch=batch)

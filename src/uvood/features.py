@@ -1,0 +1,177 @@
+"""Feature extraction with an on-disk cache: (model, data, transform) -> (h, logits, y).
+
+The cache key is the sha256 of the model's weights (and head), the data's identity and the
+transform's name. Cache files are written atomically (temp file + rename) and carry a sha256
+of their arrays; a file that fails to load or verify is reported, deleted and recomputed,
+never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .batching import data_length, iter_batches
+from .errors import UvoodError
+from .model import eval_mode, forward_features
+from .validation import check_finite, check_nonempty
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Features:
+    """Penultimate features ``h`` (N x D), ``logits`` (N x C) and labels ``y`` (N, or None)."""
+
+    h: torch.Tensor
+    logits: torch.Tensor
+    y: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    def subset(self, idx) -> Features:
+        return Features(self.h[idx], self.logits[idx], None if self.y is None else self.y[idx])
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's class name and every parameter and buffer (name, shape, bytes)."""
+    d = hashlib.sha256(type(model).__name__.encode())
+    for name, t in model.state_dict().items():
+        d.update(name.encode())
+        d.update(str(tuple(t.shape)).encode())
+        d.update(str(t.dtype).encode())
+        d.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
+                 else t.detach().float().cpu().numpy().tobytes())
+    return d.hexdigest()
+
+
+def tensor_fingerprint(x: torch.Tensor | np.ndarray) -> str:
+    a = x.detach().cpu().contiguous().numpy() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x)
+    d = hashlib.sha256(f"{a.dtype}{a.shape}".encode())
+    d.update(a.tobytes())
+    return d.hexdigest()
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    d = hashlib.sha256()
+    for k in sorted(arrays):
+        d.update(k.encode())
+        d.update(str(arrays[k].dtype).encode() + str(arrays[k].shape).encode())
+        d.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return d.hexdigest()
+
+
+def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _compute(model, data, batch_size, head, progress, desc) -> Features:
+    hs, zs, ys = [], [], []
+    total = data_length(data)
+    has_y = True
+    with torch.no_grad(), eval_mode(model):
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+        for x, y in iter_batches(data, batch_size):
+            if x.shape[0] == 0:
+                continue
+            x = x.to(device)
+            if not x.is_floating_point():
+                raise UvoodError(f"Model inputs must be float images (got dtype {x.dtype}); "
+                                 "scale uint8 pixels to [0, 1] with x.float() / 255.")
+            check_finite(x, "input images", "Replace or drop the images with NaN/inf pixels.")
+            h, z = forward_features(model, x, head)
+            hs.append(h.float().cpu())
+            zs.append(z.float().cpu())
+            if y is None:
+                has_y = False
+            else:
+                ys.append(y.cpu().long())
+            bar.update(x.shape[0])
+        bar.close()
+    if not zs:
+        raise UvoodError("The data is empty: no samples to extract features from.")
+    logits = torch.cat(zs)
+    check_nonempty(logits, "data")
+    check_finite(logits, "logits", "The model produced non-finite logits on these inputs: check the inputs' "
+                 "range (uvood zoo models take pixels in [0, 1]) and the model's weights.")
+    return Features(torch.cat(hs), logits, torch.cat(ys) if has_y and ys else None)
+
+
+def cache_key(model, data_id: str, transform: str = "", head=None) -> str:
+    meta = {"v": FORMAT_VERSION, "model": model_fingerprint(model), "data": data_id,
+            "transform": transform, "head": head if isinstance(head, str) or head is None else repr(head)}
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def load_cached(path: Path, key: str) -> Features | None:
+    """Load a verified cache file, or return None (warning and deleting it) if it is bad."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        stored_key = str(arrays.pop("key"))
+        digest = str(arrays.pop("digest"))
+        if stored_key != key:
+            raise ValueError("its key does not match this model/data/transform (stale cache)")
+        if _arrays_digest(arrays) != digest:
+            raise ValueError("its checksum does not match its content")
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        warnings.warn(f"Feature cache {path} is corrupt or stale ({e}); recomputing it.", stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
+    y = arrays.get("y")
+    return Features(torch.from_numpy(arrays["h"]), torch.from_numpy(arrays["logits"]),
+                    torch.from_numpy(y) if y is not None and y.size else None)
+
+
+def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cache_dir: str | os.PathLike | None = None,
+            data_id: str | None = None, transform: str = "", progress: bool = True, desc: str = "features") -> Features:
+    """Run ``model`` once over ``data`` and return its :class:`Features` ``(h, logits, y)``.
+
+    ``data`` is a tensor N x C x H x W (float, the model's input format), an ``(x, y)`` pair or
+    a DataLoader. With ``cache_dir``, results are cached under a key made of the model's weights,
+    ``data_id`` (default: a hash of the tensor; DataLoaders need an explicit ``data_id``) and
+    ``transform`` (a name for the preprocessing that produced ``data``).
+    """
+    if cache_dir is None:
+        return _compute(model, data, batch_size, head, progress, desc)
+    if data_id is None:
+        if isinstance(data, (torch.Tensor, np.ndarray)):
+            data_id = "tensor:" + tensor_fingerprint(data)
+        elif isinstance(data, (tuple, list)) and len(data) == 2:
+            data_id = "tensor:" + tensor_fingerprint(data[0]) + tensor_fingerprint(data[1])
+        else:
+            raise UvoodError("To cache features of a DataLoader, pass data_id='a name for this data' "
+                             "(tensors are hashed automatically).")
+    key = cache_key(model, data_id, transform, head)
+    path = Path(cache_dir) / f"features-{key[:32]}.npz"
+    cached = load_cached(path, key)
+    if cached is not None:
+        return cached
+    feats = _compute(model, data, batch_size, head, progress, desc)
+    arrays = {"h": feats.h.numpy(), "logits": feats.logits.numpy(),
+              "y": feats.y.numpy() if feats.y is not None else np.zeros(0, np.int64)}
+    atomic_save_npz(path, {**arrays, "key": np.array(key), "digest": np.array(_arrays_digest(arrays))})
+    return feats

@@ -1,0 +1,161 @@
+"""Every feature score against an independent float64 numpy reference; Eq. 4/5 against autograd."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import uvood
+from uvood.errors import UvoodError
+from uvood.scores.registry import entries, get_score
+
+
+def _np_softmax(z, T=1.0):
+    z = z / T
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _np_norm(h, p):
+    a = np.abs(h)
+    if p == 0:
+        return (a != 0).sum(1).astype(float)
+    if math.isinf(p):
+        return a.max(1)
+    return (a ** p).sum(1) ** (1 / p)
+
+
+REFERENCE = {
+    "msp": lambda h, z, T=1.0: _np_softmax(z, T).max(1),
+    "energy": lambda h, z, T=1.0: T * np.log(np.exp(z / T).sum(1)),
+    "tv": lambda h, z, T=1.0: 0.5 * np.abs(_np_softmax(z, T) - 1 / z.shape[1]).sum(1),
+    "varsum": lambda h, z, T=1.0: 1 - (_np_softmax(z, T) * (1 - _np_softmax(z, T))).sum(1),
+    "maxlogit": lambda h, z: z.max(1),
+    "entropy": lambda h, z, T=1.0: (_np_softmax(z, T) * np.log(_np_softmax(z, T))).sum(1),
+    "gradnorm": lambda h, z, T=1.0: np.abs(h).sum(1) * np.abs(1 / z.shape[1] - _np_softmax(z, T)).sum(1) / T,
+    "exgrad": lambda h, z, T=1.0: -2 / T * np.abs(h).sum(1) * (_np_softmax(z, T) * (1 - _np_softmax(z, T))).sum(1),
+}
+
+
+def _features(n=64, d=20, c=7, seed=0):
+    g = np.random.default_rng(seed)
+    h = np.maximum(g.normal(size=(n, d)), 0) * g.uniform(0.1, 5, size=(n, 1))  # ReLU-like, with zeros
+    z = g.normal(size=(n, c)) * g.uniform(0.1, 6, size=(n, 1))
+    return h, z
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+@pytest.mark.parametrize("T", [1.0, 0.5, 3.0])
+def test_output_and_closed_form_scores_match_numpy_reference(name, T):
+    h, z = _features()
+    spec = name if name == "maxlogit" or T == 1.0 else f"{name}(T={T})"
+    ref = REFERENCE[name](h, z) if name == "maxlogit" else REFERENCE[name](h, z, T)
+    got = uvood.score_features(spec, torch.tensor(h, dtype=torch.float32), torch.tensor(z)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("p", [0, 0.1, 0.3, 0.5, 0.8, 1, 2, 3, 4, 5, 6, math.inf, 1.7])
+def test_norm_matches_reference(p):
+    h, z = _features()
+    got = uvood.score_features(f"norm({p})", torch.tensor(h), torch.tensor(z)).numpy()
+    np.testing.assert_allclose(got, _np_norm(h, p), rtol=1e-10)
+
+
+def test_norm_is_safe_for_large_p_small_p_and_zero_rows():
+    h = torch.tensor([[1e200, 1e200, 0.0], [0.0, 0.0, 0.0], [3.0, 4.0, 0.0]], dtype=torch.float64)
+    z = torch.zeros(3, 2)
+    big = uvood.score_features("norm(50)", h, z)
+    assert torch.isfinite(big).all()
+    assert big[0].item() == pytest.approx(1e200 * 2 ** (1 / 50), rel=1e-12)
+    assert big[1].item() == 0.0
+    small = uvood.score_features("norm(0.1)", h, z)
+    assert small[1].item() == 0.0 and small[2].item() == pytest.approx((3 ** 0.1 + 4 ** 0.1) ** 10, rel=1e-12)
+    assert uvood.score_features("norm(0)", h, z).tolist() == [2.0, 0.0, 2.0]
+    assert uvood.score_features("norm(inf)", h, z)[2].item() == 4.0
+
+
+def test_products_are_elementwise_products():
+    h, z = _features()
+    h, z = torch.tensor(h), torch.tensor(z)
+    for u, v in [("norm(0.3)", "energy"), ("norm(inf)", "tv"), ("norm(1)", "msp")]:
+        prod = uvood.score_features(f"{u}*{v}", h, z)
+        torch.testing.assert_close(prod, uvood.score_features(u, h, z) * uvood.score_features(v, h, z))
+
+
+def test_gradnorm_is_norm1_times_tv():
+    """Eq. 4: S_GN = (2/T) U V with U = ||h||_1 and V = TV."""
+    h, z = _features()
+    h, z = torch.tensor(h), torch.tensor(z)
+    torch.testing.assert_close(uvood.score_features("gradnorm", h, z), 2 * uvood.score_features("norm(1)*tv", h, z))
+
+
+@pytest.mark.parametrize("T", [1.0, 0.7, 2.0])
+@pytest.mark.parametrize("c", [3, 10])
+def test_closed_forms_equal_autograd_on_last_layer(T, c):
+    """Eq. 4 and Eq. 5 (Appendix B) against autograd on a bias-free last layer W, in float64."""
+    g = torch.Generator().manual_seed(c)
+    n, d = 6, 9
+    h = torch.relu(torch.randn(n, d, generator=g, dtype=torch.float64))
+    W0 = torch.randn(c, d, generator=g, dtype=torch.float64)
+    gn, eg = [], []
+    for i in range(n):
+        W = W0.clone().requires_grad_(True)
+        logp = torch.log_softmax(W @ h[i] / T, dim=0)
+        kl = -(logp.mean())  # KL(u || p) up to a constant
+        (grad,) = torch.autograd.grad(kl, W, retain_graph=True)
+        gn.append(grad.abs().sum())
+        p = logp.exp().detach()
+        total = 0.0
+        for k in range(c):
+            (gk,) = torch.autograd.grad(logp[k], W, retain_graph=True)
+            total = total + p[k] * gk.abs().sum()
+        eg.append(total)
+    logits = h @ W0.T
+    torch.testing.assert_close(uvood.score_features(f"gradnorm(T={T})", h, logits), torch.stack(gn))
+    torch.testing.assert_close(uvood.score_features(f"exgrad(T={T})", h, logits), -torch.stack(eg))
+
+
+def test_every_registered_feature_score_runs_finite():
+    h, z = _features()
+    h, z = torch.tensor(h), torch.tensor(z)
+    for name in entries():
+        spec = name if name != "norm" else "norm(2)"
+        s = get_score(spec)
+        if s.needs_model or s.needs_fit:
+            continue
+        out = uvood.score_features(s, h, z)
+        assert out.shape == (64,) and out.dtype == torch.float64 and torch.isfinite(out).all(), name
+
+
+def test_unknown_name_lists_closest():
+    with pytest.raises(UvoodError, match="energy"):
+        uvood.score_features("enrgy", torch.ones(2, 3), torch.zeros(2, 4))
+    assert "msp" in uvood.list_scores() and "norm" in uvood.list_scores()
+
+
+@pytest.mark.parametrize("spec,canon", [("energy(T=1)", "energy"), ("norm(0.30)*energy", "norm(0.3)*energy"),
+                                        ("norm(inf) * tv", "norm(inf)*tv"), ("energy(t=2)", "energy(T=2)")])
+def test_canonical_spec(spec, canon):
+    assert uvood.canonical_spec(spec) == canon
+
+
+@pytest.mark.parametrize("bad", ["", "norm", "norm(1,2)", "msp(x=1)", "msp*", "energy(T=0)", "norm(-1)", "a b"])
+def test_bad_specs_raise_clear_errors(bad):
+    with pytest.raises(UvoodError):
+        uvood.get_score(bad)
+
+
+def test_bad_features_raise():
+    z = torch.randn(4, 3)
+    with pytest.raises(UvoodError, match="NaN"):
+        uvood.score_features("msp", torch.ones(4, 2), torch.tensor([[float("nan"), 0, 0]] * 4))
+    with pytest.raises(UvoodError, match="infinite"):
+        uvood.score_features("norm(1)", torch.tensor([[float("inf"), 0]] * 4), z)
+    with pytest.raises(UvoodError, match="rows"):
+        uvood.score_features("msp", torch.ones(3, 2), z)
+    with pytest.raises(UvoodError, match="empty"):
+        uvood.score_features("msp", torch.ones(0, 2), torch.ones(0, 3))
+    with pytest.raises(UvoodError, match="2-D"):
+        uvood.score_features("msp", torch.ones(4, 2), torch.ones(4))
