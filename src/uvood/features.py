@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import data_length, iter_batches
+from .cache import load_verified, save_verified
 from .errors import UvoodError
 from .model import eval_mode, forward_features
 from .validation import check_finite, check_nonempty
@@ -60,29 +59,6 @@ def tensor_fingerprint(x: torch.Tensor | np.ndarray) -> str:
     d = hashlib.sha256(f"{a.dtype}{a.shape}".encode())
     d.update(a.tobytes())
     return d.hexdigest()
-
-
-def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
-    d = hashlib.sha256()
-    for k in sorted(arrays):
-        d.update(k.encode())
-        d.update(str(arrays[k].dtype).encode() + str(arrays[k].shape).encode())
-        d.update(np.ascontiguousarray(arrays[k]).tobytes())
-    return d.hexdigest()
-
-
-def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _compute(model, data, batch_size, head, progress, desc) -> Features:
@@ -125,21 +101,9 @@ def cache_key(model, data_id: str, transform: str = "", head=None) -> str:
 
 
 def load_cached(path: Path, key: str) -> Features | None:
-    """Load a verified cache file, or return None (warning and deleting it) if it is bad."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        stored_key = str(arrays.pop("key"))
-        digest = str(arrays.pop("digest"))
-        if stored_key != key:
-            raise ValueError("its key does not match this model/data/transform (stale cache)")
-        if _arrays_digest(arrays) != digest:
-            raise ValueError("its checksum does not match its content")
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-        warnings.warn(f"Feature cache {path} is corrupt or stale ({e}); recomputing it.", stacklevel=3)
-        path.unlink(missing_ok=True)
+    """Load a verified cache file, or return None (warning and deleting it) if it is bad or stale."""
+    arrays = load_verified(path, key, "Feature cache")
+    if arrays is None:
         return None
     y = arrays.get("y")
     return Features(torch.from_numpy(arrays["h"]), torch.from_numpy(arrays["logits"]),
@@ -147,13 +111,15 @@ def load_cached(path: Path, key: str) -> Features | None:
 
 
 def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cache_dir: str | os.PathLike | None = None,
-            data_id: str | None = None, transform: str = "", progress: bool = True, desc: str = "features") -> Features:
+            data_id: str | None = None, transform: str = "", progress: bool = True, desc: str = "features",
+            cache_name: str | None = None) -> Features:
     """Run ``model`` once over ``data`` and return its :class:`Features` ``(h, logits, y)``.
 
     ``data`` is a tensor N x C x H x W (float, the model's input format), an ``(x, y)`` pair or
     a DataLoader. With ``cache_dir``, results are cached under a key made of the model's weights,
     ``data_id`` (default: a hash of the tensor; DataLoaders need an explicit ``data_id``) and
-    ``transform`` (a name for the preprocessing that produced ``data``).
+    ``transform`` (a name for the preprocessing that produced ``data``). ``cache_name`` names the
+    file (default: the key); a file of that name made for another key is reported as stale.
     """
     if cache_dir is None:
         return _compute(model, data, batch_size, head, progress, desc)
@@ -166,12 +132,12 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
             raise UvoodError("To cache features of a DataLoader, pass data_id='a name for this data' "
                              "(tensors are hashed automatically).")
     key = cache_key(model, data_id, transform, head)
-    path = Path(cache_dir) / f"features-{key[:32]}.npz"
+    path = Path(cache_dir) / f"features-{cache_name or key[:32]}.npz"
     cached = load_cached(path, key)
     if cached is not None:
         return cached
     feats = _compute(model, data, batch_size, head, progress, desc)
     arrays = {"h": feats.h.numpy(), "logits": feats.logits.numpy(),
               "y": feats.y.numpy() if feats.y is not None else np.zeros(0, np.int64)}
-    atomic_save_npz(path, {**arrays, "key": np.array(key), "digest": np.array(_arrays_digest(arrays))})
+    save_verified(path, key, arrays)
     return feats

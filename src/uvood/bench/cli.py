@@ -1,0 +1,39 @@
+"""``uvood bench small|large [--scores ...] [--quick]``: run a benchmark and write its report."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def _cmd_bench(args) -> int:
+    from .report import write_report
+    from .runner import check_known, run
+    from .spec import load_spec
+
+    spec = load_spec(args.benchmark)
+    check_known(spec, args.scores)
+    t = time.time()
+    result = run(spec, scores=args.scores, quick=args.quick, n=args.n, data_dir=args.data_dir,
+                 cache_dir=args.cache_dir, progress=not args.no_progress)
+    out = Path(args.out or (f"results/{spec.name}" + ("-quick" if args.quick else "")))
+    command = "uvood " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("uvood") else \
+        f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
+    path = write_report(result, out, command)
+    print(f"{spec.name}: {len(result.rows)} rows in {time.time() - t:.0f} s -> {path}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark (small | large) and write tables, figures and REPORT.md")
+    p.add_argument("benchmark", help="small | large | path of a spec .json")
+    p.add_argument("--scores", nargs="+", help="only these score specs (default: every table's scores)")
+    p.add_argument("--quick", action="store_true", help="a few hundred images per set (minutes; what CI runs)")
+    p.add_argument("--n", type=int, help="images per data set (default: the spec's n, or quick_n with --quick)")
+    p.add_argument("--data-dir", help="data folder (default: $UVOOD_DATA)")
+    p.add_argument("--cache-dir", help="feature/score cache (default: $UVOOD_CACHE or ~/.cache/uvood)")
+    p.add_argument("--out", help="output folder (default: results/NAME, or results/NAME-quick)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_bench)

@@ -1,0 +1,62 @@
+"""The paper's own numbers (``paper_values.csv``, transcribed from its tables and heatmaps),
+looked up for the same cell as ours: same score, depth and (mapped) ID/OOD pair."""
+
+from __future__ import annotations
+
+import csv
+from functools import cache, lru_cache
+from importlib import resources
+
+from ..errors import UvoodError
+from ..scores.registry import canonical_spec
+from .scoresets import with_depth
+
+
+@lru_cache(maxsize=1)
+def values() -> list[dict]:
+    with resources.files("uvood.bench").joinpath("paper_values.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+PAPER_BENCH = {"small": "small", "large": "imagenet"}
+MEAN_ROWS = {"mean of 6 pairs", "average of 6 pairs", "average of 4 OOD sets"}
+
+
+@cache
+def _canon(spec: str, depth: str) -> str:
+    try:
+        return canonical_spec(with_depth(spec, depth))
+    except UvoodError:  # a paper row our registry cannot express: never matches
+        return f"<paper:{spec}:{depth}>"
+
+
+def lookup(benchmark: str, id_name: str, ood_name: str, spec: str, sources: tuple[str, ...] = ()) -> dict | None:
+    """The paper's value for (pair, spec) — ``id_name``/``ood_name`` in the paper's names —, or None.
+
+    ``spec`` is a spec with depth (``gradnorm(depth=deep)``), compared in canonical form; ``sources`` restricts
+    the table ("Table 2", "Appendix A", ...). ``ood_name == ""`` asks for an average row.
+    """
+    spec = canonical_spec(spec)
+    bench = PAPER_BENCH.get(benchmark, benchmark)
+    for r in values():
+        if r["benchmark"] != bench or _canon(r["spec"], r["depth"]) != spec:
+            continue
+        if sources and r["source"] not in sources:
+            continue
+        if ood_name == "":
+            if r["id"] in MEAN_ROWS or r["id"] == id_name and r["ood"] == "":
+                if r["statistic"] in ("auroc", "auroc_mean"):
+                    return r
+            continue
+        if r["id"] == id_name and r["ood"] == ood_name and r["statistic"] == "auroc":
+            return r
+    return None
+
+
+def lookup_std(benchmark: str, spec: str) -> float | None:
+    spec = canonical_spec(spec)
+    for r in values():
+        if (r["benchmark"] == PAPER_BENCH.get(benchmark, benchmark) and _canon(r["spec"], r["depth"]) == spec
+                and r["statistic"] == "auroc_std"):
+            return float(r["value"])
+    return None

@@ -1,0 +1,195 @@
+"""Run a benchmark spec: data -> model features (cached) -> scores (cached) -> metrics rows.
+
+Features are extracted once per (model, data set, transform) and cached; scores that need the
+model (deep gradients, BatchGrad) are cached per score. A warm rerun only reads caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import data as uvdata
+from .. import metrics, zoo
+from ..api import score_model
+from ..cache import load_verified, save_verified
+from ..data import transforms
+from ..errors import UvoodError
+from ..features import extract, model_fingerprint
+from ..scores.registry import get_score
+from .scoresets import depth_of, rows_for
+from .spec import BenchSpec
+
+COLUMNS = ["benchmark", "id", "ood", "score", "depth", "auroc", "fpr95", "aupr_in", "aupr_out", "ci_low",
+           "ci_high", "n_id", "n_ood"]
+
+
+class Upsample(nn.Module):
+    """Bilinear upsampling to ``size`` px in front of a model (the 64 px -> 224 px pipeline)."""
+
+    def __init__(self, model: nn.Module, size: int = 224):
+        super().__init__()
+        self.size = size
+        self.model = model
+
+    def forward(self, x):
+        x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.model(x.clamp(0, 1))
+
+
+@dataclass
+class RunResult:
+    spec: BenchSpec
+    rows: list[dict]
+    scores: dict[tuple[str, str, str], np.ndarray]
+    models: dict[str, dict]
+    datasets: dict[str, dict]
+    timings: dict[str, float] = field(default_factory=dict)
+    quick: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("UVOOD_CACHE", Path.home() / ".cache" / "uvood"))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")[:120]
+
+
+def _load_model(name: str, convention: str) -> tuple[nn.Module, dict, tuple[int, int, int]]:
+    model, info = zoo.load(name), zoo.info(name)
+    c, h, w = info["input"]
+    if convention == "imagenet64":
+        return Upsample(model, h), info, (c, 64, 64)
+    return model, info, (c, h, w)
+
+
+def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> tuple[torch.Tensor, np.ndarray, str, str]:
+    """Images of data set ``name`` in the model's input format; also its identity and transform."""
+    ds = spec.datasets[name]
+    c, h, _ = in_shape
+    variable = uvdata.info(ds["dataset"]).hwc is None
+    imgs = uvdata.load(ds["dataset"], ds["split"], data_dir=data_dir, limit=n, size=h if variable else None)
+    mode = "resize" if spec.cross_domain in ("resize", "imagenet64") else spec.cross_domain
+    x = transforms.to_model_format(imgs.x, channels=c, size=h, mode=mode)
+    desc = f"{spec.cross_domain}:{c}x{h}x{h}"
+    return x, imgs.y, imgs.identity, desc
+
+
+def _model_scores(score, model, x, key: str, path: Path, progress: bool) -> np.ndarray:
+    cached = load_verified(path, key, "Score cache")
+    if cached is not None:
+        return cached["s"]
+    s = score_model(score, model, x, batch_size=64, progress=progress).numpy()
+    save_verified(path, key, {"s": s})
+    return s
+
+
+def _fit_state_digest(score) -> str:
+    d = hashlib.sha256()
+    for k, v in sorted(score.state().items()):
+        d.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return d.hexdigest()[:16]
+
+
+def _accuracy(model_name: str, logits: torch.Tensor, y: np.ndarray) -> float | None:
+    y = torch.as_tensor(y)
+    if (y < 0).all():
+        return None
+    to_model = getattr(zoo, "label_map", None)
+    if logits.shape[1] != 10:
+        if to_model is None:
+            return None
+        y = to_model(model_name, y)
+    pred = logits.argmax(1)
+    return float((pred == y).float().mean())
+
+
+def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n: int | None = None,
+        data_dir=None, cache_dir=None, progress: bool = True, log=print, n_boot: int = 1000) -> RunResult:
+    """Run ``spec`` and return every (pair, score) row with the metrics of :data:`COLUMNS`."""
+    t_start = time.time()
+    n = n or (spec.quick_n if quick else spec.n)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if scores:
+        rows_spec = [(s, get_score(s).spec, depth_of(s)) for s in scores]
+    else:
+        rows_spec = rows_for(spec.groups, deep=spec.deep)
+    score_objs = {full: get_score(full) for _, full, _ in rows_spec}
+    all_scores: dict[tuple[str, str, str], np.ndarray] = {}
+    models, datasets, timings = {}, {}, {}
+    for id_name, model_name in spec.models.items():
+        t0 = time.time()
+        model, info, in_shape = _load_model(model_name, spec.cross_domain)
+        fp = model_fingerprint(model)
+        needed = [id_name] + [o for i, o in spec.pairs if i == id_name]
+        feats = {}
+        for ds_name in needed:
+            x, y, identity, desc = _prepare(spec, ds_name, in_shape, n, data_dir)
+            f = extract(model, (x, torch.as_tensor(y)), batch_size=128, cache_dir=cache, data_id=identity,
+                        transform=desc, progress=progress, desc=f"{model_name} on {ds_name}",
+                        cache_name=_slug(f"{model_name}__{identity}__{desc}"))
+            feats[ds_name] = (f, x, identity, desc)
+            datasets.setdefault(ds_name, {"identity": identity, "n": int(x.shape[0]),
+                                          "display": uvdata.info(spec.datasets[ds_name]["dataset"]).display})
+        f_id = feats[id_name][0]
+        acc = _accuracy(model_name, f_id.logits, feats[id_name][0].y.numpy() if f_id.y is not None else
+                        np.full(len(f_id), -1))
+        models[id_name] = {"model": model_name, "accuracy_on_id": acc, "n": len(f_id),
+                           "cpu_fallback": info.get("cpu_fallback", False), "c": info.get("c"),
+                           "test_accuracy": info.get("test_accuracy"), "device": info.get("device")}
+        for _label, full, _depth in rows_spec:
+            sc = score_objs[full]
+            if sc.needs_fit:
+                ds = spec.datasets[id_name]
+                train = uvdata.load(ds["dataset"], "train", data_dir=data_dir, limit=2000)
+                xt = transforms.to_model_format(train.x, channels=in_shape[0], size=in_shape[1])
+                sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
+            for ds_name, (f, x, identity, desc) in feats.items():
+                if not sc.needs_model:
+                    s = sc.from_features(f.h, f.logits).numpy()
+                else:
+                    key = json.dumps([fp, identity, desc, sc.spec, _fit_state_digest(sc)])
+                    key = hashlib.sha256(key.encode()).hexdigest()
+                    path = cache / f"scores-{_slug(model_name + '__' + identity + '__' + sc.spec)}.npz"
+                    t = time.time()
+                    s = _model_scores(sc, model, x, key, path, progress)
+                    timings[f"{model_name}/{ds_name}/{sc.spec}"] = round(time.time() - t, 2)
+                all_scores[(id_name, ds_name, full)] = s
+        timings[f"model {model_name}"] = round(time.time() - t0, 1)
+        log(f"[{spec.name}] {id_name} ({model_name}): done in {time.time() - t0:.0f} s")
+    rows = []
+    for id_name, ood_name in spec.pairs:
+        for label, full, depth in rows_spec:
+            s_id, s_ood = all_scores[(id_name, id_name, full)], all_scores[(id_name, ood_name, full)]
+            m = metrics.evaluate(s_id, s_ood, ci=True, n_boot=n_boot, seed=0)
+            rows.append({"benchmark": spec.name, "id": id_name, "ood": ood_name, "score": full, "depth": depth,
+                         "auroc": m["auroc"], "fpr95": metrics.fpr_at_tpr(s_id, s_ood, spec.metric["tpr"],
+                                                                            spec.metric["fpr_positive"]),
+                         "aupr_in": m["aupr_in"], "aupr_out": m["aupr_out"], "ci_low": m["ci_low"],
+                         "ci_high": m["ci_high"], "n_id": len(s_id), "n_ood": len(s_ood), "label": label})
+    timings["total"] = round(time.time() - t_start, 1)
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,
+            "cross_domain": spec.cross_domain, "metric": spec.metric}
+    return RunResult(spec, rows, all_scores, models, datasets, timings, quick, meta)
+
+
+def check_known(spec: BenchSpec, scores: list[str] | None) -> None:
+    """Fail early, before any work, on unknown score names."""
+    for s in scores or []:
+        try:
+            get_score(s)
+        except UvoodError as e:
+            raise UvoodError(f"--scores: {e}") from None

@@ -1,0 +1,83 @@
+"""The named groups of scores each paper table or figure needs, as (label, spec) pairs.
+
+A spec is a registry spec string (``uvood.scores.registry``), so the API, the CLI and the
+tables share one set of names. ``depth`` of a gradient row is part of its spec
+(``gradnorm(depth=deep)``); for the paper-value lookup it is split off again.
+"""
+
+from __future__ import annotations
+
+import re  # noqa: F401
+
+from ..scores.registry import canonical_spec
+
+P_GRID = ("0", "0.1", "0.3", "0.5", "0.8", "1", "2", "3", "4", "5", "6", "inf")
+V_GRID = ("energy", "tv", "msp", "varsum")
+
+# Table 1 / Appendix A: (expression as in the paper, base spec, depth), in the paper's row order
+TABLE1 = [
+    ("||E_{Y~p}[grad log p(Y)]||_2^2", "grad(label=predicted,agg=norm_of_mean,norm=l2sq)", "deep"),
+    ("||E_{Y~p}[grad log p(Y)]||_2^2", "grad(label=predicted,agg=norm_of_mean,norm=l2sq)", "shallow"),
+    ("E_{Y~U}[||grad log p(Y)||_1]", "grad(label=uniform,agg=mean_of_norm,norm=l1)", "deep"),
+    ("E_{Y~U}[||grad log p(Y)||_1]", "grad(label=uniform,agg=mean_of_norm,norm=l1)", "shallow"),
+    ("E_{Y~U}[||grad log p(Y)||_2^2]", "grad(label=uniform,agg=mean_of_norm,norm=l2sq)", "deep"),
+    ("E_{Y~U}[||grad log p(Y)||_2^2]", "grad(label=uniform,agg=mean_of_norm,norm=l2sq)", "shallow"),
+    ("||grad E_{Y~U}[log p(Y)]||_1 (GradNorm)", "gradnorm", "deep"),
+    ("||grad E_{Y~U}[log p(Y)]||_1 (GradNorm)", "gradnorm", "shallow"),
+    ("E_{Y~p}[log p/p ||grad log p(Y)||_2^2]", "grad(label=predicted,agg=mean_of_norm,norm=l2sq,weight=logp_over_p)",
+     "shallow"),
+    ("E_{Y~p}[||grad log p(Y)||_2^2]", "grad(label=predicted,agg=mean_of_norm,norm=l2sq)", "shallow"),
+    ("E_{Y~p}[||grad log p(Y)||_2^2]", "grad(label=predicted,agg=mean_of_norm,norm=l2sq)", "deep"),
+    ("E_{Y~p}[log p/p ||grad log p(Y)||_2^2]", "grad(label=predicted,agg=mean_of_norm,norm=l2sq,weight=logp_over_p)",
+     "deep"),
+    ("E_{Y~p}[||grad log p(Y)||_1] (ExGrad)", "exgrad", "shallow"),
+    ("E_{Y~p}[||grad log p(Y)||_1] (ExGrad)", "exgrad", "deep"),
+    ("1 - sum_k p_k(1-p_k) (ExGrad V term, as VarSum)", "varsum", "none"),
+    ("sum_k |1/C - p_k| (GradNorm V term, as TV)", "tv", "none"),
+]
+
+TABLE2 = [
+    ("MSP", "msp", "none"), ("Energy", "energy", "none"), ("VarSum", "varsum", "none"), ("TV", "tv", "none"),
+    ("||h||_1 MSP", "norm(1)*msp", "none"), ("||h||_1 Energy", "norm(1)*energy", "none"),
+    ("||h||_1 VarSum", "norm(1)*varsum", "none"),
+    ("GradNorm", "gradnorm", "shallow"), ("ExGrad", "exgrad", "shallow"),
+]
+
+TABLE3 = [("Deep BatchGrad", "batchgrad", "deep"), ("Shallow BatchGrad", "batchgrad", "shallow")]
+
+FIGURE2 = [(f"||h||_{p} {v}", f"norm({p})*{v}", "none") for v in V_GRID for p in P_GRID]
+
+GROUPS = {"table1": TABLE1, "table2": TABLE2, "table3": TABLE3, "figure2": FIGURE2}
+
+
+def with_depth(spec: str, depth: str) -> str:
+    """``gradnorm`` + ``deep`` -> ``gradnorm(depth=deep)``; ``none`` leaves the spec alone."""
+    if depth in ("none", "", None):
+        return spec
+    if spec.endswith(")"):
+        return spec[:-1] + f",depth={depth})"
+    return f"{spec}(depth={depth})"
+
+
+def depth_of(spec: str) -> str:
+    """``deep`` / ``shallow`` for a spec with a gradient factor (its ``depth``), else ``none``."""
+    from ..scores.registry import parse
+
+    for entry, values in parse(spec):
+        if entry.kind == "gradient":
+            return str(values.get("depth", entry.params.get("depth", "shallow")))
+    return "none"
+
+
+def rows_for(groups, deep: bool = True) -> list[tuple[str, str, str]]:
+    """The (label, canonical spec with depth, depth) rows of the named groups, deduplicated, in order."""
+    seen, out = set(), []
+    for g in groups:
+        for label, spec, depth in GROUPS[g]:
+            if depth == "deep" and not deep:
+                continue
+            full = canonical_spec(with_depth(spec, depth))
+            if full not in seen:
+                seen.add(full)
+                out.append((label, full, depth))
+    return out

@@ -1,0 +1,156 @@
+"""Tables of a run, as CSV (stable columns) and markdown with the paper's value beside ours.
+
+A markdown cell reads ``ours (paper)``; ``–`` where the paper has no such cell (e.g. a pair
+with a far-OOD set it did not use). Pair headers give our pair and, where a data set stands
+in for the paper's, the paper's pair.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from ..scores.registry import canonical_spec
+from . import paper
+from .runner import COLUMNS, RunResult
+from .scoresets import FIGURE2, P_GRID, TABLE1, TABLE2, TABLE3, V_GRID, with_depth
+
+
+def _cell(ours: float | None, theirs: float | None) -> str:
+    a = "–" if ours is None else f"{ours:.3f}"
+    return f"{a} ({theirs:.3f})" if theirs is not None else a
+
+
+def _index(result: RunResult) -> dict[tuple[str, str, str], dict]:
+    return {(r["id"], r["ood"], r["score"]): r for r in result.rows}
+
+
+def _paper_pair(result: RunResult, id_name: str, ood_name: str) -> tuple[str, str]:
+    return result.spec.paper_name(id_name), result.spec.paper_name(ood_name)
+
+
+def _pair_header(result: RunResult, id_name: str, ood_name: str) -> str:
+    pid, pood = _paper_pair(result, id_name, ood_name)
+    head = f"{id_name} → {ood_name}"
+    return head + (f" (paper: {pid} → {pood})" if (pid, pood) != (id_name, ood_name) else "")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
+
+
+def _paper_value(result, id_name, ood_name, spec, sources=()) -> float | None:
+    pid, pood = _paper_pair(result, id_name, ood_name)
+    r = paper.lookup(result.spec.name, pid, pood, spec, sources)
+    return float(r["value"]) if r else None
+
+
+def _paper_mean(result, spec, sources=()) -> float | None:
+    r = paper.lookup(result.spec.name, "", "", spec, sources)
+    return float(r["value"]) if r else None
+
+
+def per_pair_table(result: RunResult, table: list[tuple[str, str, str]], sources=(), title="") -> tuple[str, list]:
+    """Rows = scores, columns = pairs, then mean ± std over pairs (ours (paper))."""
+    idx = _index(result)
+    pairs = result.spec.pairs
+    lines = [f"| score | depth | {' | '.join(_pair_header(result, *p) for p in pairs)} | mean ± std |",
+             "|" + "---|" * (len(pairs) + 3)]
+    csv_rows = []
+    for label, spec, depth in table:
+        full = canonical_spec(with_depth(spec, depth))
+        cells, vals = [], []
+        for p in pairs:
+            r = idx.get((p[0], p[1], full))
+            if r is not None:
+                csv_rows.append(r)
+                vals.append(r["auroc"])
+            cells.append(_cell(r["auroc"] if r else None, _paper_value(result, p[0], p[1], full, sources)))
+        if not vals:
+            continue
+        pm, ps = _paper_mean(result, full, sources), paper.lookup_std(result.spec.name, full)
+        ours = f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0:.3f}"
+        theirs = f" ({pm:.3f} ± {ps:.3f})" if pm is not None and ps is not None else (
+            f" ({pm:.3f})" if pm is not None else "")
+        lines.append(f"| {label} | {depth if depth != 'none' else 'N/A'} | {' | '.join(cells)} | {ours}{theirs} |")
+    return (f"{title}\n\n" if title else "") + "\n".join(lines) + "\n", csv_rows
+
+
+def table2(result: RunResult) -> tuple[str, list]:
+    """Table 2's layout: rows = pairs (and the average), columns = the nine scores."""
+    idx = _index(result)
+    labels = [lab for lab, _, _ in TABLE2]
+    lines = ["| ID → OOD | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    csv_rows, per_score = [], {s: [] for _, s, _ in TABLE2}  # keyed by the table's base spec
+    for p in result.spec.pairs:
+        cells = []
+        for _, spec, depth in TABLE2:
+            full = canonical_spec(with_depth(spec, depth))
+            r = idx.get((p[0], p[1], full))
+            if r is not None:
+                csv_rows.append(r)
+                per_score[spec].append(r["auroc"])
+            cells.append(_cell(r["auroc"] if r else None, _paper_value(result, p[0], p[1], full, ("Table 2",))))
+        lines.append(f"| {_pair_header(result, *p)} | " + " | ".join(cells) + " |")
+    avg = [_cell(float(np.mean(per_score[s])) if per_score[s] else None,
+                 _paper_mean(result, with_depth(s, d), ("Table 2",))) for _, s, d in TABLE2]
+    lines.append("| **average** | " + " | ".join(avg) + " |")
+    return "\n".join(lines) + "\n", csv_rows
+
+
+def heatmap_grid(result: RunResult, pair: tuple[str, str] | None = None) -> np.ndarray:
+    """AUROC grid V x p (rows: Energy, TV, MSP, VarSum; columns: P_GRID) for a pair or averaged."""
+    idx = _index(result)
+    pairs = [pair] if pair else result.spec.pairs
+    grid = np.full((len(V_GRID), len(P_GRID)), np.nan)
+    for i, v in enumerate(V_GRID):
+        for j, p in enumerate(P_GRID):
+            vals = [idx[(a, b, f"norm({p})*{v}")]["auroc"] for a, b in pairs if (a, b, f"norm({p})*{v}") in idx]
+            if vals:
+                grid[i, j] = np.mean(vals)
+    return grid
+
+
+def heatmap_table(result: RunResult) -> tuple[str, list]:
+    """Figure 2 as a table: average AUROC over pairs per (V, p), with the paper's ImageNet average."""
+    grid = heatmap_grid(result)
+    lines = ["| V \\ p | " + " | ".join(P_GRID) + " |", "|" + "---|" * (len(P_GRID) + 1)]
+    for i, v in enumerate(V_GRID):
+        cells = []
+        for j, p in enumerate(P_GRID):
+            theirs = _paper_mean(result, f"norm({p})*{v}", ("Figure 2",)) if result.spec.name == "large" else None
+            cells.append(_cell(None if np.isnan(grid[i, j]) else float(grid[i, j]), theirs))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    idx = _index(result)
+    csv_rows = [idx[k] for k in idx if k[2] in {s for _, s, _ in FIGURE2}]
+    return "\n".join(lines) + "\n", csv_rows
+
+
+def write_all(result: RunResult, out: Path) -> dict[str, str]:
+    """Write every table as CSV + markdown under ``out``; return the markdown by table name."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(result.rows, out / "results.csv")
+    md = {}
+    groups = result.spec.groups
+    if "table1" in groups:
+        md["table1"], rows = per_pair_table(result, TABLE1, ("Appendix A", "Table 1"))
+        write_csv(rows, out / "table1.csv")
+    if "table2" in groups:
+        md["table2"], rows = table2(result)
+        write_csv(rows, out / "table2.csv")
+    if "table3" in groups:
+        md["table3"], rows = per_pair_table(result, TABLE3, ("Appendix A (BatchGrad)", "Table 3"))
+        write_csv(rows, out / "table3.csv")
+    if "figure2" in groups:
+        md["figure2"], rows = heatmap_table(result)
+        write_csv(rows, out / "figure2.csv")
+    for name, text in md.items():
+        (out / f"{name}.md").write_text(text)
+    return md

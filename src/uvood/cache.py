@@ -1,0 +1,67 @@
+"""Verified, atomic on-disk caches of numpy arrays.
+
+A cache file is an ``.npz`` holding the arrays, the ``key`` it was made for (a hash of
+everything that determines its content) and a sha256 ``digest`` of the arrays. It is written
+to a temp file in the same folder and renamed, so a crash never leaves a half file. On load,
+a file that cannot be read, whose digest does not match, or whose key is another one (a stale
+cache, e.g. from another model) is reported with a warning, deleted and treated as absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    d = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        d.update(k.encode() + str(a.dtype).encode() + str(a.shape).encode())
+        d.update(a.tobytes())
+    return d.hexdigest()
+
+
+def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_verified(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Atomically save ``arrays`` with their ``key`` and digest."""
+    atomic_save_npz(path, {**arrays, "key": np.array(key), "digest": np.array(arrays_digest(arrays))})
+
+
+def load_verified(path: Path, key: str, what: str = "cache") -> dict[str, np.ndarray] | None:
+    """The arrays of a verified cache file made for ``key``, or None (warned, file deleted)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        stored_key, digest = str(arrays.pop("key")), str(arrays.pop("digest"))
+        if arrays_digest(arrays) != digest:
+            raise ValueError("its checksum does not match its content")
+        if stored_key != key:
+            raise ValueError("it was made for another model, data or transform (stale cache)")
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        warnings.warn(f"{what} {path} is corrupt or stale ({e}); recomputing it.", stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
+    return arrays

@@ -1,0 +1,522 @@
+"""The deep gradient engine: per-sample gradient norms from ONE batched forward and backward.
+
+For a batch x_1..x_N and K cotangents v_{k,n} at the logits z_n, the engine returns
+
+    norms[k, n] = || d <v_{k,n}, z_n> / d theta ||        (l1, or squared l2 "l2sq")
+
+over the chosen parameters theta (default: every parameter with ``requires_grad``), i.e. the
+norm of the gradient of sample n alone. With v_{k,n} = (e_k - p_n) / T this is
+|| grad_theta log softmax(z_n / T)_k || (Appendix B: d log p^(k) / dz = (e_k - p) / T), and
+with v_n = sum_k c_k (e_k - p_n) / T it is the norm of the gradient of an expectation
+(GradNorm, Eq. 2). :mod:`uvood.scores.gradient` builds the scores of Table 1 on top of this.
+
+How (Opacus / BackPACK style)
+-----------------------------
+1. Forward hooks on every module that owns selected parameters record its inputs ``a`` and
+   its output; the forward runs once on the micro-batch.
+2. ``torch.autograd.grad`` from the logits to the recorded outputs, with all K cotangents at
+   once (``is_grads_batched``), gives every layer's output gradient ``g`` (K x N x ...). No
+   parameter ``.grad`` is computed or touched.
+3. A table of per-layer rules, registered by module type with :func:`register_rule`, turns
+   (a, g) into per-sample quantities:
+
+   * ``nn.Linear`` with a 2-D input: the per-sample weight gradient g a^T is rank one, so
+     ||g a^T||_1 = ||g||_1 ||a||_1 and ||g a^T||_2^2 = ||g||_2^2 ||a||_2^2 without forming it;
+     with extra input dimensions the per-sample gradient is formed (sum over positions);
+     bias: g (summed over positions).
+   * ``nn.Conv1d`` / ``nn.Conv2d``: per-sample weight gradient g_n @ unfold(a_n)^T (groups,
+     stride, dilation, padding modes handled), formed in chunks of samples to bound memory;
+     the l1 norm of a sum over positions is not separable, so no shortcut exists here.
+   * ``BatchNorm`` in eval mode: grad weight = sum over positions of g * x_hat, grad bias =
+     sum of g, with x_hat from the running statistics.
+   * anything else that owns parameters: ``torch.func`` (``functional_call`` + ``vjp`` under
+     ``vmap``) on the recorded inputs, one vector-Jacobian product per (sample, cotangent).
+
+   Parameters shared between modules (or a module called twice), and gradients with a
+   constant ``offset`` added (BatchGrad's anchor gradient), are formed per sample and summed
+   before the norm; everything else uses the cheapest rule.
+
+Why eval mode: the gradient of sum_n loss_n w.r.t. theta splits into per-sample gradients only
+if the samples do not interact. BatchNorm in training mode (or without running statistics)
+normalises with batch statistics, which couples the samples: :func:`per_sample_grad_norms`
+refuses such models with a :class:`~uvood.errors.UvoodError`. The score objects in
+:mod:`uvood.scores.gradient` run the model inside :func:`uvood.model.eval_mode` (like every
+``Score.from_model``), so a model left in training mode is scored in eval mode and its flags
+are restored afterwards.
+
+The per-sample loop (one ``loss.backward()`` per sample and label) exists only as the test and
+benchmark reference, :mod:`uvood.scores.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UvoodError
+from ..model import forward_features
+
+NORMS = ("l1", "l2sq")
+
+#: elements (per micro-batch chunk) allowed for materialised per-sample gradients
+CHUNK_ELEMENTS = 2**23
+
+
+def reduce_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row norm over every dimension after the first two: K x n x ... -> K x n (float64)."""
+    t = t.flatten(2)
+    if norm == "l1":
+        return t.abs().sum(-1, dtype=torch.float64)
+    return (t * t).sum(-1, dtype=torch.float64)
+
+
+def _vector_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """||t_row||_1 or ||t_row||_2^2 over the last dimension, in float64."""
+    if norm == "l1":
+        return t.abs().sum(-1, dtype=torch.float64)
+    return (t * t).sum(-1, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- per-layer rules
+
+
+class LayerRule:
+    """Per-sample gradients of one module's own parameters from its input and output gradient.
+
+    ``inputs``: the module's positional inputs (first dimension = n samples); ``kwargs``: its
+    keyword inputs; ``g``: the gradient w.r.t. its output, K x n x ... (K cotangents);
+    ``names``: the names (``module.named_parameters(recurse=False)``) to compute.
+    """
+
+    def grad_sample(self, module: nn.Module, inputs: tuple, kwargs: dict, g: torch.Tensor,
+                    names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Per-sample gradients, ``{name: K x n x *param.shape}``."""
+        raise NotImplementedError
+
+    def norms(self, module: nn.Module, inputs: tuple, kwargs: dict, g: torch.Tensor,
+              names: Iterable[str], norm: str) -> dict[str, torch.Tensor]:
+        """Per-sample norms ``{name: K x n}`` for the names this rule can do without forming the
+        gradients (a subset of ``names``, possibly empty); the engine forms the rest."""
+        return {}
+
+    def sample_elements(self, module: nn.Module, inputs: tuple, names: Iterable[str]) -> int:
+        """Elements one sample needs besides its gradients (e.g. unfolded patches); for chunking."""
+        return 0
+
+
+_RULES: dict[type, LayerRule] = {}
+
+
+def register_rule(*module_types: type) -> Callable:
+    """Class decorator: ``@register_rule(nn.Linear) class LinearRule(LayerRule): ...``.
+
+    A rule registered for a type also serves its subclasses that do not override ``forward``.
+    """
+
+    def deco(cls):
+        rule = cls()
+        for t in module_types:
+            _RULES[t] = rule
+        return cls
+
+    return deco
+
+
+def rule_for(module: nn.Module) -> LayerRule:
+    """The rule of ``module``'s type, else the ``torch.func`` fallback."""
+    t = type(module)
+    if t in _RULES:
+        return _RULES[t]
+    for base in t.__mro__[1:]:
+        if base in _RULES and t.forward is base.forward:
+            return _RULES[base]
+    return FALLBACK
+
+
+def rules() -> dict[type, LayerRule]:
+    """The registered per-layer rules (type -> rule)."""
+    return dict(_RULES)
+
+
+@register_rule(nn.Linear)
+class LinearRule(LayerRule):
+    """y = a W^T + b. Per sample: grad W = sum_positions g a^T, grad b = sum_positions g.
+
+    2-D input: rank one, ||g a^T||_1 = ||g||_1 ||a||_1, ||g a^T||_2^2 = ||g||_2^2 ||a||_2^2.
+    """
+
+    def grad_sample(self, module, inputs, kwargs, g, names):
+        a = inputs[0]
+        out = {}
+        if "weight" in names:
+            if a.ndim == 2:
+                out["weight"] = g.unsqueeze(-1) * a.unsqueeze(0).unsqueeze(-2)
+            else:
+                k, n = g.shape[:2]
+                out["weight"] = torch.einsum("knmo,nmi->knoi", g.reshape(k, n, -1, g.shape[-1]),
+                                             a.reshape(n, -1, a.shape[-1]))
+        if "bias" in names:
+            out["bias"] = g if g.ndim == 3 else g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]).sum(2)
+        return out
+
+    def norms(self, module, inputs, kwargs, g, names, norm):
+        a = inputs[0]
+        if a.ndim != 2:
+            return {}
+        out = {}
+        gn = _vector_norm(g, norm)
+        if "weight" in names:
+            out["weight"] = gn * _vector_norm(a, norm).unsqueeze(0)
+        if "bias" in names:
+            out["bias"] = gn
+        return out
+
+
+@register_rule(nn.Conv1d, nn.Conv2d)
+class ConvRule(LayerRule):
+    """Per-sample weight gradient g_n @ unfold(a_n)^T (per group); bias = sum of g over positions."""
+
+    @staticmethod
+    def _geometry(module):
+        k = tuple(module.kernel_size)
+        s, d = tuple(module.stride), tuple(module.dilation)
+        if len(k) == 1:
+            k, s, d = (1, k[0]), (1, s[0]), (1, d[0])
+        return k, s, d
+
+    def _cols(self, module, a):
+        pad = module._reversed_padding_repeated_twice
+        if any(pad):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            a = F.pad(a, pad, mode=mode)
+        if a.ndim == 3:
+            a = a.unsqueeze(2)
+        k, s, d = self._geometry(module)
+        return F.unfold(a, k, dilation=d, padding=0, stride=s)  # n x (Cin * prod(k)) x L
+
+    def sample_elements(self, module, inputs, names):
+        if "weight" not in names:
+            return 0
+        a = inputs[0]
+        pad = module._reversed_padding_repeated_twice
+        dims = a.shape[2:]
+        positions = 1
+        for i, size in enumerate(dims):
+            j = len(dims) - 1 - i
+            full = size + pad[2 * j] + pad[2 * j + 1]
+            k, s, d = module.kernel_size[i], module.stride[i], module.dilation[i]
+            positions *= max(0, (full - d * (k - 1) - 1) // s + 1)
+        return a.shape[1] * math.prod(module.kernel_size) * positions
+
+    def grad_sample(self, module, inputs, kwargs, g, names):
+        out = {}
+        K, n = g.shape[:2]
+        gf = g.reshape(K, n, g.shape[2], -1)  # K x n x Cout x L
+        if "weight" in names:
+            cols = self._cols(module, inputs[0])  # n x (Cin/G * kk * G) x L
+            G = module.groups
+            cols = cols.reshape(n, G, -1, cols.shape[-1])
+            gg = gf.reshape(K, n, G, -1, gf.shape[-1])
+            w = torch.einsum("kngol,ngil->kngoi", gg, cols)
+            out["weight"] = w.reshape(K, n, *module.weight.shape)
+        if "bias" in names:
+            out["bias"] = gf.sum(-1)
+        return out
+
+    def norms(self, module, inputs, kwargs, g, names, norm):
+        if "bias" in names:
+            return {"bias": _vector_norm(g.reshape(*g.shape[:3], -1).sum(-1), norm)}
+        return {}
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+class BatchNormRule(LayerRule):
+    """Eval-mode BatchNorm y = x_hat * w + b, x_hat = (a - running_mean) / sqrt(running_var + eps).
+
+    Per sample: grad w = sum over positions of g * x_hat, grad b = sum over positions of g.
+    """
+
+    def grad_sample(self, module, inputs, kwargs, g, names):
+        a = inputs[0]
+        shape = (1, -1) + (1,) * (a.ndim - 2)
+        x_hat = (a - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
+        K, n = g.shape[:2]
+        out = {}
+        if "weight" in names:
+            out["weight"] = (g * x_hat.unsqueeze(0)).reshape(K, n, a.shape[1], -1).sum(-1)
+        if "bias" in names:
+            out["bias"] = g.reshape(K, n, a.shape[1], -1).sum(-1)
+        return out
+
+
+class FuncRule(LayerRule):
+    """Fallback for module types without a rule: ``torch.func`` vjp of the module's own forward
+    w.r.t. its own parameters, vmapped over samples and cotangents. Keyword inputs are passed
+    unbatched; positional tensors whose first dimension is n are split per sample."""
+
+    def grad_sample(self, module, inputs, kwargs, g, names):
+        from torch.func import functional_call, vjp, vmap
+
+        names = list(names)
+        params = {name: getattr(module, name).detach() for name in names}
+        n = g.shape[1]
+        in_dims = tuple(0 if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == n else None
+                        for t in inputs)
+
+        def one(g_n, *args_n):
+            args1 = tuple(t.unsqueeze(0) if d == 0 else t for t, d in zip(args_n, in_dims))
+            _, vjp_fn = vjp(lambda p: functional_call(module, p, args1, kwargs), params)
+            return vmap(lambda gk: vjp_fn(gk.unsqueeze(0))[0])(g_n)
+
+        res = vmap(one, in_dims=(1, *in_dims))(g, *inputs)  # name -> n x K x ...
+        return {k: v.transpose(0, 1) for k, v in res.items()}
+
+
+FALLBACK = FuncRule()
+
+
+# ---------------------------------------------------------------- capture
+
+
+@dataclass
+class _Record:
+    module: nn.Module
+    inputs: tuple
+    kwargs: dict
+    output: torch.Tensor
+    versions: list = field(default_factory=list)
+    grad: torch.Tensor | None = None
+
+
+def _versions(inputs, output):
+    return [t._version for t in (*inputs, output) if isinstance(t, torch.Tensor)]
+
+
+class _Tape:
+    """Forward hooks on the modules owning selected parameters; ``safe`` clones inputs and outputs
+    so that later in-place operations cannot change what was recorded."""
+
+    def __init__(self, modules: list[nn.Module], safe: bool):
+        self.records: list[_Record] = []
+        self.safe = safe
+        self.handles = []
+        for m in modules:
+            if safe:
+                self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+
+    @staticmethod
+    def _pre(module, args, kwargs):
+        return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args), kwargs
+
+    def _hook(self, module, args, kwargs, output):
+        if not isinstance(output, torch.Tensor):
+            raise UvoodError(
+                f"The gradient engine needs modules with parameters to return one tensor; "
+                f"{type(module).__name__} returned {type(output).__name__}. Register a rule for it "
+                "(uvood.scores.engine.register_rule) or use a shallow score.")
+        record = _Record(module, tuple(args), dict(kwargs), output, _versions(args, output))
+        self.records.append(record)
+        if self.safe:
+            return output.clone()
+        return None
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def modified(self) -> bool:
+        return any(_versions(r.inputs, r.output) != r.versions for r in self.records)
+
+
+def check_independent(model: nn.Module) -> None:
+    """Refuse models whose outputs couple the samples of a batch (train-mode BatchNorm)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.training:
+                raise UvoodError(
+                    f"BatchNorm module {name!r} is in training mode: it normalises with batch statistics, "
+                    "which couples the samples, so per-sample gradients are not defined. Call model.eval() "
+                    "(or use the score objects, which run the model in eval mode).")
+            if not m.track_running_stats or m.running_mean is None:
+                raise UvoodError(
+                    f"BatchNorm module {name!r} has no running statistics (track_running_stats=False), so it "
+                    "normalises with batch statistics even in eval mode, coupling the samples. Per-sample "
+                    "gradients are not defined for this model.")
+
+
+def _slice(items, lo, hi, n):
+    return tuple(t[lo:hi] if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == n else t for t in items)
+
+
+def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Parameter], norm: str,
+                        offsets: dict[int, torch.Tensor] | None, K: int, n: int) -> torch.Tensor:
+    total = torch.zeros(K, n, dtype=torch.float64)
+    # (record, name) pairs; group the records into units that share parameters
+    owners: dict[int, list[int]] = {}
+    names: list[list[str]] = []
+    for i, r in enumerate(records):
+        own = [nm for nm, p in r.module.named_parameters(recurse=False) if id(p) in selected]
+        names.append(own)
+        for nm in own:
+            owners.setdefault(id(getattr(r.module, nm)), []).append(i)
+    shared = {pid for pid, idx in owners.items() if len(idx) > 1}
+    offsets = offsets or {}
+    # fast path: per-record norms for unshared, offset-free parameters
+    todo: list[list[str]] = []
+    for i, r in enumerate(records):
+        if r.grad is None:
+            todo.append([])
+            continue
+        easy = [nm for nm in names[i] if id(getattr(r.module, nm)) not in shared
+                and id(getattr(r.module, nm)) not in offsets]
+        got = rule_for(r.module).norms(r.module, r.inputs, r.kwargs, r.grad, easy, norm) if easy else {}
+        for v in got.values():
+            total += v
+        todo.append([nm for nm in names[i] if nm not in got])
+    # materialised path, unit by unit (a unit = records linked by shared parameters)
+    parent = list(range(len(records)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for idx in owners.values():
+        for j in idx[1:]:
+            parent[find(j)] = find(idx[0])
+    units: dict[int, list[int]] = {}
+    for i in range(len(records)):
+        if todo[i] and records[i].grad is not None:
+            units.setdefault(find(i), []).append(i)
+    for members in units.values():
+        pids = {id(getattr(records[i].module, nm)) for i in members for nm in todo[i]}
+        per_sample = sum(selected[pid].numel() for pid in pids) * K
+        per_sample += sum(rule_for(records[i].module).sample_elements(records[i].module, records[i].inputs, todo[i])
+                          for i in members)
+        chunk = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            acc: dict[int, torch.Tensor] = {}
+            for i in members:
+                r = records[i]
+                gs = rule_for(r.module).grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs,
+                                                    r.grad[:, lo:hi], todo[i])
+                for nm in todo[i]:
+                    pid = id(getattr(r.module, nm))
+                    acc[pid] = gs[nm] if pid not in acc else acc[pid] + gs[nm]
+            for pid, grad in acc.items():
+                if pid in offsets:
+                    grad = grad + offsets[pid].to(grad.dtype)
+                total[:, lo:hi] += reduce_norm(grad, norm)
+    # offset-only parameters whose module never produced a gradient (unused in the forward)
+    return total
+
+
+def _select(model: nn.Module, params) -> dict[int, nn.Parameter]:
+    if params is None:
+        chosen = [p for p in model.parameters() if p.requires_grad]
+    else:
+        chosen = [p for p in params if p is not None]
+        all_ids = {id(p) for p in model.parameters()}
+        if any(id(p) not in all_ids for p in chosen):
+            raise UvoodError("params= must be parameters of the model.")
+    if not chosen:
+        raise UvoodError("No parameter of the model requires grad, so every parameter gradient is empty. "
+                         "Set requires_grad=True on the parameters to differentiate, or use a shallow score.")
+    return {id(p): p for p in chosen}
+
+
+def per_sample_grad_norms(
+    model: nn.Module,
+    x: torch.Tensor,
+    cotangents: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    norm: str = "l1",
+    head=None,
+    params: Iterable[nn.Parameter] | None = None,
+    offsets: dict[int, torch.Tensor] | None = None,
+    batch_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradient norms ``norms[k, n] = || d <v_{k,n}, z_n> / d theta ||`` and the logits.
+
+    Args:
+        model: the classifier; must not couple samples (no train-mode BatchNorm: refused).
+        x: inputs, N x ...
+        cotangents: maps the logits of a micro-batch (n x C, float64) to K x n x C cotangents
+            v (float64; cast to the model's dtype), e.g. ``(e_k - p) / T`` for every label k.
+        norm: ``"l1"`` or ``"l2sq"`` (squared Euclidean), summed over all parameters.
+        head: the logits layer, as in :func:`uvood.model.forward_features`.
+        params: the parameters theta (default: all with ``requires_grad``).
+        offsets: ``{id(param): tensor}`` constant gradients added to every per-sample gradient
+            before the norm (BatchGrad's anchor gradient).
+        batch_size: samples per forward/backward micro-batch (memory bound).
+
+    Returns:
+        ``(norms, logits)``: K x N float64 and N x C float64.
+    """
+    if norm not in NORMS:
+        raise UvoodError(f"norm={norm!r} is not valid; choose one of {', '.join(NORMS)}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UvoodError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_independent(model)
+    selected = _select(model, params)
+    offsets = dict(offsets or {})
+    modules = [m for m in model.modules() if any(id(p) in selected for p in m.parameters(recurse=False))]
+    if x.is_inference():
+        x = x.clone()
+    all_norms, all_logits = [], []
+    with torch.enable_grad():
+        for lo in range(0, x.shape[0], batch_size):
+            xb = x[lo:lo + batch_size]
+            norms, logits = _micro_batch(model, xb, cotangents, norm, head, modules, selected, offsets)
+            all_norms.append(norms)
+            all_logits.append(logits)
+    return torch.cat(all_norms, dim=1), torch.cat(all_logits, dim=0)
+
+
+def _micro_batch(model, xb, cotangents, norm, head, modules, selected, offsets):
+    for safe in (False, True):
+        tape = _Tape(modules, safe)
+        try:
+            _, logits = forward_features(model, xb, head)
+        finally:
+            tape.remove()
+        if not tape.modified():
+            break
+    else:  # pragma: no cover - safe mode records clones, which nothing else can modify
+        raise UvoodError("A recorded activation was modified in place during the forward pass.")
+    n = logits.shape[0]
+    z64 = logits.detach().to(torch.float64)
+    v = cotangents(z64)
+    if v.ndim != 3 or v.shape[1:] != z64.shape:
+        raise UvoodError(f"cotangents must return K x n x C = K x {n} x {z64.shape[1]}, got {tuple(v.shape)}.")
+    K = v.shape[0]
+    v = v.to(logits.dtype)
+    records = [r for r in tape.records if r.output.requires_grad]
+    if records:
+        outs = [r.output for r in records]
+        if K == 1:
+            grads = torch.autograd.grad(logits, outs, v[0], allow_unused=True)
+            grads = [None if gr is None else gr.unsqueeze(0) for gr in grads]
+        else:
+            grads = torch.autograd.grad(logits, outs, v, allow_unused=True, is_grads_batched=True)
+        for r, gr in zip(records, grads):
+            r.grad = gr
+    with torch.no_grad():
+        for r in records:
+            r.inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in r.inputs)
+        norms = _norms_from_records(records, selected, norm, offsets, K, n)
+    # parameters with an offset but no recorded gradient contribute ||offset|| for every sample
+    seen = {id(getattr(r.module, nm)) for r in records if r.grad is not None
+            for nm, _ in r.module.named_parameters(recurse=False)}
+    for pid, off in offsets.items():
+        if pid in selected and pid not in seen:
+            norms += reduce_norm(off.reshape(1, 1, -1), norm)
+    return norms, z64

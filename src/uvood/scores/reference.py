@@ -1,0 +1,166 @@
+"""Textbook references for the gradient scores: slow, explicit, used only by tests and benchmarks.
+
+One sample at a time, on a float64 copy of the model in eval mode, one ``loss.backward()`` per
+(sample, label), norms as explicit sums over the parameters' ``.grad``. Nothing here shares
+code with the closed forms or the engine (except :func:`uvood.model.forward_features` to read
+the logits), and the orientation table is written out again below, so a test comparing the
+two checks the signs as well.
+
+Also here: :func:`official_gradnorm_loop`, the official GradNorm code's way (per sample:
+forward, loss against targets of ones, backward, L1 norm of the last layer's weight
+gradient), and :func:`func_grad_norms`, per-sample gradients with ``torch.func``
+(``functional_call`` + ``vmap(jacrev)``) over the whole model, as other toolkits do.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import UvoodError
+from ..model import find_head, forward_features, head_name
+
+# Orientation per (label, agg, weight), written out (see uvood.scores.gradient): higher = more ID.
+SIGN = {
+    ("uniform", "norm_of_mean", "none"): +1,
+    ("uniform", "mean_of_norm", "none"): +1,
+    ("predicted", "norm_of_mean", "none"): +1,
+    ("predicted", "norm_of_mean", "logp_over_p"): +1,
+    ("predicted", "mean_of_norm", "none"): -1,
+    ("predicted", "mean_of_norm", "logp_over_p"): -1,
+}
+
+
+def float_copy(model: nn.Module, x: torch.Tensor, head=None, dtype=torch.float64):
+    """A deep copy of ``model`` in ``dtype`` and eval mode, and its head module."""
+    name = head_name(model, find_head(model, x[:1], head))
+    m = copy.deepcopy(model).to(dtype).eval()
+    return m, dict(m.named_modules())[name]
+
+
+def _params(m: nn.Module, head_module: nn.Module, depth: str, bias: bool) -> list[nn.Parameter]:
+    if depth == "deep":
+        return [p for p in m.parameters() if p.requires_grad]
+    params = [head_module.weight]
+    if bias:
+        if head_module.bias is None:
+            raise UvoodError("bias=true but the head has no bias.")
+        params.append(head_module.bias)
+    return params
+
+
+def _norm(tensors, norm: str) -> float:
+    total = 0.0
+    for t in tensors:
+        total += float(t.abs().sum()) if norm == "l1" else float((t * t).sum())
+    return total
+
+
+def per_label_gradients(m, head_module, xn, params, T):
+    """For one sample: p (float64) and [grad_params log p^(k) for k in 0..C-1], one backward each."""
+    _, logits = forward_features(m, xn, head_module)
+    logp = torch.log_softmax(logits / T, dim=1)[0]
+    grads = []
+    C = logp.shape[0]
+    for k in range(C):
+        for p in params:
+            p.grad = None
+        logp[k].backward(retain_graph=k < C - 1)
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params])
+    return logp.detach().exp().to(torch.float64), grads
+
+
+def reference_grad_score(model, x, *, label="uniform", agg="norm_of_mean", norm="l1", weight="none",
+                         depth="shallow", T=1.0, bias=False, official=False, head=None,
+                         dtype=torch.float64) -> torch.Tensor:
+    """sign * raw for ``grad(...)``, textbook style (one backward per sample and label)."""
+    m, hm = float_copy(model, x, head, dtype)
+    params = _params(m, hm, depth, bias)
+    out = []
+    for n in range(x.shape[0]):
+        p, grads = per_label_gradients(m, hm, x[n:n + 1].to(dtype), params, T)
+        C = p.shape[0]
+        coef = []
+        for k in range(C):
+            q = (1.0 if official else 1.0 / C) if label == "uniform" else float(p[k])
+            w = float(torch.log(p[k]) / p[k]) if weight == "logp_over_p" else 1.0
+            coef.append(q * w)
+        if agg == "norm_of_mean":
+            mean = [sum(coef[k] * grads[k][j].to(torch.float64) for k in range(C)) for j in range(len(params))]
+            raw = _norm(mean, norm)
+        else:
+            raw = sum(coef[k] * _norm([g.to(torch.float64) for g in grads[k]], norm) for k in range(C))
+        out.append(SIGN[(label, agg, weight)] * raw)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def reference_batchgrad(model, x, anchor_x, anchor_y, *, depth="shallow", T=1.0, head=None,
+                        dtype=torch.float64) -> torch.Tensor:
+    """-E_{Y~p}[|| grad (log p^(Y)(x) + sum_i log p^(y_i)(x_i)) ||_1] (Eq. 6), textbook style."""
+    m, hm = float_copy(model, x, head, dtype)
+    params = _params(m, hm, depth, False)
+    anchor = [torch.zeros_like(p) for p in params]
+    for i in range(anchor_x.shape[0]):
+        for p in params:
+            p.grad = None
+        _, logits = forward_features(m, anchor_x[i:i + 1].to(dtype), hm)
+        torch.log_softmax(logits / T, dim=1)[0, int(anchor_y[i])].backward()
+        anchor = [a + (0 if p.grad is None else p.grad) for a, p in zip(anchor, params)]
+    out = []
+    for n in range(x.shape[0]):
+        p, grads = per_label_gradients(m, hm, x[n:n + 1].to(dtype), params, T)
+        total = 0.0
+        for k in range(p.shape[0]):
+            total += float(p[k]) * _norm([g + a for g, a in zip(grads[k], anchor)], "l1")
+        out.append(-total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def official_gradnorm_loop(model, x, head=None, T=1.0, copy_model=True, dtype=None) -> torch.Tensor:
+    """The official GradNorm code's way, per sample: forward, loss = sum_k -log softmax(z/T)_k
+    (targets of ones), backward, S = L1 norm of the last layer's weight gradient."""
+    if copy_model:
+        m, hm = float_copy(model, x, head, dtype or torch.float64)
+    else:
+        m, hm = model, find_head(model, x[:1], head)
+    dt = hm.weight.dtype
+    out = []
+    logsoftmax = nn.LogSoftmax(dim=-1)
+    for n in range(x.shape[0]):
+        m.zero_grad()
+        _, outputs = forward_features(m, x[n:n + 1].to(dt), hm)
+        targets = torch.ones_like(outputs)
+        loss = torch.mean(torch.sum(-targets * logsoftmax(outputs / T), dim=-1))
+        loss.backward()
+        out.append(float(torch.sum(torch.abs(hm.weight.grad))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def func_grad_norms(model, x, *, norm="l1", T=1.0, chunk=16) -> torch.Tensor:
+    """Per-sample, per-label norms ||grad_theta log p^(k)(x_n)|| (C x N) with torch.func.
+
+    ``vmap(jacrev(...))`` over samples of the whole model, ``functional_call`` on the
+    parameters with requires_grad; materialises C x P numbers per sample (chunked). The model
+    must be in eval mode and its output must be the logits (``head`` is not used).
+    """
+    from torch.func import functional_call, jacrev, vmap
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def logp_direct(prm, xn):
+        z = functional_call(model, prm, (xn.unsqueeze(0),))
+        return torch.log_softmax(z.reshape(1, -1)[0] / T, dim=0)
+
+    jac = vmap(jacrev(logp_direct), in_dims=(None, 0))
+    outs = []
+    for lo in range(0, x.shape[0], chunk):
+        J = jac(params, x[lo:lo + chunk])  # name -> n x C x *shape
+        total = 0
+        for name in names:
+            t = J[name].flatten(2)
+            total = total + (t.abs().sum(-1) if norm == "l1" else (t * t).sum(-1))
+        outs.append(total.T.to(torch.float64))
+    return torch.cat(outs, dim=1)

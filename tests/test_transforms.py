@@ -1,0 +1,80 @@
+"""Cross-domain transforms: paste (exact, seed-code convention), resize, channel rules."""
+
+import numpy as np
+import pytest
+import torch
+
+from uvood.data.transforms import describe, imagenet_input, to_model_format
+from uvood.errors import UvoodError
+
+rng = np.random.default_rng(0)
+
+
+def test_paste_grey28_to_rgb32_is_the_seed_convention():
+    x = rng.integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    out = to_model_format(x, 3, 32, "paste")
+    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+    expected = torch.from_numpy(x[..., 0]).float() / 255
+    for channel in range(3):  # grey copied into every channel, top-left
+        assert torch.equal(out[:, channel, :28, :28], expected)
+    assert out[:, :, 28:, :].abs().sum() == 0 and out[:, :, :, 28:].abs().sum() == 0  # zero canvas
+
+
+def test_paste_rgb32_to_grey28_takes_channel0_top_left_crop():
+    x = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    out = to_model_format(x, 1, 28, "paste")
+    assert torch.equal(out[:, 0], torch.from_numpy(x[:, :28, :28, 0]).float() / 255)
+
+
+def test_paste_round_trip_is_exact():
+    x = rng.integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    there = (to_model_format(x, 3, 32, "paste") * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    back = (to_model_format(there, 1, 28, "paste") * 255).round().to(torch.uint8)
+    assert torch.equal(back[:, 0], torch.from_numpy(x[..., 0]))
+
+
+def test_resize_keeps_constant_images_and_uses_bt601_luma():
+    x = np.zeros((2, 32, 32, 3), np.uint8)
+    x[..., 0], x[..., 1], x[..., 2] = 200, 100, 50
+    grey = to_model_format(x, 1, 28, "resize")
+    assert grey.shape == (2, 1, 28, 28)
+    luma = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255
+    assert torch.allclose(grey, torch.full_like(grey, luma), atol=1e-5)
+    up = to_model_format(np.full((1, 28, 28, 1), 77, np.uint8), 3, 32, "resize")
+    assert torch.allclose(up, torch.full((1, 3, 32, 32), 77 / 255), atol=1e-5)
+
+
+def test_resize_output_range_and_antialias_mean():
+    x = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    out = to_model_format(x, 3, 32, "resize")
+    assert out.min() >= 0 and out.max() <= 1
+    # antialiased downsampling low-pass filters: noise averages out, the mean is kept
+    assert abs(float(out.mean()) - x.mean() / 255) < 0.01
+    assert float(out.std()) < 0.6 * x.std() / 255
+
+
+def test_same_format_is_identity():
+    x = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    for mode in ("paste", "resize"):
+        assert torch.equal(to_model_format(x, 3, 32, mode), torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
+
+
+def test_variable_size_sequence_and_imagenet_pipeline():
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), rng.integers(0, 256, (70, 30, 3), dtype=np.uint8)]
+    assert to_model_format(images, 3, 32).shape == (2, 3, 32, 32)
+    out = imagenet_input(rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    assert out.shape == (2, 3, 224, 224) and 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def test_describe_names_the_transform():
+    assert describe((28, 28, 1), 3, 32, "paste") == "paste:1x28x28->3x32x32"
+    assert describe((32, 32, 3), 3, 32, "resize") == "identity:3x32x32"
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(UvoodError, match="uint8"):
+        to_model_format(np.zeros((1, 28, 28, 1), np.float32), 1, 28)
+    with pytest.raises(UvoodError, match="mode"):
+        to_model_format(np.zeros((1, 28, 28, 1), np.uint8), 1, 28, "stretch")
+    with pytest.raises(UvoodError, match="N x H x W x C"):
+        to_model_format(np.zeros((1, 28, 28, 5), np.uint8), 1, 28)

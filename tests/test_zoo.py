@@ -1,0 +1,170 @@
+"""Zoo: architectures, resumable training, shipped checkpoints (accuracy on a fixed
+2,000-image test subset of the real data, skipped without it) and EfficientNet-Lite0."""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from uvood import zoo
+from uvood.errors import UvoodError
+from uvood.model import forward_features
+from uvood.zoo import architectures, train
+from uvood.zoo.architectures import SPECS, build
+
+# accuracy targets on the full test set (issue 4)
+TARGETS = {"mnist-mlp": 0.984, "fashionmnist-cnn": 0.91, "cifar10-cnn": 0.85}
+SHIPPED = [name for name in TARGETS if (zoo.CHECKPOINTS / f"{name}.pt").is_file()]
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_architectures_take_native_images_in_0_1(name):
+    model = build(name).eval()
+    c, h, w = SPECS[name]["input"]
+    h_feat, logits = forward_features(model, torch.rand(2, c, h, w))
+    assert logits.shape == (2, 10)
+    expected = 256 if name == "mnist-mlp" else 8 * SPECS[name]["kwargs"]["c"]
+    assert h_feat.shape == (2, expected)  # the head sees the 8c (or 256) features
+
+
+def test_cnn_family_layout():
+    model = architectures.PlaygroundCNN(c=4, in_channels=1, dropout=0.3)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [4, 4, 8, 8, 16, 16, 32]
+    assert [m.padding for m in convs][-1] == (0, 0) and all(m.kernel_size == (3, 3) for m in convs)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 7 and not any(m.affine for m in norms)
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 7
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 4
+    # 28 px is zero-padded to 32 px inside the model, before normalisation
+    x = torch.rand(1, 1, 28, 28)
+    model.eval()
+    padded = nn.functional.pad(x, (2, 2, 2, 2))
+    assert torch.allclose(model(x), model(padded))
+    with pytest.raises(UvoodError, match="at most 32 px"):
+        model(torch.rand(1, 1, 40, 40))
+
+
+def test_augment_shapes_and_padding():
+    x = torch.full((8, 6, 6, 1), 255, dtype=torch.uint8)
+    out = train.augment(x, 2, True, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert (out == 0).any() and (out == 255).any()  # some crops reach into the zero padding
+
+
+def test_training_is_seeded_and_writes_metadata(tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (96, 28, 28, 1), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (96,), generator=gen)
+    monkeypatch.setattr(train, "_arrays", lambda *a: (x, y, "0" * 64, None))
+    monkeypatch.setitem(train.RECIPES, "mnist-mlp", {**train.RECIPES["mnist-mlp"], "epochs": 2, "batch": 32})
+    first = train.train("mnist-mlp", seed=3, out_dir=tmp_path / "a", progress=False)
+    again = train.train("mnist-mlp", seed=3, out_dir=tmp_path / "b", progress=False)
+    other = train.train("mnist-mlp", seed=4, out_dir=tmp_path / "c", progress=False)
+    assert first["weights_sha256"] == again["weights_sha256"] != other["weights_sha256"]
+    meta = json.loads((tmp_path / "a" / "mnist-mlp" / "mnist-mlp.json").read_text())
+    for key in ("architecture", "seed", "epochs", "wall_time_s", "device", "test_accuracy", "weights_sha256",
+                "train_sha256"):
+        assert key in meta
+    state = torch.load(tmp_path / "a" / "mnist-mlp" / "mnist-mlp.pt", weights_only=True)
+    assert train.weights_sha256(state) == meta["weights_sha256"]
+
+
+def test_resume_continues_from_the_last_epoch(tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (64, 28, 28, 1), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    monkeypatch.setattr(train, "_arrays", lambda *a: (x, y, "0" * 64, None))
+    monkeypatch.setitem(train.RECIPES, "mnist-mlp", {**train.RECIPES["mnist-mlp"], "epochs": 3, "batch": 32})
+    straight = train.train("mnist-mlp", seed=5, out_dir=tmp_path / "a", progress=False)
+
+    calls = {"n": 0}
+    original = train._atomic_save
+
+    def crash_after_first_epoch(obj, path):
+        original(obj, path)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # the process dies right after epoch 1's checkpoint
+
+    monkeypatch.setattr(train, "_atomic_save", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train("mnist-mlp", seed=5, out_dir=tmp_path / "b", progress=False)
+    resumed = train.train("mnist-mlp", seed=5, out_dir=tmp_path / "b", progress=False)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    with pytest.raises(UvoodError, match="other settings"):
+        train.train("mnist-mlp", seed=6, out_dir=tmp_path / "b", progress=False)
+
+
+def test_unknown_model_errors():
+    with pytest.raises(UvoodError, match="no zoo model 'nope'"):
+        zoo.load("nope")
+    with pytest.raises(UvoodError, match="not trainable"):
+        train.train("efficientnet-lite0")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_checkpoint_metadata_and_offline_load(name):
+    meta = zoo.info(name)
+    for key in ("architecture", "c", "train_sha256", "seed", "epochs", "wall_time_s", "device", "test_accuracy",
+                "weights_sha256", "cpu_fallback"):
+        assert key in meta, key
+    assert meta["test_accuracy"] >= TARGETS[name]
+    assert (zoo.CHECKPOINTS / f"{name}.pt").stat().st_size < 40e6
+    state = torch.load(zoo.CHECKPOINTS / f"{name}.pt", map_location="cpu", weights_only=True)
+    assert train.weights_sha256(state) == meta["weights_sha256"]
+    model = zoo.load(name)
+    assert not model.training
+    if name == "cifar10-cnn":
+        assert meta["cpu_fallback"] is (meta["c"] < 128)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_checkpoint_accuracy_on_fixed_2000_subset(name, data_dir):
+    result = zoo.evaluate(name, data_dir=data_dir, limit=2000)
+    meta = zoo.info(name)
+    assert result["n"] == 2000 and result["identity"] == meta["test2000_identity"]
+    assert result["accuracy"] == pytest.approx(meta["test2000_accuracy"], abs=0.002)
+    assert result["accuracy"] >= TARGETS[name] - 0.01
+
+
+def test_efficientnet_missing_extra_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
+    with pytest.raises(UvoodError, match=r"pip install -e \.\[imagenet\]"):
+        zoo.load("efficientnet-lite0")
+
+
+def test_efficientnet_lite0_on_tinyimagenet(data_dir):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="optional extra: pip install -e .[imagenet]")
+    if not (data_dir / "tinyimagenet_val_jpeg.npz").is_file():
+        pytest.skip(f"tinyimagenet_val_jpeg.npz not in {data_dir}")
+    model = zoo.load("efficientnet-lite0")
+    assert isinstance(model.net._fc, nn.Linear) and not model.training
+    result = zoo.evaluate("efficientnet-lite0", data_dir=data_dir, limit=100)  # ~10 s on 2 cores
+    assert result["n"] == 100
+    assert result["top1"] > 0.15 and result["top5"] > 0.35 and result["top5"] >= result["top1"]
+
+
+def test_cli_list(capsys):
+    from uvood.zoo.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["zoo", "list"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet-lite0" in out and "svhn-cnn" in out
+
+
+def test_tinyimagenet_labels_map_to_imagenet(data_dir):
+    from uvood.zoo.efficientnet import tinyimagenet_to_imagenet
+
+    if not (data_dir / "tinyimagenet_wnids.txt").is_file():
+        pytest.skip(f"tinyimagenet_wnids.txt not in {data_dir}")
+    mapping = tinyimagenet_to_imagenet(data_dir)
+    assert mapping.shape == (200,) and len(np.unique(mapping)) == 200 and mapping.max() < 1000
