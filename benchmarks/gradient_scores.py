@@ -124,13 +124,21 @@ def func_exgrad(model, x, T=1.0, chunk=8):
     return torch.cat(outs)
 
 
-def timed(fn, x, repeats):
-    best, value = float("inf"), None
+def race(paths, repeats):
+    """Time every (fn, x) of ``paths`` in interleaved rounds after a warm-up; best samples/s of each.
+
+    Interleaving keeps the paths of one comparison under the same background load.
+    """
+    for fn, x in paths:
+        fn(x[:2])
+    best = [float("inf")] * len(paths)
+    values = [None] * len(paths)
     for _ in range(repeats):
-        t = time.perf_counter()
-        value = fn(x)
-        best = min(best, time.perf_counter() - t)
-    return x.shape[0] / best, value
+        for i, (fn, x) in enumerate(paths):
+            t = time.perf_counter()
+            values[i] = fn(x)
+            best[i] = min(best[i], time.perf_counter() - t)
+    return [x.shape[0] / b for (_, x), b in zip(paths, best)], values
 
 
 def machine_info() -> dict:
@@ -165,32 +173,28 @@ def main() -> None:
         gn_shallow, eg_shallow = get_score("gradnorm"), get_score("exgrad")
         for score, loop, func, engine in (("GradNorm deep", loop_gradnorm, func_gradnorm, gn_deep),
                                           ("ExGrad deep", loop_exgrad, func_exgrad, eg_deep)):
-            base, v_loop = timed(lambda xx, f=loop: f(model, xx), x[:n_loop], args.repeats)
-            f_rate, v_func = timed(lambda xx, f=func: f(model, xx), x[:n_func], args.repeats)
-            e_rate, v_eng = timed(lambda xx, sc=engine: sc.from_model(model, xx), x, args.repeats)
+            (base, f_rate, e_rate), (v_loop, v_func, v_eng) = race(
+                [(lambda xx, f=loop, m=model: f(m, xx), x[:n_loop]), (lambda xx, f=func, m=model: f(m, xx), x[:n_func]),
+                 (lambda xx, sc=engine, m=model: sc.from_model(m, xx), x)], args.repeats)
             ref = v_loop[:n_func]
             checks.append((name, score, float(((v_func - ref).abs() / ref.abs()).max()),
                            float(((v_eng[:n_loop] - v_loop).abs() / v_loop.abs()).max())))
             rows += [(name, score, "per-sample loop (float32)", base, 1.0),
                      (name, score, "torch.func vmap", f_rate, f_rate / base),
                      (name, score, "uvood engine", e_rate, e_rate / base)]
+        shallow = [("GradNorm shallow", gn_shallow), ("ExGrad shallow", eg_shallow),
+                   ("GradNorm shallow (official)", get_score("gradnorm(official=true)"))]
+        paths = [(lambda xx, sc=sc, m=model: sc.from_model(m, xx), x) for _, sc in shallow]
         if name == "CNN":
-            n_off = n_loop
-            base, v_off = timed(lambda xx: official_gradnorm_loop(model, xx, copy_model=False), x[:n_off],
-                                args.repeats)
-            gn_off = get_score("gradnorm(official=true)")
-            c_rate, v_c = timed(lambda xx: gn_off.from_model(model, xx), x, args.repeats)
+            paths.append((lambda xx, m=model: official_gradnorm_loop(m, xx, copy_model=False), x[:n_loop]))
+        rates, values = race(paths, args.repeats)
+        if name == "CNN":
+            base, v_off = rates[-1], values[-1]
             checks.append((name, "GradNorm official shallow", float("nan"),
-                           float(((v_c[:n_off] - v_off).abs() / v_off.abs()).max())))
-            rows += [(name, "GradNorm shallow (official)", "official per-sample loop", base, 1.0),
-                     (name, "GradNorm shallow (official)", "uvood closed form", c_rate, c_rate / base)]
-            for label, sc in (("GradNorm shallow", gn_shallow), ("ExGrad shallow", eg_shallow)):
-                rate, _ = timed(lambda xx, sc=sc: sc.from_model(model, xx), x, args.repeats)
-                rows.append((name, label, "uvood closed form", rate, rate / base))
-        else:
-            for label, sc in (("GradNorm shallow", gn_shallow), ("ExGrad shallow", eg_shallow)):
-                rate, _ = timed(lambda xx, sc=sc: sc.from_model(model, xx), x, args.repeats)
-                rows.append((name, label, "uvood closed form", rate, float("nan")))
+                           float(((values[2][:n_loop] - v_off).abs() / v_off.abs()).max())))
+            rows.append((name, "GradNorm shallow (official)", "official per-sample loop", base, 1.0))
+        for (label, _), rate in zip(shallow, rates):
+            rows.append((name, label, "uvood closed form", rate, rate / base if name == "CNN" else float("nan")))
     info = machine_info()
     lines = [f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']}, "
              f"{info['threads']} threads, Python {info['python']}; best of {args.repeats} runs"

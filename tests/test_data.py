@@ -248,3 +248,19 @@ def test_cli_list_and_verify(data_dir, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "ok       mnist/test" in out and "CIFAR-10 (JPEG copy)" in out
+
+
+def test_sha256_constants_agree_with_the_data_readme(data_dir):
+    readme = (data_dir / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in readme.splitlines()
+            if line.startswith("| ") and ".npz" in line}
+    for ds in datasets.DATASETS.values():
+        for split, file in ds.files.items():
+            if file in rows:
+                assert ds.sha256[split].startswith(rows[file]), file
+
+
+def test_size_only_for_variable_size_sets_and_identity_of_oversized_limit(data_dir):
+    with pytest.raises(UvoodError, match="variable-size data sets only"):
+        load("mnist", "test", data_dir=data_dir, size=32)
+    assert load("mnist", "test", data_dir=data_dir, limit=10**6).identity.endswith("/all")

@@ -64,6 +64,14 @@ def test_bootstrap_is_seeded_and_brackets_estimate():
     assert lo < M.auroc(a, b) < hi and hi - lo < 0.15
 
 
+def test_vectorised_bootstrap_auroc_equals_per_resample_loop():
+    g = np.random.default_rng(2)
+    a, b = np.round(g.normal(0.5, 1, 257), 1), np.round(g.normal(0, 1, 131), 1)  # ties included
+    fast = M.bootstrap_ci(M.auroc, a, b, n_boot=230, seed=5, alpha=0.2)
+    slow = M.bootstrap_ci(lambda x, y: M.auroc(x, y), a, b, n_boot=230, seed=5, alpha=0.2)
+    assert fast == pytest.approx(slow, abs=1e-12)
+
+
 def test_bad_inputs():
     with pytest.raises(UvoodError, match="non-finite"):
         M.auroc([1.0, np.nan], [0.0])

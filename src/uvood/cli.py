@@ -26,7 +26,7 @@ def _cmd_scores(args) -> int:
     for kind, title in kinds.items():
         print(f"{title}:")
         for e in sorted(by_kind.get(kind, []), key=lambda e: e.name):
-            params = ", ".join(f"{k}={v}" for k, v in e.params.items())
+            params = ", ".join(k if k in e.positional else f"{k}={v}" for k, v in e.params.items())
             first = (e.doc or "").strip().splitlines()[0] if e.doc else ""
             print(f"  {e.name + ('(' + params + ')' if params else ''):<60} {first}")
     print("\nCombine terms with '*', e.g. norm(0.3)*energy, norm(inf)*tv.")
@@ -39,26 +39,40 @@ def _load_model(name: str):
     return zoo.load(name)
 
 
-def _load_inputs(path: str, model_name: str, args):
-    """Read DATA (npz in either format, or a folder of images) into the model's input format."""
-    from . import zoo
-    from .data import formats, transforms
+def _read_user_images(path: Path):
+    """(images, labels or None, names) from an .npz in either format or a folder of images."""
+    import numpy as np
 
-    p = Path(path)
-    if not p.exists():
-        raise UvoodError(f"No data at {p}: pass an .npz file (decoded or JPEG format) or a folder of images.")
-    if p.is_dir():
-        images, y, names = formats.read_image_folder(p)
-    else:
-        images, y, names = formats.read_any_npz(p)
-    meta = zoo.input_spec(model_name)
-    x = transforms.to_model_format(images, channels=meta["channels"], size=meta["size"], mode=args.cross_domain)
-    return x, y, names
+    from .data import formats
+
+    if not path.exists():
+        raise UvoodError(f"No data at {path}: pass an .npz file (decoded or JPEG format) or a folder of images.")
+    if path.is_dir():
+        images, y, classes = formats.read_image_folder(path)
+        return images, y, [f"{classes[c]}/{i}" for i, c in enumerate(y)]
+    arrays = formats.read_npz(path, ())
+    if {"data", "offsets"} <= set(arrays):
+        archive = formats.JpegArchive(path, num_classes=2**31 - 1, allow_unlabelled=True)
+        return archive, archive.y, [str(n) for n in archive.names]
+    if "x" not in arrays:
+        raise UvoodError(f"{path} has keys {sorted(arrays)}: expected 'x' (and 'y') for decoded images, or "
+                         "'data', 'offsets', 'y', 'names' for JPEG bytes (see the data README).")
+    x = formats.check_images(arrays["x"], str(path))
+    y = arrays.get("y")
+    return x, (None if y is None else np.asarray(y)), list(range(len(x)))
+
+
+def _load_inputs(path: str, model_name: str, args):
+    """Read DATA into the model's input format (C, H, W from the zoo metadata)."""
+    from . import zoo
+    from .data import transforms
+
+    images, y, names = _read_user_images(Path(path))
+    c, h, _ = zoo.info(model_name)["input"]
+    return transforms.to_model_format(images, channels=c, size=h, mode=args.cross_domain), y, names
 
 
 def _cmd_score(args) -> int:
-    import torch
-
     from .api import score_features, score_model
     from .features import extract
     from .scores.registry import get_score
@@ -85,7 +99,6 @@ def _cmd_score(args) -> int:
             w.writerow([i, names[i] if names is not None else i, label, int(pred[i]),
                         *(repr(float(c[i])) for c in cols.values())])
     print(f"wrote {len(feats)} rows x {len(cols)} score(s) to {out}")
-    del torch
     return 0
 
 

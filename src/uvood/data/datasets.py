@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,7 @@ def locate(name: str, split: str, data_dir_=None, verify: bool = True) -> tuple[
         return path, sha
     if not path.is_file():
         raise UvoodError(f"{ds.display} {split} file not found: expected {path}. To get it: {ds.how_to_get}.")
-    sha = file_sha256(path) if verify or ds.sha256 else ""
+    sha = file_sha256(path)  # always: the identity needs it (memoised per process)
     expected = ds.sha256.get(split)
     if verify and expected and sha != expected:
         raise UvoodError(f"{path} has sha256 {sha[:16]}..., expected {expected[:16]}... (wrong version, damaged or "
@@ -155,8 +155,10 @@ def locate(name: str, split: str, data_dir_=None, verify: bool = True) -> tuple[
 
 @dataclass
 class ImageSet:
-    """Images of one split: ``x`` uint8 N x H x W x C (or a lazy :class:`formats.JpegArchive`
-    for variable-size images), ``y`` int64 (-1 = unlabelled), plus identity and provenance."""
+    """Images of one split: ``x`` uint8 N x H x W x C (for variable-size images without
+    ``size``: a lazy :class:`formats.JpegArchive`, or a list of arrays when ``limit`` is
+    given), ``y`` int64 (-1 = unlabelled), ``indices`` into the file (None = all), plus
+    identity and provenance."""
 
     name: str
     split: str
@@ -169,7 +171,6 @@ class ImageSet:
     path: Path
     display: str
     indices: np.ndarray | None = None
-    meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -210,49 +211,52 @@ def _decode_cached(archive: formats.JpegArchive, idx, hwc, cache_dir, key: str) 
     return x
 
 
+def _read(ds: DatasetInfo, path: Path, split: str):
+    """(images or lazy archive, labels, class names) of one split's file(s)."""
+    if ds.fmt == "npz":
+        x, y = formats.read_decoded_npz(path, ds.num_classes, ds.hwc)
+    elif ds.fmt == "svhn-mat":
+        x, y = formats.read_svhn_mat(path)
+    elif ds.fmt == "cifar-python":
+        x, y = formats.read_cifar10_python(path, split)
+    else:
+        x = formats.JpegArchive(path, ds.num_classes, allow_unlabelled=split in ds.unlabelled)
+        return x, x.y, tuple(str(c) for c in x.extra.get("classes", ds.classes))
+    if split not in ds.unlabelled and (y < 0).any():
+        raise UvoodError(f"{path}: split {split!r} of {ds.display} must be labelled but has labels -1.")
+    return x, y, ds.classes
+
+
 def load(name: str, split: str, data_dir=None, limit: int | None = None, size: int | None = None,
          cache_dir=None, verify: bool = True) -> ImageSet:
     """Load split ``split`` of data set ``name`` as an :class:`ImageSet`.
 
-    ``limit`` keeps N evenly spaced images; ``size`` resizes variable-size images (shorter
-    side to ``size``, centre crop); ``cache_dir`` stores decoded JPEG arrays as ``.npy``.
+    ``limit`` keeps N evenly spaced images; ``size`` resizes variable-size images (textures:
+    shorter side to ``size``, centre crop; without it ``x`` is a lazy archive);
+    ``cache_dir`` stores decoded JPEG arrays as ``.npy``; ``verify`` checks the sha256.
     """
     ds = info(name)
+    if size and ds.hwc is not None:
+        raise UvoodError(f"size= applies to variable-size data sets only; {ds.display} is {ds.hwc[0]} px: "
+                         "convert it with uvood.data.transforms.to_model_format.")
     path, sha = locate(name, split, data_dir, verify)
-    subset = [f"limit={limit}"] if limit else []
-    subset += [f"size={size}"] if size else []
-    identity = f"{name}/{split}/{sha[:16]}/{','.join(subset) or 'all'}"
-    common = {"name": name, "split": split, "num_classes": ds.num_classes, "identity": identity, "sha256": sha,
-              "path": path, "display": ds.display}
-    allow_unlabelled = split in ds.unlabelled
-    if ds.fmt == "npz":
-        x, y = formats.read_decoded_npz(path, ds.num_classes, ds.hwc)
-        classes = ds.classes
-    elif ds.fmt == "svhn-mat":
-        x, y = formats.read_svhn_mat(path)
-        classes = ds.classes
-    elif ds.fmt == "cifar-python":
-        x, y = formats.read_cifar10_python(path, split)
-        classes = ds.classes
-    else:
-        archive = formats.JpegArchive(path, ds.num_classes, allow_unlabelled)
-        y = archive.y
-        classes = tuple(str(c) for c in archive.extra.get("classes", ds.classes))
-        idx = subset_indices(len(y), limit)
-        if ds.hwc is not None:
-            x = _decode_cached(archive, idx, ds.hwc, cache_dir, identity.replace("/", "_").replace(",", "_"))
-        elif size:
-            x = np.stack([_resize_square(archive[i], size) for i in (range(len(y)) if idx is None else idx)])
-        else:
-            x = archive
-        y = y if idx is None else y[idx]
-        return ImageSet(x=x, y=y, classes=classes, indices=idx, **common)
-    if not allow_unlabelled and (y < 0).any():
-        raise UvoodError(f"{path}: split {split!r} of {ds.display} must be labelled but has labels -1.")
+    x, y, classes = _read(ds, path, split)
     idx = subset_indices(len(y), limit)
-    if idx is not None:
-        x, y = x[idx], y[idx]
-    return ImageSet(x=x, y=y, classes=classes, indices=idx, **common)
+    subset = ([f"limit={limit}"] if idx is not None else []) + ([f"size={size}"] if size else [])
+    identity = f"{name}/{split}/{sha[:16]}/{','.join(subset) or 'all'}"
+    if isinstance(x, formats.JpegArchive):
+        order = range(len(y)) if idx is None else idx
+        if ds.hwc is not None:
+            x = _decode_cached(x, idx, ds.hwc, cache_dir, identity.replace("/", "_").replace(",", "_"))
+        elif size:
+            x = np.stack([_resize_square(x[i], size) for i in order])
+        elif idx is not None:
+            x = [x[i] for i in order]  # variable sizes: a list of H x W x 3 arrays
+    elif idx is not None:
+        x = x[idx]
+    y = y if idx is None else y[idx]
+    return ImageSet(name=name, split=split, x=x, y=y, num_classes=ds.num_classes, classes=classes,
+                    identity=identity, sha256=sha, path=path, display=ds.display, indices=idx)
 
 
 def image_folder(root, size: int | None = None, name: str | None = None) -> ImageSet:

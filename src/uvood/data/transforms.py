@@ -68,9 +68,10 @@ def to_model_format(images, channels: int, size: int, mode: str = "resize", batc
         raise UvoodError(f"mode must be one of {MODES}, got {mode!r}.")
     if channels not in (1, 3) or int(size) < 1:
         raise UvoodError(f"channels must be 1 or 3 and size positive, got channels={channels}, size={size}.")
-    if isinstance(images, Sequence) and not isinstance(images, np.ndarray) or hasattr(images, "decode"):
-        shapes = {np.asarray(images[i]).shape for i in range(min(len(images), 2))}
-        if len(shapes) > 1 or hasattr(images, "decode"):  # variable sizes: one image at a time
+    lazy = hasattr(images, "decode")  # a JpegArchive: variable-size images decoded one by one
+    if lazy or (isinstance(images, Sequence) and not isinstance(images, np.ndarray)):
+        shapes = {np.asarray(images[i]).shape for i in range(len(images))} if not lazy else set()
+        if lazy or len(shapes) > 1:  # variable sizes: one image at a time
             out = [to_model_format(np.asarray(images[i])[None], channels, size, mode) for i in range(len(images))]
             return torch.cat(out) if out else torch.zeros(0, channels, size, size)
         images = np.stack([np.asarray(images[i]) for i in range(len(images))])

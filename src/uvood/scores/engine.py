@@ -24,9 +24,10 @@ How (Opacus / BackPACK style)
      ||g a^T||_1 = ||g||_1 ||a||_1 and ||g a^T||_2^2 = ||g||_2^2 ||a||_2^2 without forming it;
      with extra input dimensions the per-sample gradient is formed (sum over positions);
      bias: g (summed over positions).
-   * ``nn.Conv1d`` / ``nn.Conv2d``: per-sample weight gradient g_n @ unfold(a_n)^T (groups,
-     stride, dilation, padding modes handled), formed in chunks of samples to bound memory;
-     the l1 norm of a sum over positions is not separable, so no shortcut exists here.
+   * ``nn.Conv1d/2d/3d``: per-sample weight gradient (= g_n @ unfold(a_n)^T), all samples from
+     ONE call of the convolution's weight-gradient kernel on the grouped problem (samples
+     stacked along channels, groups = n * groups); formed in chunks of samples to bound
+     memory. The l1 norm of a sum over positions is not separable, so no shortcut exists.
    * ``BatchNorm`` in eval mode: grad weight = sum over positions of g * x_hat, grad bias =
      sum of g, with x_hat from the running statistics.
    * anything else that owns parameters: ``torch.func`` (``functional_call`` + ``vjp`` under
@@ -50,7 +51,6 @@ benchmark reference, :mod:`uvood.scores.reference`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -68,18 +68,18 @@ CHUNK_ELEMENTS = 2**23
 
 
 def reduce_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-row norm over every dimension after the first two: K x n x ... -> K x n (float64)."""
-    t = t.flatten(2)
-    if norm == "l1":
-        return t.abs().sum(-1, dtype=torch.float64)
-    return (t * t).sum(-1, dtype=torch.float64)
+    """Per-row norm over every dimension after the first two: K x n x ... -> K x n (float64).
+
+    Reduced in the tensor's own dtype (one fused pass), then converted to float64.
+    """
+    return _vector_norm(t.flatten(2), norm)
 
 
 def _vector_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    """||t_row||_1 or ||t_row||_2^2 over the last dimension, in float64."""
+    """||t_row||_1 or ||t_row||_2^2 over the last dimension, as float64."""
     if norm == "l1":
-        return t.abs().sum(-1, dtype=torch.float64)
-    return (t * t).sum(-1, dtype=torch.float64)
+        return torch.linalg.vector_norm(t, 1, dim=-1).to(torch.float64)
+    return torch.linalg.vector_norm(t, 2, dim=-1).to(torch.float64) ** 2
 
 
 # ---------------------------------------------------------------- per-layer rules
@@ -177,55 +177,46 @@ class LinearRule(LayerRule):
         return out
 
 
-@register_rule(nn.Conv1d, nn.Conv2d)
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(LayerRule):
-    """Per-sample weight gradient g_n @ unfold(a_n)^T (per group); bias = sum of g over positions."""
+    """Per-sample weight gradients of a convolution; bias = sum of g over positions.
 
-    @staticmethod
-    def _geometry(module):
-        k = tuple(module.kernel_size)
-        s, d = tuple(module.stride), tuple(module.dilation)
-        if len(k) == 1:
-            k, s, d = (1, k[0]), (1, s[0]), (1, d[0])
-        return k, s, d
-
-    def _cols(self, module, a):
-        pad = module._reversed_padding_repeated_twice
-        if any(pad):
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            a = F.pad(a, pad, mode=mode)
-        if a.ndim == 3:
-            a = a.unsqueeze(2)
-        k, s, d = self._geometry(module)
-        return F.unfold(a, k, dilation=d, padding=0, stride=s)  # n x (Cin * prod(k)) x L
-
-    def sample_elements(self, module, inputs, names):
-        if "weight" not in names:
-            return 0
-        a = inputs[0]
-        pad = module._reversed_padding_repeated_twice
-        dims = a.shape[2:]
-        positions = 1
-        for i, size in enumerate(dims):
-            j = len(dims) - 1 - i
-            full = size + pad[2 * j] + pad[2 * j + 1]
-            k, s, d = module.kernel_size[i], module.stride[i], module.dilation[i]
-            positions *= max(0, (full - d * (k - 1) - 1) // s + 1)
-        return a.shape[1] * math.prod(module.kernel_size) * positions
+    The per-sample weight gradient of sample n is the weight gradient of the convolution of
+    a_n alone. All n of them come from ONE call of the convolution's own weight-gradient
+    kernel on a grouped problem: the samples are stacked along the channels, (1, n*Cin, ...)
+    and (1, n*Cout, ...), with groups = n * module.groups, so the weight gradient of the
+    grouped convolution, n*Cout x Cin/groups x kernel, holds every sample's gradient (the
+    "grouped convolution" trick; equivalent to g_n @ unfold(a_n)^T, without the unfolded
+    patches). Padding modes other than zeros, and padding="same", are applied to a first.
+    """
 
     def grad_sample(self, module, inputs, kwargs, g, names):
         out = {}
         K, n = g.shape[:2]
-        gf = g.reshape(K, n, g.shape[2], -1)  # K x n x Cout x L
         if "weight" in names:
-            cols = self._cols(module, inputs[0])  # n x (Cin/G * kk * G) x L
-            G = module.groups
-            cols = cols.reshape(n, G, -1, cols.shape[-1])
-            gg = gf.reshape(K, n, G, -1, gf.shape[-1])
-            w = torch.einsum("kngol,ngil->kngoi", gg, cols)
-            out["weight"] = w.reshape(K, n, *module.weight.shape)
+            a = inputs[0]
+            if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+                padding = list(module.padding)
+            else:
+                pad = module._reversed_padding_repeated_twice
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                a = F.pad(a, pad, mode=mode) if any(pad) else a
+                padding = [0] * (a.ndim - 2)
+            w = module.weight
+            cout, cin_g = w.shape[:2]
+            groups = n * module.groups
+            stacked = a.reshape(1, n * a.shape[1], *a.shape[2:])
+            proxy = w.new_zeros(()).expand(n * cout, cin_g, *w.shape[2:])  # shape only; never read
+            grads = []
+            for k in range(K):
+                gk = g[k].reshape(1, n * cout, *g.shape[3:])
+                _, gw, _ = torch.ops.aten.convolution_backward(
+                    gk, stacked, proxy, None, list(module.stride), padding, list(module.dilation), False,
+                    [0] * (a.ndim - 2), groups, [False, True, False])
+                grads.append(gw.reshape(n, *w.shape))
+            out["weight"] = torch.stack(grads)
         if "bias" in names:
-            out["bias"] = gf.sum(-1)
+            out["bias"] = g.reshape(K, n, g.shape[2], -1).sum(-1)
         return out
 
     def norms(self, module, inputs, kwargs, g, names, norm):

@@ -1,0 +1,113 @@
+"""The benchmark harness: specs, a small real run, CSV cells recomputed independently, errors."""
+
+import csv
+import json
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+
+import uvood
+from uvood import zoo
+from uvood.bench import paper
+from uvood.bench.report import write_report
+from uvood.bench.runner import run
+from uvood.bench.scoresets import GROUPS, with_depth
+from uvood.bench.spec import available, load_spec
+from uvood.cli import main
+from uvood.errors import UvoodError
+from uvood.scores.registry import canonical_spec
+
+
+def _mini_spec(tmp_path, **over):
+    raw = json.loads(resources.files("uvood.bench").joinpath("specs", "small.json").read_text())
+    raw.update({"models": {"MNIST": "mnist-mlp"}, "pairs": [["MNIST", "Fashion-MNIST"], ["MNIST", "CIFAR-10"]],
+                "groups": ["table2"], "deep": False, "quick_n": 80})
+    raw.update(over)
+    path = tmp_path / "mini.json"
+    path.write_text(json.dumps(raw))
+    return load_spec(str(path))
+
+
+def test_specs_are_valid_and_every_table_spec_parses():
+    assert {"small", "large"} <= set(available())
+    for name in available():
+        spec = load_spec(name)
+        assert spec.pairs and spec.models
+    for rows in GROUPS.values():
+        for _, spec, depth in rows:
+            canonical_spec(with_depth(spec, depth))
+
+
+def test_every_paper_row_maps_to_a_registry_spec():
+    unmatched = {(r["spec"], r["depth"]) for r in paper.values() if paper._canon(r["spec"], r["depth"]).startswith("<")}
+    assert not unmatched
+
+
+def test_unknown_benchmark_and_score_are_clear():
+    with pytest.raises(UvoodError, match="Unknown benchmark 'tiny'.*small"):
+        load_spec("tiny")
+    assert main(["bench", "small", "--scores", "norm(0.3)*enrgy"]) == 2
+
+
+def test_missing_data_set_is_named_with_where_to_put_it(tmp_path):
+    spec = _mini_spec(tmp_path)
+    with pytest.raises(UvoodError, match="mnist_test.npz"):
+        run(spec, quick=True, data_dir=tmp_path / "empty", cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0)
+
+
+def test_mini_run_cells_recomputed_from_cached_features(tmp_path, data_dir):
+    spec = _mini_spec(tmp_path)
+    cache = tmp_path / "cache"
+    result = run(spec, quick=True, data_dir=data_dir, cache_dir=cache, progress=False, log=lambda *a: 0, n_boot=50)
+    out = tmp_path / "out"
+    write_report(result, out, "test")
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 * 9 and (out / "REPORT.md").exists() and (out / "table2.md").exists()
+    assert list(rows[0])[:13] == ["benchmark", "id", "ood", "score", "depth", "auroc", "fpr95", "aupr_in",
+                                  "aupr_out", "ci_low", "ci_high", "n_id", "n_ood"]
+    # recompute a few cells independently: cached features -> score -> metrics
+    feats = {}
+    for path in cache.glob("features-*.npz"):
+        with np.load(path) as f:
+            name = "MNIST" if "mnist_test" in path.name and "fashion" not in path.name else (
+                "Fashion-MNIST" if "fashion" in path.name else "CIFAR-10")
+            feats[name] = (torch.from_numpy(f["h"]), torch.from_numpy(f["logits"]))
+    assert set(feats) == {"MNIST", "Fashion-MNIST", "CIFAR-10"}
+    for row in rows:
+        if row["score"] not in ("energy", "norm(1)*varsum", "gradnorm"):
+            continue
+        s_id = uvood.score_features(row["score"], *feats["MNIST"]).numpy()
+        s_ood = uvood.score_features(row["score"], *feats[row["ood"]]).numpy()
+        assert float(row["auroc"]) == pytest.approx(uvood.metrics.auroc(s_id, s_ood), abs=1e-6)
+        assert float(row["fpr95"]) == pytest.approx(uvood.metrics.fpr95(s_id, s_ood), abs=1e-6)
+        assert float(row["ci_low"]) <= float(row["auroc"]) <= float(row["ci_high"])
+        assert int(row["n_id"]) == 80 and int(row["n_ood"]) == 80
+
+
+def test_stale_cache_from_another_model_is_reported_and_recomputed(tmp_path, data_dir):
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]])
+    cache = tmp_path / "cache"
+    first = run(spec, quick=True, data_dir=data_dir, cache_dir=cache, progress=False, log=lambda *a: 0, n_boot=20)
+    # overwrite a cache file with one made for another key (as another model's weights would give)
+    path = next(cache.glob("features-mnist-mlp__mnist_test*.npz"))
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files if k not in ("key", "digest")}
+    from uvood.cache import save_verified
+
+    save_verified(path, "another-model", {**arrays, "h": arrays["h"] * 0})
+    with pytest.warns(UserWarning, match="stale"):
+        second = run(spec, quick=True, data_dir=data_dir, cache_dir=cache, progress=False, log=lambda *a: 0,
+                     n_boot=20)
+    assert [r["auroc"] for r in first.rows] == [r["auroc"] for r in second.rows]
+
+
+def test_bench_small_quick_cli(tmp_path, data_dir, capsys):
+    missing = [m for m in load_spec("small").models.values() if m not in zoo.list_models()]
+    if missing:
+        pytest.skip(f"zoo checkpoints not shipped yet: {missing}")
+    assert main(["bench", "small", "--quick", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+                 "--no-progress", "--data-dir", str(data_dir)]) == 0
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "Table 1" in report and "Table 2" in report and "Honest selection" in report
