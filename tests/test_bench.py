@@ -111,3 +111,29 @@ def test_bench_small_quick_cli(tmp_path, data_dir, capsys):
                  "--no-progress", "--data-dir", str(data_dir)]) == 0
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert "Table 1" in report and "Table 2" in report and "Honest selection" in report
+
+
+def test_user_model_on_image_folders(tmp_path, monkeypatch):
+    """The official-protocol path: ImageFolder data sets and a user's model factory."""
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for split, base in (("id", 40), ("ood", 200)):
+        for cls in ("c0", "c1"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(6):
+                arr = np.clip(g.normal(base, 30, (12, 10, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "tinymod.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n    torch.manual_seed(0)\n    return nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU(),"
+        " nn.Linear(16, 5))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = {"name": "user", "version": 1, "description": "user protocol", "cross_domain": "resize", "n": 100,
+           "quick_n": 100, "metric": {"tpr": 0.95, "fpr_positive": "id"}, "groups": ["table2"], "deep": False,
+           "datasets": {"ID": {"folder": str(tmp_path / "id")}, "OOD": {"folder": str(tmp_path / "ood")}},
+           "models": {"ID": "tinymod:build"}, "pairs": [["ID", "OOD"]], "input": [3, 8, 8]}
+    (tmp_path / "user.json").write_text(json.dumps(raw))
+    result = run(load_spec(str(tmp_path / "user.json")), cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0,
+                 n_boot=20)
+    assert len(result.rows) == 9 and all(r["n_id"] == 12 and r["n_ood"] == 12 for r in result.rows)

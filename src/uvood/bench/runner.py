@@ -67,8 +67,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")[:120]
 
 
-def _load_model(name: str, convention: str) -> tuple[nn.Module, dict, tuple[int, int, int]]:
-    model, info = zoo.load(name), zoo.info(name)
+def _load_user_model(name: str, spec: BenchSpec) -> tuple[nn.Module, dict]:
+    """``module.path:factory`` -> factory() in eval mode; its input shape comes from the spec's ``input``."""
+    import importlib
+
+    module, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise UvoodError(f"Cannot import the model factory {name!r} ({e}); give 'package.module:function'.") from None
+    if not spec.input:
+        raise UvoodError(f"Benchmark {spec.name}: a user model ({name}) needs \"input\": [C, H, W] in the spec.")
+    return factory().eval(), {"input": list(spec.input), "model": name}
+
+
+def _load_model(name: str, spec: BenchSpec) -> tuple[nn.Module, dict, tuple[int, int, int]]:
+    convention = spec.cross_domain
+    model, info = _load_user_model(name, spec) if ":" in name else (zoo.load(name), zoo.info(name))
     c, h, w = info["input"]
     if convention == "imagenet64":
         return Upsample(model, h), info, (c, 64, 64)
@@ -79,8 +94,14 @@ def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> tuple[to
     """Images of data set ``name`` in the model's input format; also its identity and transform."""
     ds = spec.datasets[name]
     c, h, _ = in_shape
-    variable = uvdata.info(ds["dataset"]).hwc is None
-    imgs = uvdata.load(ds["dataset"], ds["split"], data_dir=data_dir, limit=n, size=h if variable else None)
+    if "folder" in ds:  # a user's ImageFolder layout (e.g. the official ImageNet benchmark's OOD sets)
+        imgs = uvdata.datasets.image_folder(ds["folder"], size=h)
+        if n < len(imgs):
+            keep = uvdata.datasets.subset_indices(len(imgs), n)
+            imgs.x, imgs.y, imgs.identity = imgs.x[keep], imgs.y[keep], imgs.identity + f",limit={n}"
+    else:
+        variable = uvdata.info(ds["dataset"]).hwc is None
+        imgs = uvdata.load(ds["dataset"], ds["split"], data_dir=data_dir, limit=n, size=h if variable else None)
     mode = "resize" if spec.cross_domain in ("resize", "imagenet64") else spec.cross_domain
     x = transforms.to_model_format(imgs.x, channels=c, size=h, mode=mode)
     desc = f"{spec.cross_domain}:{c}x{h}x{h}"
@@ -146,7 +167,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     models, datasets, timings = {}, {}, {}
     for id_name, model_name in spec.models.items():
         t0 = time.time()
-        model, info, in_shape = _load_model(model_name, spec.cross_domain)
+        model, info, in_shape = _load_model(model_name, spec)
         fp = model_fingerprint(model)
         needed = [id_name] + [o for i, o in spec.pairs if i == id_name]
         feats = {}
@@ -156,8 +177,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                         transform=desc, progress=progress, desc=f"{model_name} on {ds_name}",
                         cache_name=_slug(f"{model_name}__{identity}__{desc}"))
             feats[ds_name] = (f, x, identity, desc)
-            datasets.setdefault(ds_name, {"identity": identity, "n": int(x.shape[0]),
-                                          "display": uvdata.info(spec.datasets[ds_name]["dataset"]).display})
+            datasets.setdefault(ds_name, {"identity": identity, "n": int(x.shape[0])})
         f_id = feats[id_name][0]
         acc = _accuracy(model_name, f_id.logits, feats[id_name][0].y.numpy() if f_id.y is not None else
                         np.full(len(f_id), -1))
@@ -168,7 +188,9 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             sc = score_objs[full]
             if sc.needs_fit:
                 ds = spec.datasets[id_name]
-                train = uvdata.load(ds["dataset"], "train", data_dir=data_dir, limit=2000)
+                if "dataset" not in ds:
+                    raise UvoodError(f"{sc.spec} needs labelled ID training data; {id_name} has no named data set.")
+                train = uvdata.load(ds["dataset"], ds.get("train_split", "train"), data_dir=data_dir, limit=2000)
                 xt = transforms.to_model_format(train.x, channels=in_shape[0], size=in_shape[1])
                 sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
             for ds_name, (f, x, identity, desc) in feats.items():

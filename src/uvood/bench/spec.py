@@ -27,6 +27,7 @@ class BenchSpec:
     deep: bool
     paper_names: dict[str, str] = field(default_factory=dict)
     stand_ins: dict[str, str] = field(default_factory=dict)
+    input: tuple[int, int, int] | None = None  # [C, H, W] of a user-supplied model ("module:factory")
 
     def paper_name(self, name: str) -> str:
         """The paper's name for one of our data sets (e.g. Fashion-MNIST stands in for SVHN)."""
