@@ -1,6 +1,6 @@
 """Speed of the gradient scores: per-sample loop vs torch.func vs uvood's engine vs closed form.
 
-    python benchmarks/gradient_scores.py [--quick] [--repeats 3] [--write benchmarks/RESULTS.md]
+    python benchmarks/gradient_scores.py [--quick] [--repeats 3] [--threads N] [--write benchmarks/RESULTS.md]
 
 Models (random weights, eval mode; defined here, not imported from the zoo):
 * MNIST-style MLP 784-256-256-10, ReLU + dropout 0.2;
@@ -161,7 +161,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke test)")
     ap.add_argument("--write", type=Path, default=None, help="append the table to this markdown file")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     s = 4 if args.quick else 1
     models = {"MLP": (mlp().eval(), torch.rand(512 // s, 1, 28, 28), 64 // s, 32 // s),

@@ -139,17 +139,18 @@ def _fit_state_digest(score) -> str:
     return d.hexdigest()[:16]
 
 
-def _accuracy(model_name: str, logits: torch.Tensor, y: np.ndarray) -> float | None:
+def _accuracy(dataset: str | None, logits: torch.Tensor, y: np.ndarray, data_dir) -> float | None:
+    """Top-1 accuracy of the ID predictions, mapping Tiny-ImageNet labels to ImageNet-1k indices."""
     y = torch.as_tensor(y)
-    if (y < 0).all():
+    if len(y) == 0 or (y < 0).any():
         return None
-    to_model = getattr(zoo, "label_map", None)
-    if logits.shape[1] != 10:
-        if to_model is None:
-            return None
-        y = to_model(model_name, y)
-    pred = logits.argmax(1)
-    return float((pred == y).float().mean())
+    if dataset == "tinyimagenet" and logits.shape[1] == 1000:
+        from ..zoo.efficientnet import tinyimagenet_to_imagenet
+
+        y = torch.as_tensor(tinyimagenet_to_imagenet(uvdata.data_dir(data_dir)))[y]
+    elif dataset is None or logits.shape[1] != uvdata.info(dataset).num_classes:
+        return None
+    return float((logits.argmax(1) == y).float().mean())
 
 
 def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n: int | None = None,
@@ -179,8 +180,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             feats[ds_name] = (f, x, identity, desc)
             datasets.setdefault(ds_name, {"identity": identity, "n": int(x.shape[0])})
         f_id = feats[id_name][0]
-        acc = _accuracy(model_name, f_id.logits, feats[id_name][0].y.numpy() if f_id.y is not None else
-                        np.full(len(f_id), -1))
+        acc = _accuracy(spec.datasets[id_name].get("dataset"), f_id.logits,
+                        f_id.y.numpy() if f_id.y is not None else np.zeros(0), data_dir)
         models[id_name] = {"model": model_name, "accuracy_on_id": acc, "n": len(f_id),
                            "cpu_fallback": info.get("cpu_fallback", False), "c": info.get("c"),
                            "test_accuracy": info.get("test_accuracy"), "device": info.get("device")}

@@ -34,6 +34,9 @@ def _paper_pair(result: RunResult, id_name: str, ood_name: str) -> tuple[str, st
 def _pair_header(result: RunResult, id_name: str, ood_name: str) -> str:
     pid, pood = _paper_pair(result, id_name, ood_name)
     head = f"{id_name} → {ood_name}"
+    in_paper = any(r["id"] == pid and r["ood"] == pood for r in paper.values())
+    if not in_paper:
+        return head + " (not in the paper)"
     return head + (f" (paper: {pid} → {pood})" if (pid, pood) != (id_name, ood_name) else "")
 
 

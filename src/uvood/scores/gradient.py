@@ -189,7 +189,7 @@ def _logit_cotangents(label, agg, weight, T, official):
         if agg == "norm_of_mean":
             c = label_coefficients(z64, label, weight, T, official)
             return ((c - p * c.sum(dim=1, keepdim=True)) / T).unsqueeze(0)
-        eye = torch.eye(z64.shape[1], dtype=torch.float64)
+        eye = torch.eye(z64.shape[1], dtype=torch.float64, device=z64.device)
         return (eye[:, None, :] - p[None]) / T  # K=C x n x C: (e_k - p) / T
 
     return cot
@@ -267,11 +267,12 @@ def batchgrad_shallow(h: torch.Tensor, logits: torch.Tensor, anchor_grad: torch.
     if G.shape != (C, hh.shape[1]):
         raise UvoodError(f"The BatchGrad anchor gradient is {tuple(G.shape)} but the features give "
                          f"C x D = {C} x {hh.shape[1]}: fit the score on the same model.")
-    eye = torch.eye(C, dtype=torch.float64)
+    eye = torch.eye(C, dtype=torch.float64, device=p.device)
+    hh, G = hh.to(p.device), G.to(p.device)
     per = C * hh.shape[1]
     k_chunk = max(1, min(C, _CHUNK // per))
     n_chunk = max(1, _CHUNK // (per * k_chunk))
-    out = torch.zeros(n, dtype=torch.float64)
+    out = torch.zeros(n, dtype=torch.float64, device=p.device)
     for lo in range(0, n, n_chunk):
         hi = min(n, lo + n_chunk)
         for k0 in range(0, C, k_chunk):
@@ -344,7 +345,7 @@ class BatchGradScore(Score):
             with torch.no_grad(), eval_mode(model):
                 h, z = forward_features(model, self.anchor_x, head)
             p = softmax(z, self.T)
-            v = (torch.eye(z.shape[1], dtype=torch.float64)[self.anchor_y] - p) / self.T
+            v = (torch.eye(z.shape[1], dtype=torch.float64, device=p.device)[self.anchor_y.to(p.device)] - p) / self.T
             self.anchor_grad = v.T @ h.detach().to(torch.float64).reshape(h.shape[0], -1)
 
     def state(self):
@@ -375,18 +376,18 @@ class BatchGradScore(Score):
         self._check_fitted()
         return batchgrad_shallow(h, logits, self.anchor_grad, self.T)
 
-    def _anchor_gradient(self, model, head, dtype):
+    def _anchor_gradient(self, model, head, dtype, device):
         """G = grad_theta sum_i log p^(y_i)(x_i) over all parameters with requires_grad (cached)."""
         from ..model import forward_features
 
         params = [p for p in model.parameters() if p.requires_grad]
-        key = (tuple(p._version for p in params), tuple(id(p) for p in params), dtype)
+        key = (tuple(p._version for p in params), tuple(id(p) for p in params), dtype, device)
         if self._cache is not None and self._cache[0]() is model and self._cache[1] == key:
             return self._cache[2]
         with torch.enable_grad():
-            _, z = forward_features(model, self.anchor_x.to(dtype), head)
+            _, z = forward_features(model, self.anchor_x.to(device=device, dtype=dtype), head)
             logp = torch.log_softmax(z / self.T, dim=1)
-            loss = logp[torch.arange(z.shape[0]), self.anchor_y].sum()
+            loss = logp[torch.arange(z.shape[0], device=z.device), self.anchor_y.to(z.device)].sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         G = {id(p): (torch.zeros_like(p) if g is None else g.detach()) for p, g in zip(params, grads)}
         self._cache = (weakref.ref(model), key, G)
@@ -403,7 +404,7 @@ class BatchGradScore(Score):
             from .engine import check_independent
 
             check_independent(model)
-            G = self._anchor_gradient(model, head, x.dtype)
+            G = self._anchor_gradient(model, head, x.dtype, x.device)
             norms, logits = per_sample_grad_norms(
                 model, x, _logit_cotangents("predicted", "mean_of_norm", "none", T, False), norm="l1",
                 head=head, offsets=G, batch_size=self.batch_size)

@@ -72,15 +72,18 @@ def per_label_gradients(m, head_module, xn, params, T):
     return logp.detach().exp().to(torch.float64), grads
 
 
-def reference_grad_score(model, x, *, label="uniform", agg="norm_of_mean", norm="l1", weight="none",
-                         depth="shallow", T=1.0, bias=False, official=False, head=None,
-                         dtype=torch.float64) -> torch.Tensor:
-    """sign * raw for ``grad(...)``, textbook style (one backward per sample and label)."""
+def per_sample_label_gradients(model, x, *, depth="shallow", T=1.0, bias=False, head=None, dtype=torch.float64):
+    """[(p, [grads of log p^(k) for every k]) for every sample]: the textbook loop, once."""
     m, hm = float_copy(model, x, head, dtype)
     params = _params(m, hm, depth, bias)
+    return [per_label_gradients(m, hm, x[n:n + 1].to(dtype), params, T) for n in range(x.shape[0])]
+
+
+def score_from_gradients(per_sample, *, label="uniform", agg="norm_of_mean", norm="l1", weight="none",
+                         official=False) -> torch.Tensor:
+    """sign * raw from :func:`per_sample_label_gradients`, with explicit sums over labels and parameters."""
     out = []
-    for n in range(x.shape[0]):
-        p, grads = per_label_gradients(m, hm, x[n:n + 1].to(dtype), params, T)
+    for p, grads in per_sample:
         C = p.shape[0]
         coef = []
         for k in range(C):
@@ -88,12 +91,21 @@ def reference_grad_score(model, x, *, label="uniform", agg="norm_of_mean", norm=
             w = float(torch.log(p[k]) / p[k]) if weight == "logp_over_p" else 1.0
             coef.append(q * w)
         if agg == "norm_of_mean":
-            mean = [sum(coef[k] * grads[k][j].to(torch.float64) for k in range(C)) for j in range(len(params))]
+            n_params = len(grads[0])
+            mean = [sum(coef[k] * grads[k][j].to(torch.float64) for k in range(C)) for j in range(n_params)]
             raw = _norm(mean, norm)
         else:
             raw = sum(coef[k] * _norm([g.to(torch.float64) for g in grads[k]], norm) for k in range(C))
         out.append(SIGN[(label, agg, weight)] * raw)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def reference_grad_score(model, x, *, label="uniform", agg="norm_of_mean", norm="l1", weight="none",
+                         depth="shallow", T=1.0, bias=False, official=False, head=None,
+                         dtype=torch.float64) -> torch.Tensor:
+    """sign * raw for ``grad(...)``, textbook style (one backward per sample and label)."""
+    per_sample = per_sample_label_gradients(model, x, depth=depth, T=T, bias=bias, head=head, dtype=dtype)
+    return score_from_gradients(per_sample, label=label, agg=agg, norm=norm, weight=weight, official=official)
 
 
 def reference_batchgrad(model, x, anchor_x, anchor_y, *, depth="shallow", T=1.0, head=None,
