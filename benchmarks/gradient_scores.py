@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -212,12 +213,25 @@ def main() -> None:
     lines += ["", "Baseline: the per-sample loop of the same score (shallow rows on the CNN: the official "
               "per-sample GradNorm loop).", "",
               "Agreement (max relative difference, float32): "
-              + "; ".join(f"{m} {s}: torch.func {a:.1e}, engine/closed form {b:.1e}" for m, s, a, b in checks)]
+              + "; ".join(f"{m} {s}: " + ("" if a != a else f"torch.func {a:.1e}, ")
+                          + f"engine/closed form {b:.1e}" for m, s, a, b in checks)]
+    ratio = {(m, sc, path): r for m, sc, path, _, r in rows}
+    targets = [("MLP", "GradNorm deep", "uvood engine", 15), ("CNN", "GradNorm deep", "uvood engine", 1.5),
+               ("MLP", "ExGrad deep", "uvood engine", 30), ("CNN", "ExGrad deep", "uvood engine", 1.3),
+               ("CNN", "GradNorm shallow", "uvood closed form", 2), ("CNN", "ExGrad shallow", "uvood closed form", 2)]
+    lines += ["", "Targets (ratio to the baseline): " + "; ".join(
+        f"{m} {sc} >= {t}x: {ratio[(m, sc, path)]:.1f}x {'met' if ratio[(m, sc, path)] >= t else 'MISSED'}"
+        for m, sc, path, t in targets)]
     text = "\n".join(lines)
     print(text)
     if args.write:
+        new_file = not args.write.exists()
+        command = " ".join(["python benchmarks/gradient_scores.py"] + [a for a in sys.argv[1:] if a != "--write"
+                                                                        and a != str(args.write)])
         with open(args.write, "a") as f:
-            f.write("\n## Gradient scores (`python benchmarks/gradient_scores.py`)\n\n" + text + "\n")
+            if new_file:
+                f.write("# Benchmark results\n")
+            f.write(f"\n## Gradient scores (`{command}`)\n\n" + text + "\n")
 
 
 if __name__ == "__main__":

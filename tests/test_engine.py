@@ -132,7 +132,19 @@ class InPlace(nn.Module):
         return self.head(y.flatten(1))
 
 
-@pytest.mark.parametrize("model_cls,shape", [(Twice, (6, 5)), (InPlace, (6, 2, 4, 4))])
+class RootParam(nn.Module):
+    """A parameter owned by the root module and used in its own forward (torch.func fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(5))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x * self.scale))
+
+
+@pytest.mark.parametrize("model_cls,shape", [(Twice, (6, 5)), (InPlace, (6, 2, 4, 4)), (RootParam, (6, 5))])
 @pytest.mark.parametrize("norm", ["l1", "l2sq"])
 def test_engine_matches_naive_on_tricky_models(model_cls, shape, norm):
     torch.manual_seed(2)
@@ -246,3 +258,55 @@ def test_backward_modes_and_chunks_give_same_values():
     c, _ = per_sample_grad_norms(model, x, label_cot, batch_size=3, max_rows=7)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     torch.testing.assert_close(a, c, rtol=1e-12, atol=0)
+
+
+def test_several_norms_in_one_pass_equal_separate_passes():
+    """norm=("l1", "l2sq") gives exactly what two single-norm passes give (MLP and CNN layers)."""
+    from uvood.scores.gradient import deep_label_norms, grad_deep
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 6), nn.ReLU(), nn.Linear(6, 5)).double()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(7, 2, 5, 5, dtype=torch.float64)
+    cot = lambda z: (torch.eye(z.shape[1], dtype=z.dtype)[:, None, :] - torch.softmax(z, 1)[None])  # noqa: E731
+    both, _ = per_sample_grad_norms(model, x, cot, norm=("l1", "l2sq"), batch_size=3)
+    for j, nm in enumerate(("l1", "l2sq")):
+        one, _ = per_sample_grad_norms(model, x, cot, norm=nm, batch_size=3)
+        torch.testing.assert_close(both[j], one, rtol=1e-12, atol=0)
+    label_norms, logits = deep_label_norms(model, x, T=1.0, batch_size=4)
+    torch.testing.assert_close(label_norms["l1"], both[0], rtol=1e-12, atol=0)
+    from uvood.scores.gradient import mean_of_norm_from_label_norms
+
+    for label, weight, nm in [("uniform", "none", "l1"), ("predicted", "none", "l2sq"),
+                              ("predicted", "logp_over_p", "l2sq")]:
+        direct = grad_deep(model, x, label=label, agg="mean_of_norm", norm=nm, weight=weight)
+        derived = mean_of_norm_from_label_norms(label_norms[nm], logits, label=label, weight=weight)
+        torch.testing.assert_close(derived, direct, rtol=1e-10, atol=0)
+
+
+def test_conv_with_channels_last_activations():
+    """Some kernels return a non-contiguous weight gradient (channels-last input): still exact."""
+    from uvood.scores.gradient import grad_deep
+    from uvood.scores.reference import reference_grad_score
+
+    class CL(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+            self.c2 = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4 * 3 * 3, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.c1(x)).contiguous(memory_format=torch.channels_last)
+            return self.fc(torch.relu(self.c2(x)).flatten(1))
+
+    torch.manual_seed(0)
+    model = CL().eval()
+    x = torch.randn(4, 2, 5, 5)
+    for agg in ("norm_of_mean", "mean_of_norm"):
+        got = grad_deep(model, x, label="uniform", agg=agg, norm="l1")
+        ref = reference_grad_score(model, x, label="uniform", agg=agg, norm="l1", depth="deep")
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)

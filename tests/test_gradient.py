@@ -378,3 +378,18 @@ def test_shallow_scores_from_cached_features_equal_from_model():
         score = get_score(spec)
         assert not score.needs_model
         torch.testing.assert_close(score.from_features(h, z), score.from_model(model, x))
+
+
+@pytest.mark.parametrize("spec", ["batchgrad", "batchgrad(depth=deep)", "exgrad(depth=deep)"])
+def test_detector_fit_save_load(spec, tmp_path):
+    """Deep and fitted gradient scores through uvood.Detector, including save / load of the anchors."""
+    from uvood.detector import Detector
+
+    model, x = make("cnn", 3, True, n=12, dtype=torch.float32)
+    y = torch.arange(12) % 3
+    det = Detector(model, score=spec, batch_size=5).fit((x, y))
+    scores = det.score(x)
+    assert scores.shape == (12,) and scores.dtype == torch.float64
+    det.save(tmp_path / "det.pt")
+    loaded = Detector.load(tmp_path / "det.pt", model)
+    torch.testing.assert_close(loaded.score(x), scores)

@@ -26,6 +26,8 @@ from ..cache import load_verified, save_verified
 from ..data import transforms
 from ..errors import UvoodError
 from ..features import extract, model_fingerprint
+from ..model import eval_mode
+from ..scores.gradient import GradScore, deep_label_norms, mean_of_norm_from_label_norms
 from ..scores.registry import get_score
 from .scoresets import depth_of, rows_for
 from .spec import BenchSpec
@@ -106,6 +108,22 @@ def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> tuple[to
     x = transforms.to_model_format(imgs.x, channels=c, size=h, mode=mode)
     desc = f"{spec.cross_domain}:{c}x{h}x{h}"
     return x, imgs.y, imgs.identity, desc
+
+
+def _label_norms(model, x, key: str, path: Path, T: float) -> dict[str, torch.Tensor]:
+    """Per-label deep gradient norms (l1, l2sq) and logits of ``x``, computed once and cached:
+    every deep ``mean_of_norm`` row of Table 1 is a weighted sum of them over labels."""
+    cached = load_verified(path, key, "Label-norm cache")
+    if cached is None:
+        with eval_mode(model):
+            norms, logits = deep_label_norms(model, x, T=T, norms=("l1", "l2sq"))
+        cached = {"l1": norms["l1"].numpy(), "l2sq": norms["l2sq"].numpy(), "logits": logits.numpy()}
+        save_verified(path, key, cached)
+    return {k: torch.from_numpy(v) for k, v in cached.items()}
+
+
+def _shares_label_norms(score) -> bool:
+    return isinstance(score, GradScore) and score.depth == "deep" and score.agg == "mean_of_norm"
 
 
 def _model_scores(score, model, x, key: str, path: Path, progress: bool) -> np.ndarray:
@@ -197,6 +215,16 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             for ds_name, (f, x, identity, desc) in feats.items():
                 if not sc.needs_model:
                     s = sc.from_features(f.h, f.logits).numpy()
+                elif _shares_label_norms(sc):
+                    key = hashlib.sha256(json.dumps([fp, identity, desc, "label-norms", sc.T]).encode()).hexdigest()
+                    path = cache / f"labelnorms-{_slug(f'{model_name}__{identity}__T={sc.T}')}.npz"
+                    t = time.time()
+                    ln = _label_norms(model, x, key, path, sc.T)
+                    timings[f"{model_name}/{ds_name}/deep label norms"] = timings.get(
+                        f"{model_name}/{ds_name}/deep label norms", round(time.time() - t, 2))
+                    raw = mean_of_norm_from_label_norms(ln[sc.norm], ln["logits"], label=sc.label, weight=sc.weight,
+                                                        T=sc.T, official=sc.official)
+                    s = (sc.sign * raw).numpy()
                 else:
                     key = json.dumps([fp, identity, desc, sc.spec, _fit_state_digest(sc)])
                     key = hashlib.sha256(key.encode()).hexdigest()

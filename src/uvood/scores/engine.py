@@ -14,9 +14,11 @@ How (Opacus / BackPACK style)
 -----------------------------
 1. Forward hooks on every module that owns selected parameters record its inputs ``a`` and
    its output; the forward runs once on the micro-batch.
-2. ``torch.autograd.grad`` from the logits to the recorded outputs, with all K cotangents at
-   once (``is_grads_batched``), gives every layer's output gradient ``g`` (K x N x ...). No
-   parameter ``.grad`` is computed or touched.
+2. ``torch.autograd.grad`` from the logits to the recorded outputs gives every layer's output
+   gradient ``g`` (K x N x ...) for the K cotangents: one backward through the same graph per
+   cotangent (or one vmapped backward, ``is_grads_batched``, with ``BATCHED_BACKWARD = True``;
+   slower on CPU where BatchNorm and max-pool backward have no batching rule), in chunks of
+   at most ``max_rows`` (sample, cotangent) rows. No parameter ``.grad`` is computed or touched.
 3. A table of per-layer rules, registered by module type with :func:`register_rule`, turns
    (a, g) into per-sample quantities:
 
@@ -26,8 +28,9 @@ How (Opacus / BackPACK style)
      bias: g (summed over positions).
    * ``nn.Conv1d/2d/3d``: per-sample weight gradient (= g_n @ unfold(a_n)^T) from the
      convolution's own weight-gradient kernel, one call per sample for all K cotangents
-     (stacked along the output channels); formed in chunks of samples to bound memory. The l1
-     norm of a sum over positions is not separable, so no shortcut exists.
+     (stacked along the output channels); the norms path holds one sample's gradient at a
+     time, the materialising path works in chunks of samples. The l1 norm of a sum over
+     positions is not separable, so no shortcut exists.
    * ``BatchNorm`` in eval mode: grad weight = sum over positions of g * x_hat, grad bias =
      sum of g, with x_hat from the running statistics.
    * anything else that owns parameters: ``torch.func`` (``functional_call`` + ``vjp`` under
@@ -109,7 +112,8 @@ class LayerRule:
     def norms(self, module: nn.Module, inputs: tuple, kwargs: dict, g: torch.Tensor,
               names: Iterable[str], norm: str) -> dict[str, torch.Tensor]:
         """Per-sample norms ``{name: K x n}`` for the names this rule can do without forming the
-        gradients (a subset of ``names``, possibly empty); the engine forms the rest."""
+        gradients (a subset of ``names``, possibly empty); the engine forms the rest. A rule with
+        ``multi_norm = True`` also accepts a tuple of norms and then returns ``L x K x n`` values."""
         return {}
 
     def sample_elements(self, module: nn.Module, inputs: tuple, names: Iterable[str]) -> int:
@@ -172,10 +176,15 @@ class LinearRule(LayerRule):
             out["bias"] = g.clone() if g.ndim == 3 else g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]).sum(2)
         return out
 
+    multi_norm = True
+
     def norms(self, module, inputs, kwargs, g, names, norm):
         a = inputs[0]
         if a.ndim != 2:
             return {}
+        if not isinstance(norm, str):
+            parts = [self.norms(module, inputs, kwargs, g, names, nm) for nm in norm]
+            return {name: torch.stack([p[name] for p in parts]) for name in parts[0]}
         out = {}
         gn = _vector_norm(g, norm)
         if "weight" in names:
@@ -200,7 +209,7 @@ class ConvRule(LayerRule):
 
     @staticmethod
     def _per_sample_weight_grads(module, a, g):
-        """Yield (i, K x G x Cout/G x Cin/G x kernel gradient of sample i) for every sample."""
+        """Yield (i, gradient of sample i as G*K*Cout/G x Cin/G x kernel, i.e. group-major) for every sample."""
         if module.padding_mode == "zeros" and not isinstance(module.padding, str):
             padding = list(module.padding)
         else:
@@ -221,7 +230,14 @@ class ConvRule(LayerRule):
             _, gw, _ = torch.ops.aten.convolution_backward(
                 gs[i], a[i:i + 1], proxy, None, list(module.stride), padding, list(module.dilation), False,
                 [0] * (a.ndim - 2), G, [False, True, False])
-            yield i, gw.reshape(G, K, cout // G, cin_g, *w.shape[2:]).transpose(0, 1)
+            yield i, gw
+
+    @staticmethod
+    def _label_major(gw, K, G):
+        """G*K*Cout/G x ... (group-major) -> K x (Cout * Cin/G * kernel)."""
+        if G == 1:
+            return gw.reshape(K, -1)  # a copy only when the kernel returns gw channels-last
+        return gw.view(G, K, -1).transpose(0, 1).reshape(K, -1)
 
     def grad_sample(self, module, inputs, kwargs, g, names):
         out = {}
@@ -230,22 +246,39 @@ class ConvRule(LayerRule):
             w = module.weight
             res = torch.empty(K, n, *w.shape, dtype=g.dtype, device=g.device)
             for i, gw in self._per_sample_weight_grads(module, inputs[0], g):
-                res[:, i] = gw.reshape(K, *w.shape)
+                res[:, i] = self._label_major(gw, K, module.groups).view(K, *w.shape)
             out["weight"] = res
         if "bias" in names:
             out["bias"] = g.reshape(K, n, g.shape[2], -1).sum(-1)
         return out
 
+    multi_norm = True
+
     def norms(self, module, inputs, kwargs, g, names, norm):
+        """``norm`` may be a tuple of norms: then every value is L x K x n, from ONE pass over the
+        per-sample weight gradients (their kernel calls dominate the cost)."""
+        single = isinstance(norm, str)
+        wanted = (norm,) if single else tuple(norm)
+        # l2sq first: l1 takes |.| in place on the fresh temporary gw
+        order = sorted(range(len(wanted)), key=lambda j: wanted[j] == "l1")
         out = {}
         K, n = g.shape[:2]
         if "weight" in names:
-            res = torch.empty(K, n, dtype=torch.float64, device=g.device)
+            res = torch.empty(len(wanted), n, K, dtype=g.dtype, device=g.device)
             for i, gw in self._per_sample_weight_grads(module, inputs[0], g):
-                res[:, i] = reduce_norm(gw.reshape(K, 1, -1), norm, inplace=True)[:, 0]
-            out["weight"] = res
+                flat = self._label_major(gw, K, module.groups)
+                for j in order:
+                    if wanted[j] == "l1":
+                        torch.sum(flat.abs_(), dim=1, out=res[j, i])
+                    else:
+                        torch.linalg.vector_norm(flat, 2, dim=1, out=res[j, i])
+            res = res.transpose(1, 2).to(torch.float64)
+            res = torch.stack([res[j] if wanted[j] == "l1" else res[j] ** 2 for j in range(len(wanted))])
+            out["weight"] = res[0] if single else res
         if "bias" in names:
-            out["bias"] = _vector_norm(g.reshape(*g.shape[:3], -1).sum(-1), norm)
+            b = g.reshape(*g.shape[:3], -1).sum(-1)
+            vals = torch.stack([_vector_norm(b, nm) for nm in wanted])
+            out["bias"] = vals[0] if single else vals
         return out
 
 
@@ -369,9 +402,25 @@ def _slice(items, lo, hi, n):
     return tuple(t[lo:hi] if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == n else t for t in items)
 
 
-def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Parameter], norm: str,
+def _rule_norms(rule: LayerRule, module, inputs, kwargs, g, names, norms: tuple[str, ...]) -> dict:
+    """{name: L x K x n} for the L norms: in one call where the rule supports it (``multi_norm``)."""
+    if getattr(rule, "multi_norm", False):
+        return rule.norms(module, inputs, kwargs, g, names, norms)
+    parts = [rule.norms(module, inputs, kwargs, g, names, nm) for nm in norms]
+    return {name: torch.stack([p[name] for p in parts]) for name in parts[0] if all(name in p for p in parts)}
+
+
+def _reduce_norms(grad: torch.Tensor, norms: tuple[str, ...]) -> torch.Tensor:
+    """L x K x n norms of materialised per-sample gradients (l1 last: it overwrites ``grad``)."""
+    out = [None] * len(norms)
+    for j in sorted(range(len(norms)), key=lambda j: norms[j] == "l1"):
+        out[j] = reduce_norm(grad, norms[j], inplace=norms[j] == "l1")
+    return torch.stack(out)
+
+
+def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Parameter], norms: tuple[str, ...],
                         offsets: dict[int, torch.Tensor] | None, K: int, n: int, device) -> torch.Tensor:
-    total = torch.zeros(K, n, dtype=torch.float64, device=device)
+    total = torch.zeros(len(norms), K, n, dtype=torch.float64, device=device)
     # (record, name) pairs; group the records into units that share parameters
     owners: dict[int, list[int]] = {}
     names: list[list[str]] = []
@@ -390,7 +439,7 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
             continue
         easy = [nm for nm in names[i] if id(getattr(r.module, nm)) not in shared
                 and id(getattr(r.module, nm)) not in offsets]
-        got = rule_for(r.module).norms(r.module, r.inputs, r.kwargs, r.grad, easy, norm) if easy else {}
+        got = _rule_norms(rule_for(r.module), r.module, r.inputs, r.kwargs, r.grad, easy, norms) if easy else {}
         for v in got.values():
             total += v
         todo.append([nm for nm in names[i] if nm not in got])
@@ -429,7 +478,7 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
             for pid, grad in acc.items():
                 if pid in offsets:
                     grad = grad + offsets[pid].to(grad.dtype)
-                total[:, lo:hi] += reduce_norm(grad, norm, inplace=True)
+                total[:, :, lo:hi] += _reduce_norms(grad, norms)
     # offset-only parameters whose module never produced a gradient (unused in the forward)
     return total
 
@@ -453,7 +502,7 @@ def per_sample_grad_norms(
     x: torch.Tensor,
     cotangents: Callable[[torch.Tensor], torch.Tensor],
     *,
-    norm: str = "l1",
+    norm: str | tuple[str, ...] = "l1",
     head=None,
     params: Iterable[nn.Parameter] | None = None,
     offsets: dict[int, torch.Tensor] | None = None,
@@ -467,7 +516,8 @@ def per_sample_grad_norms(
         x: inputs, N x ...
         cotangents: maps the logits of a micro-batch (n x C, float64) to K x n x C cotangents
             v (float64; cast to the model's dtype), e.g. ``(e_k - p) / T`` for every label k.
-        norm: ``"l1"`` or ``"l2sq"`` (squared Euclidean), summed over all parameters.
+        norm: ``"l1"`` or ``"l2sq"`` (squared Euclidean), summed over all parameters; or a tuple of
+            them, computed from the same backward pass (then ``norms`` is L x K x N).
         head: the logits layer, as in :func:`uvood.model.forward_features`.
         params: the parameters theta (default: all with ``requires_grad``).
         offsets: ``{id(param): tensor}`` constant gradients added to every per-sample gradient
@@ -480,8 +530,9 @@ def per_sample_grad_norms(
     Returns:
         ``(norms, logits)``: K x N float64 and N x C float64.
     """
-    if norm not in NORMS:
-        raise UvoodError(f"norm={norm!r} is not valid; choose one of {', '.join(NORMS)}.")
+    wanted = (norm,) if isinstance(norm, str) else tuple(norm)
+    if not wanted or any(nm not in NORMS for nm in wanted):
+        raise UvoodError(f"norm={norm!r} is not valid; choose one of {', '.join(NORMS)} (or a tuple of them).")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UvoodError(f"batch_size must be a positive integer, got {batch_size!r}.")
     check_independent(model)
@@ -494,13 +545,14 @@ def per_sample_grad_norms(
     with torch.enable_grad():
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size]
-            norms, logits = _micro_batch(model, xb, cotangents, norm, head, modules, selected, offsets, max_rows)
+            norms, logits = _micro_batch(model, xb, cotangents, wanted, head, modules, selected, offsets, max_rows)
             all_norms.append(norms)
             all_logits.append(logits)
-    return torch.cat(all_norms, dim=1), torch.cat(all_logits, dim=0)
+    norms = torch.cat(all_norms, dim=2)
+    return (norms[0] if isinstance(norm, str) else norms), torch.cat(all_logits, dim=0)
 
 
-def _micro_batch(model, xb, cotangents, norm, head, modules, selected, offsets, max_rows):
+def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, offsets, max_rows):
     for safe in (False, True):
         tape = _Tape(modules, safe)
         try:
@@ -545,12 +597,12 @@ def _micro_batch(model, xb, cotangents, norm, head, modules, selected, offsets, 
             for r, gr in zip(records, grads):
                 r.grad = gr
         with torch.no_grad():
-            parts.append(_norms_from_records(records, selected, norm, offsets, vk.shape[0], n, z64.device))
-    norms = torch.cat(parts, dim=0)
+            parts.append(_norms_from_records(records, selected, norms_wanted, offsets, vk.shape[0], n, z64.device))
+    norms = torch.cat(parts, dim=1)
     # parameters with an offset but no recorded gradient contribute ||offset|| for every sample
     seen = {id(getattr(r.module, nm)) for r in records if r.grad is not None
             for nm, _ in r.module.named_parameters(recurse=False)}
     for pid, off in offsets.items():
         if pid in selected and pid not in seen:
-            norms += reduce_norm(off.reshape(1, 1, -1), norm)
+            norms += torch.stack([reduce_norm(off.reshape(1, 1, -1), nm) for nm in norms_wanted])
     return norms, z64

@@ -195,6 +195,26 @@ def _logit_cotangents(label, agg, weight, T, official):
     return cot
 
 
+def deep_label_norms(model, x: torch.Tensor, *, T: float = 1.0, norms: tuple[str, ...] = ("l1", "l2sq"), head=None,
+                     batch_size: int = DEEP_BATCH_SIZE) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-label, per-sample deep gradient norms ||grad_theta log p^(k)(x_n)||, C x N per norm, and
+    the logits (N x C), from ONE engine pass for all the ``norms``.
+
+    Every ``mean_of_norm`` deep score is a weighted sum of these over labels
+    (:func:`mean_of_norm_from_label_norms`), so the benchmark computes them once per data set.
+    """
+    cot = _logit_cotangents("uniform", "mean_of_norm", "none", T, False)
+    values, logits = per_sample_grad_norms(model, x, cot, norm=tuple(norms), head=head, batch_size=batch_size)
+    return dict(zip(norms, values)), logits
+
+
+def mean_of_norm_from_label_norms(label_norms: torch.Tensor, logits: torch.Tensor, *, label: str, weight: str = "none",
+                                  T: float = 1.0, official: bool = False) -> torch.Tensor:
+    """Unsigned raw = sum_k c_k ||grad log p^(k)|| from per-label norms (C x N), c_k of :func:`label_coefficients`."""
+    c = label_coefficients(logits, label, weight, T, official)
+    return (c.T * label_norms).sum(dim=0)
+
+
 def grad_deep(model, x: torch.Tensor, *, label: str = "uniform", agg: str = "norm_of_mean", norm: str = "l1",
               weight: str = "none", T: float = 1.0, official: bool = False, head=None,
               batch_size: int = DEEP_BATCH_SIZE) -> torch.Tensor:
@@ -209,8 +229,7 @@ def grad_deep(model, x: torch.Tensor, *, label: str = "uniform", agg: str = "nor
                                           norm=norm, head=head, batch_size=batch_size)
     if agg == "norm_of_mean":
         return norms[0]
-    c = label_coefficients(logits, label, weight, T, official)
-    return (c.T * norms).sum(dim=0)
+    return mean_of_norm_from_label_norms(norms, logits, label=label, weight=weight, T=T, official=official)
 
 
 class GradScore(Score):
