@@ -168,3 +168,24 @@ def test_tinyimagenet_labels_map_to_imagenet(data_dir):
         pytest.skip(f"tinyimagenet_wnids.txt not in {data_dir}")
     mapping = tinyimagenet_to_imagenet(data_dir)
     assert mapping.shape == (200,) and len(np.unique(mapping)) == 200 and mapping.max() < 1000
+
+
+def test_batchnorm_recalibration_gives_the_test_time_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3, affine=False))
+    x = torch.randint(0, 256, (64, 12, 12, 1), dtype=torch.uint8)
+    model.train()
+    for _ in range(5):
+        model(train.to_input(x))  # running stats now carry dropout's variance shift
+    with torch.no_grad():
+        inner = model[:5].eval()(train.to_input(x))
+    assert not torch.allclose(model[5].running_var, inner.var((0, 2, 3)), rtol=0.05)
+    # one batch of all images: batch statistics = the data's statistics (up to n / (n - 1))
+    assert train.recalibrate_batchnorm(model, x, batch=64)
+    with torch.no_grad():
+        inner = model[:5].eval()(train.to_input(x))  # the test-time network up to the last BN
+    assert torch.allclose(model[5].running_mean, inner.mean((0, 2, 3)), atol=1e-3)
+    assert torch.allclose(model[5].running_var, inner.var((0, 2, 3)), rtol=1e-2)
+    assert model[3].p == 0.5 and model[5].momentum == 0.1  # restored
+    assert not train.recalibrate_batchnorm(build("mnist-mlp"), x)  # nothing to do without BatchNorm

@@ -96,6 +96,7 @@ def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> tuple[to
     """Images of data set ``name`` in the model's input format; also its identity and transform."""
     ds = spec.datasets[name]
     c, h, _ = in_shape
+    n = min(n, ds.get("n", n))  # a data set may cap its own count (e.g. the far-OOD sets of `large`)
     if "folder" in ds:  # a user's ImageFolder layout (e.g. the official ImageNet benchmark's OOD sets)
         imgs = uvdata.datasets.image_folder(ds["folder"], size=h)
         if n < len(imgs):

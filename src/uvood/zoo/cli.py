@@ -40,8 +40,11 @@ def cmd_list(args) -> int:
         meta = info(name)
         acc = meta.get("test_accuracy")
         extra = " CPU fallback (c={})".format(meta.get("c")) if meta.get("cpu_fallback") else ""
-        print(f"  {name:20s} {meta.get('architecture', ''):20s} "
-              f"{'' if acc is None else f'test acc {100 * acc:.2f} %'}{extra}")
+        score = "" if acc is None else f"test acc {100 * acc:.2f} %"
+        if "tinyimagenet_val" in meta:
+            tiny = meta["tinyimagenet_val"]
+            score = f"Tiny-ImageNet val top-1 {100 * tiny['top1']:.2f} %, top-5 {100 * tiny['top5']:.2f} %"
+        print(f"  {name:20s} {meta.get('architecture', ''):20s} {score}{extra}")
     shipped = set(list_models())
     for name in list_models(trainable=True):
         if name not in shipped:
