@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -21,7 +22,12 @@ def _cmd_bench(args) -> int:
     out = Path(args.out or (f"results/{spec.name}" + ("-quick" if args.quick else "")))
     command = "uvood " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("uvood") else \
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
-    path = write_report(result, out, command)
+    history_path = out / "timings.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": result.timings["total"], "quick": args.quick})
+    wall = {"first (cold-cache) run": history[0]["total_s"]} if len(history) > 1 else {}
+    path = write_report(result, out, command, wall)
+    history_path.write_text(json.dumps(history, indent=1))
     print(f"{spec.name}: {len(result.rows)} rows in {time.time() - t:.0f} s -> {path}")
     return 0
 
