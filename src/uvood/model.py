@@ -94,15 +94,12 @@ def _flat_head_output(module: nn.Module, out: torch.Tensor) -> torch.Tensor | No
     return out.reshape(out.shape[0], -1)
 
 
-def forward_features(
-    model: nn.Module, x: torch.Tensor, head: nn.Module | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass of ``model`` on ``x``; return ``(h, logits)`` as N x D and N x C.
+def _run_and_choose(model: nn.Module, x: torch.Tensor, head_module: nn.Module | None):
+    """One forward pass with capture hooks; return ``(head module, its input, flat output)``.
 
-    Runs under whatever grad mode the caller chose (the gradient engine needs autograd; feature
-    extraction wraps this in ``torch.no_grad``). Call it inside :func:`eval_mode` for scoring.
+    Without an explicit head, the head is the last executed candidate whose flattened output has
+    the shape of the model's output (N x C).
     """
-    head_module = resolve_head(model, head)
     cap = _Capture(model, head_module)
     try:
         output = model(x)
@@ -111,22 +108,27 @@ def forward_features(
     if isinstance(output, (tuple, list)):
         output = output[0]
     n = x.shape[0]
-    chosen = None
     for module, inp, out in reversed(cap.calls):
         flat = _flat_head_output(module, out)
         if flat is None or flat.shape[0] != n:
             continue
         if head_module is not None or not isinstance(output, torch.Tensor) or flat.shape == output.reshape(n, -1).shape:
-            chosen = (inp, flat)
-            break
-    if chosen is None:
-        raise UvoodError(
-            f"Could not find the layer that produces the logits of {type(model).__name__} "
-            f"(output shape {tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}). "
-            + HEAD_HELP
-        )
-    h, logits = chosen
-    return h.reshape(n, -1), logits
+            return module, inp, flat
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    raise UvoodError(f"Could not find the layer that produces the logits of {type(model).__name__} "
+                     f"(output shape {shape}). " + HEAD_HELP)
+
+
+def forward_features(
+    model: nn.Module, x: torch.Tensor, head: nn.Module | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of ``model`` on ``x``; return ``(h, logits)`` as N x D and N x C.
+
+    Runs under whatever grad mode the caller chose (the gradient engine needs autograd; feature
+    extraction wraps this in ``torch.no_grad``). Call it inside :func:`eval_mode` for scoring.
+    """
+    _, h, logits = _run_and_choose(model, x, resolve_head(model, head))
+    return h.reshape(x.shape[0], -1), logits
 
 
 def find_head(model: nn.Module, example: torch.Tensor, head: nn.Module | str | None = None) -> nn.Module:
@@ -134,20 +136,8 @@ def find_head(model: nn.Module, example: torch.Tensor, head: nn.Module | str | N
     head_module = resolve_head(model, head)
     if head_module is not None:
         return head_module
-    cap = _Capture(model, None)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            output = model(example)
-    finally:
-        cap.remove()
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    n = example.shape[0]
-    for module, _inp, out in reversed(cap.calls):
-        flat = _flat_head_output(module, out)
-        if flat is not None and flat.shape == output.reshape(n, -1).shape:
-            return module
-    raise UvoodError(f"Could not find the layer that produces the logits of {type(model).__name__}. " + HEAD_HELP)
+    with torch.no_grad(), eval_mode(model):
+        return _run_and_choose(model, example, None)[0]
 
 
 def num_classes(model: nn.Module, example: torch.Tensor, head=None) -> int:

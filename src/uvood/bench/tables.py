@@ -136,24 +136,21 @@ def heatmap_table(result: RunResult) -> tuple[str, list]:
     return "\n".join(lines) + "\n", csv_rows
 
 
+BUILDERS = {
+    "table1": lambda r: per_pair_table(r, TABLE1, ("Appendix A", "Table 1")),
+    "table2": table2,
+    "table3": lambda r: per_pair_table(r, TABLE3, ("Appendix A (BatchGrad)", "Table 3")),
+    "figure2": heatmap_table,
+}
+
+
 def write_all(result: RunResult, out: Path) -> dict[str, str]:
-    """Write every table as CSV + markdown under ``out``; return the markdown by table name."""
+    """Write every table of the spec's groups as CSV + markdown under ``out``; return the markdown by name."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result.rows, out / "results.csv")
     md = {}
-    groups = result.spec.groups
-    if "table1" in groups:
-        md["table1"], rows = per_pair_table(result, TABLE1, ("Appendix A", "Table 1"))
-        write_csv(rows, out / "table1.csv")
-    if "table2" in groups:
-        md["table2"], rows = table2(result)
-        write_csv(rows, out / "table2.csv")
-    if "table3" in groups:
-        md["table3"], rows = per_pair_table(result, TABLE3, ("Appendix A (BatchGrad)", "Table 3"))
-        write_csv(rows, out / "table3.csv")
-    if "figure2" in groups:
-        md["figure2"], rows = heatmap_table(result)
-        write_csv(rows, out / "figure2.csv")
-    for name, text in md.items():
-        (out / f"{name}.md").write_text(text)
+    for name in result.spec.groups:
+        md[name], rows = BUILDERS[name](result)
+        write_csv(rows, out / f"{name}.csv")
+        (out / f"{name}.md").write_text(md[name])
     return md
