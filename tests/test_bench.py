@@ -137,3 +137,12 @@ def test_user_model_on_image_folders(tmp_path, monkeypatch):
     result = run(load_spec(str(tmp_path / "user.json")), cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0,
                  n_boot=20)
     assert len(result.rows) == 9 and all(r["n_id"] == 12 and r["n_ood"] == 12 for r in result.rows)
+
+
+def test_deep_scores_on_a_subset(tmp_path, data_dir):
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]], groups=["table2", "table3"], deep=True)
+    result = run(spec, quick=True, data_dir=data_dir, cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0,
+                 n_boot=20, deep_n=30)
+    by_score = {r["score"]: r for r in result.rows}
+    assert by_score["batchgrad(depth=deep)"]["n_id"] == 30 and by_score["batchgrad(depth=deep)"]["n_ood"] == 30
+    assert by_score["batchgrad"]["n_id"] == 80 and by_score["msp"]["n_ood"] == 80

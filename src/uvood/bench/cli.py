@@ -18,7 +18,7 @@ def _cmd_bench(args) -> int:
     check_known(spec, args.scores)
     t = time.time()
     result = run(spec, scores=args.scores, quick=args.quick, n=args.n, data_dir=args.data_dir,
-                 cache_dir=args.cache_dir, progress=not args.no_progress)
+                 cache_dir=args.cache_dir, progress=not args.no_progress, deep_n=args.deep_n)
     out = Path(args.out or (f"results/{spec.name}" + ("-quick" if args.quick else "")))
     command = "uvood " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("uvood") else \
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--scores", nargs="+", help="only these score specs (default: every table's scores)")
     p.add_argument("--quick", action="store_true", help="a few hundred images per set (minutes; what CI runs)")
     p.add_argument("--n", type=int, help="images per data set (default: the spec's n, or quick_n with --quick)")
+    p.add_argument("--deep-n", type=int, help="evaluate deep gradient scores / BatchGrad on an evenly spaced subset "
+                   "of this many images per set (CPU time); the other scores use every image")
     p.add_argument("--data-dir", help="data folder (default: $UVOOD_DATA)")
     p.add_argument("--cache-dir", help="feature/score cache (default: $UVOOD_CACHE or ~/.cache/uvood)")
     p.add_argument("--out", help="output folder (default: results/NAME, or results/NAME-quick)")

@@ -105,7 +105,9 @@ def write_report(result: RunResult, out: Path, command: str, wall: dict[str, flo
          f"- Command: `{command}`",
          f"- Date: {dt.date.today().isoformat()}; machine: {result.meta['machine']}; torch {result.meta['torch']} "
          f"({result.meta['threads']} threads)",
-         f"- Images per data set: up to {result.meta['n_per_set']} (test split; evenly spaced subset if fewer)",
+         f"- Images per data set: up to {result.meta['n_per_set']} (test split; evenly spaced subset if fewer)"
+         + (f"; **deep gradient scores and BatchGrad on an evenly spaced subset of {result.meta['deep_n']} per set** "
+            "(CPU time; see the `n_id`/`n_ood` columns)" if result.meta.get("deep_n") else ""),
          f"- Cross-domain convention: `{spec.cross_domain}`; FPR at {int(spec.metric['tpr'] * 100)} % TPR with "
          f"positive = {spec.metric['fpr_positive']!r} (share of OOD accepted when 95 % of ID is kept)",
          f"- Wall time of this run: {result.timings.get('total', 0):.0f} s"

@@ -173,8 +173,13 @@ def _accuracy(dataset: str | None, logits: torch.Tensor, y: np.ndarray, data_dir
 
 
 def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n: int | None = None,
-        data_dir=None, cache_dir=None, progress: bool = True, log=print, n_boot: int = 1000) -> RunResult:
-    """Run ``spec`` and return every (pair, score) row with the metrics of :data:`COLUMNS`."""
+        data_dir=None, cache_dir=None, progress: bool = True, log=print, n_boot: int = 1000,
+        deep_n: int | None = None) -> RunResult:
+    """Run ``spec`` and return every (pair, score) row with the metrics of :data:`COLUMNS`.
+
+    ``deep_n`` evaluates the scores that need the model (deep gradients, BatchGrad) on an evenly
+    spaced subset of that many images per set (their rows' n_id / n_ood say so); None = all.
+    """
     t_start = time.time()
     n = n or (spec.quick_n if quick else spec.n)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -214,6 +219,9 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                 xt = transforms.to_model_format(train.x, channels=in_shape[0], size=in_shape[1])
                 sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
             for ds_name, (f, x, identity, desc) in feats.items():
+                if sc.needs_model and deep_n and deep_n < len(x):  # model scores on an evenly spaced subset
+                    keep = torch.from_numpy(uvdata.datasets.subset_indices(len(x), deep_n))
+                    x, identity = x[keep], identity + f",deep_n={deep_n}"
                 if not sc.needs_model:
                     s = sc.from_features(f.h, f.logits).numpy()
                 elif _shares_label_norms(sc):
@@ -255,7 +263,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     timings["total"] = round(time.time() - t_start, 1)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,
-            "cross_domain": spec.cross_domain, "metric": spec.metric}
+            "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n}
     return RunResult(spec, rows, all_scores, models, datasets, timings, quick, meta)
 
 
