@@ -141,7 +141,12 @@ def write_report(result: RunResult, out: Path, command: str, wall: dict[str, flo
           "## ROC curves", ""]
     L += [f"![{f}]({f})" for f in figs if f.startswith("roc_")]
     notes = orientation_notes(result)
-    L += ["", "## Orientation: where the paper's value looks flipped", ""]
+    L += ["", "## Orientation: where the paper's value looks flipped", "",
+          "A heuristic list: cells where our AUROC is below 0.5 and the paper's value is closer to 1 − ours than to "
+          "ours. It is only evidence where the data and model match the paper's; for stand-in columns (another data "
+          "set or model than the paper's) it is shown for completeness. The predicted-label norm-of-mean rows are "
+          "identically zero in exact arithmetic (docs/gradient_scores.md), so their AUROCs measure rounding noise.",
+          ""]
     L += [f"- {n}" for n in notes] if notes else ["No cell where the paper's value is closer to 1 − ours than to ours."]
     L += ["", "## Discussion", ""] + [f"- {d}" for d in discussion(result)]
     L += ["", "## Files", "", "`results.csv` (every pair × score, stable columns), `table1.csv`, `table2.csv`, "
