@@ -221,11 +221,9 @@ def test_official_gradnorm_constant():
 
 
 def _paper_specs():
-    for path in (Path("/work/shared/paper/paper_values.csv"), REPO / "src" / "uvood" / "bench" / "paper_values.csv"):
-        if path.exists():
-            with open(path) as f:
-                return sorted({(r["spec"], r["depth"]) for r in csv.DictReader(f) if r["depth"] in ("deep", "shallow")})
-    return []
+    """The gradient rows of the paper's values (the project's copy of shared/paper/paper_values.csv)."""
+    with open(REPO / "src" / "uvood" / "bench" / "paper_values.csv") as f:
+        return sorted({(r["spec"], r["depth"]) for r in csv.DictReader(f) if r["depth"] in ("deep", "shallow")})
 
 
 def _with_depth(spec, depth):
