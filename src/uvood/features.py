@@ -120,7 +120,13 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
     ``data_id`` (default: a hash of the tensor; DataLoaders need an explicit ``data_id``) and
     ``transform`` (a name for the preprocessing that produced ``data``). ``cache_name`` names the
     file (default: the key); a file of that name made for another key is reported as stale.
+    ``data`` may also be a function returning the data, called only on a cache miss (with an
+    explicit ``data_id``): a warm lookup then reads no image.
     """
+    lazy = callable(data) and not isinstance(data, (torch.Tensor, torch.utils.data.DataLoader))
+    if lazy and (data_id is None or cache_dir is None):
+        raise UvoodError("data given as a function needs cache_dir and data_id (it is only called on a cache "
+                         "miss); pass the tensor or DataLoader itself otherwise.")
     if cache_dir is None:
         return _compute(model, data, batch_size, head, progress, desc)
     if data_id is None:
@@ -136,6 +142,8 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
     cached = load_cached(path, key)
     if cached is not None:
         return cached
+    if lazy:
+        data = data()
     feats = _compute(model, data, batch_size, head, progress, desc)
     arrays = {"h": feats.h.numpy(), "logits": feats.logits.numpy(),
               "y": feats.y.numpy() if feats.y is not None else np.zeros(0, np.int64)}

@@ -6,6 +6,7 @@ model (deep gradients, BatchGrad) are cached per score. A warm rerun only reads 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -92,32 +93,91 @@ def _load_model(name: str, spec: BenchSpec) -> tuple[nn.Module, dict, tuple[int,
     return model, info, (c, h, w)
 
 
-def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> tuple[torch.Tensor, np.ndarray, str, str]:
-    """Images of data set ``name`` in the model's input format; also its identity and transform."""
+class Inputs:
+    """One data set in the model's input format, identified without reading it: the images are
+    decoded and transformed only when a cache misses (``x``), so a warm rerun reads no image."""
+
+    def __init__(self, identity: str, desc: str, load):
+        self.identity, self.desc, self._load = identity, desc, load
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[torch.Tensor, np.ndarray]:
+        return self._load()
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self._loaded[0]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._loaded[1]
+
+    def subset(self, n_total: int, k: int) -> Inputs:
+        """``k`` evenly spaced images of the ``n_total`` (the ``--deep-n`` subsets)."""
+        keep = uvdata.datasets.subset_indices(n_total, k)
+        return Inputs(self.identity + f",deep_n={k}", self.desc, lambda: (self.x[torch.from_numpy(keep)], self.y[keep]))
+
+
+def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> Inputs:
+    """Data set ``name`` of ``spec`` in the model's input format (lazy: see :class:`Inputs`)."""
     ds = spec.datasets[name]
     c, h, _ = in_shape
     n = min(n, ds.get("n", n))  # a data set may cap its own count (e.g. the far-OOD sets of `large`)
-    if "folder" in ds:  # a user's ImageFolder layout (e.g. the official ImageNet benchmark's OOD sets)
-        imgs = uvdata.datasets.image_folder(ds["folder"], size=h)
-        if n < len(imgs):
-            keep = uvdata.datasets.subset_indices(len(imgs), n)
-            imgs.x, imgs.y, imgs.identity = imgs.x[keep], imgs.y[keep], imgs.identity + f",limit={n}"
-    else:
-        variable = uvdata.info(ds["dataset"]).hwc is None
-        imgs = uvdata.load(ds["dataset"], ds["split"], data_dir=data_dir, limit=n, size=h if variable else None)
     mode = "resize" if spec.cross_domain in ("resize", "imagenet64") else spec.cross_domain
-    x = transforms.to_model_format(imgs.x, channels=c, size=h, mode=mode)
     desc = f"{spec.cross_domain}:{c}x{h}x{h}"
-    return x, imgs.y, imgs.identity, desc
+
+    def to_model(images) -> torch.Tensor:
+        return transforms.to_model_format(images, channels=c, size=h, mode=mode)
+
+    if "folder" in ds:  # a user's ImageFolder layout (e.g. the official ImageNet benchmark's OOD sets)
+        identity, _ = uvdata.datasets.folder_identity(ds["folder"], size=h)
+        count = len(uvdata.formats.list_image_folder(ds["folder"])[0])
+        keep = uvdata.datasets.subset_indices(count, n)
+        if keep is not None:
+            identity += f",limit={n}"
+
+        def load_folder() -> tuple[torch.Tensor, np.ndarray]:
+            imgs = uvdata.datasets.image_folder(ds["folder"], size=h)
+            return (to_model(imgs.x), imgs.y) if keep is None else (to_model(imgs.x[keep]), imgs.y[keep])
+
+        return Inputs(identity, desc, load_folder)
+    size = h if uvdata.info(ds["dataset"]).hwc is None else None
+    identity = uvdata.datasets.identity(ds["dataset"], ds["split"], data_dir=data_dir, limit=n, size=size)
+
+    def load_named() -> tuple[torch.Tensor, np.ndarray]:
+        imgs = uvdata.load(ds["dataset"], ds["split"], data_dir=data_dir, limit=n, size=size)
+        if imgs.identity != identity:
+            raise UvoodError(f"internal: lazy identity {identity!r} differs from the loaded {imgs.identity!r}.")
+        return to_model(imgs.x), imgs.y
+
+    return Inputs(identity, desc, load_named)
 
 
-def _label_norms(model, x, key: str, path: Path, T: float) -> dict[str, torch.Tensor]:
+def _feature_scores(scores: list, f, key: str, path: Path) -> dict[str, np.ndarray]:
+    """Every score computed from the features ``f`` (no model), cached in one file per feature set:
+    cheap ones and a few costly ones (the heatmap's fractional norms, shallow BatchGrad)."""
+    cached = load_verified(path, key, "Score cache") or {}
+    missing = {_score_key(sc) for sc in scores} - set(cached)
+    for sc in scores:
+        k = _score_key(sc)
+        if k in missing:
+            cached[k] = sc.from_features(f.h, f.logits).numpy()
+    if missing:
+        save_verified(path, key, cached)
+    return {_score_key(sc): cached[_score_key(sc)] for sc in scores}
+
+
+def _score_key(score) -> str:
+    return score.spec + ("|" + _fit_state_digest(score) if score.needs_fit else "")
+
+
+def _label_norms(model, inputs: Inputs, key: str, path: Path, T: float) -> dict[str, torch.Tensor]:
     """Per-label deep gradient norms (l1, l2sq) and logits of ``x``, computed once and cached:
     every deep ``mean_of_norm`` row of Table 1 is a weighted sum of them over labels."""
     cached = load_verified(path, key, "Label-norm cache")
     if cached is None:
         with eval_mode(model):
-            norms, logits = deep_label_norms(model, x, T=T, norms=("l1", "l2sq"))
+            norms, logits = deep_label_norms(model, inputs.x, T=T, norms=("l1", "l2sq"))
         cached = {"l1": norms["l1"].numpy(), "l2sq": norms["l2sq"].numpy(), "logits": logits.numpy()}
         save_verified(path, key, cached)
     return {k: torch.from_numpy(v) for k, v in cached.items()}
@@ -127,11 +187,11 @@ def _shares_label_norms(score) -> bool:
     return isinstance(score, GradScore) and score.depth == "deep" and score.agg == "mean_of_norm"
 
 
-def _model_scores(score, model, x, key: str, path: Path, progress: bool) -> np.ndarray:
+def _model_scores(score, model, inputs: Inputs, key: str, path: Path, progress: bool) -> np.ndarray:
     cached = load_verified(path, key, "Score cache")
     if cached is not None:
         return cached["s"]
-    s = score_model(score, model, x, batch_size=64, progress=progress).numpy()
+    s = score_model(score, model, inputs.x, batch_size=64, progress=progress).numpy()
     save_verified(path, key, {"s": s})
     return s
 
@@ -197,12 +257,13 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         needed = [id_name] + [o for i, o in spec.pairs if i == id_name]
         feats = {}
         for ds_name in needed:
-            x, y, identity, desc = _prepare(spec, ds_name, in_shape, n, data_dir)
-            f = extract(model, (x, torch.as_tensor(y)), batch_size=128, cache_dir=cache, data_id=identity,
-                        transform=desc, progress=progress, desc=f"{model_name} on {ds_name}",
-                        cache_name=_slug(f"{model_name}__{identity}__{desc}"))
-            feats[ds_name] = (f, x, identity, desc)
-            datasets.setdefault(ds_name, {"identity": identity, "n": int(x.shape[0])})
+            inputs = _prepare(spec, ds_name, in_shape, n, data_dir)
+            f = extract(model, lambda inputs=inputs: (inputs.x, torch.as_tensor(inputs.y)), batch_size=128,
+                        cache_dir=cache, data_id=inputs.identity, transform=inputs.desc, progress=progress,
+                        desc=f"{model_name} on {ds_name}",
+                        cache_name=_slug(f"{model_name}__{inputs.identity}__{inputs.desc}"))
+            feats[ds_name] = (f, inputs)
+            datasets.setdefault(ds_name, {"identity": inputs.identity, "n": len(f)})
         f_id = feats[id_name][0]
         acc = _accuracy(spec.datasets[id_name].get("dataset"), f_id.logits,
                         f_id.y.numpy() if f_id.y is not None else np.zeros(0), data_dir)
@@ -218,28 +279,33 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                 train = uvdata.load(ds["dataset"], ds.get("train_split", "train"), data_dir=data_dir, limit=2000)
                 xt = transforms.to_model_format(train.x, channels=in_shape[0], size=in_shape[1])
                 sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
-            for ds_name, (f, x, identity, desc) in feats.items():
-                if sc.needs_model and deep_n and deep_n < len(x):  # model scores on an evenly spaced subset
-                    keep = torch.from_numpy(uvdata.datasets.subset_indices(len(x), deep_n))
-                    x, identity = x[keep], identity + f",deep_n={deep_n}"
+        from_features = [score_objs[full] for _, full, _ in rows_spec if not score_objs[full].needs_model]
+        for ds_name, (f, inputs) in feats.items():
+            fkey = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "feature-scores"]).encode())
+            path = cache / f"fscores-{_slug(f'{model_name}__{inputs.identity}__{inputs.desc}')}.npz"
+            t = time.time()
+            values = _feature_scores(from_features, f, fkey.hexdigest(), path)
+            timings[f"{model_name}/{ds_name}/scores from features"] = round(time.time() - t, 2)
+            for _label, full, _depth in rows_spec:
+                sc = score_objs[full]
                 if not sc.needs_model:
-                    s = sc.from_features(f.h, f.logits).numpy()
-                elif _shares_label_norms(sc):
-                    key = hashlib.sha256(json.dumps([fp, identity, desc, "label-norms", sc.T]).encode()).hexdigest()
-                    path = cache / f"labelnorms-{_slug(f'{model_name}__{identity}__T={sc.T}')}.npz"
+                    all_scores[(id_name, ds_name, full)] = values[_score_key(sc)]
+                    continue
+                x = inputs.subset(len(f), deep_n) if deep_n and deep_n < len(f) else inputs
+                if _shares_label_norms(sc):
+                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, "label-norms", sc.T]).encode())
+                    path = cache / f"labelnorms-{_slug(f'{model_name}__{x.identity}__T={sc.T}')}.npz"
                     t = time.time()
-                    ln = _label_norms(model, x, key, path, sc.T)
-                    timings[f"{model_name}/{ds_name}/deep label norms"] = timings.get(
-                        f"{model_name}/{ds_name}/deep label norms", round(time.time() - t, 2))
+                    ln = _label_norms(model, x, key.hexdigest(), path, sc.T)
+                    timings.setdefault(f"{model_name}/{ds_name}/deep label norms", round(time.time() - t, 2))
                     raw = mean_of_norm_from_label_norms(ln[sc.norm], ln["logits"], label=sc.label, weight=sc.weight,
                                                         T=sc.T, official=sc.official)
                     s = (sc.sign * raw).numpy()
                 else:
-                    key = json.dumps([fp, identity, desc, sc.spec, _fit_state_digest(sc)])
-                    key = hashlib.sha256(key.encode()).hexdigest()
-                    path = cache / f"scores-{_slug(model_name + '__' + identity + '__' + sc.spec)}.npz"
+                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, sc.spec, _fit_state_digest(sc)]).encode())
+                    path = cache / f"scores-{_slug(model_name + '__' + x.identity + '__' + sc.spec)}.npz"
                     t = time.time()
-                    s = _model_scores(sc, model, x, key, path, progress)
+                    s = _model_scores(sc, model, x, key.hexdigest(), path, progress)
                     timings[f"{model_name}/{ds_name}/{sc.spec}"] = round(time.time() - t, 2)
                 all_scores[(id_name, ds_name, full)] = s
         timings[f"model {model_name}"] = round(time.time() - t0, 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +228,32 @@ def _read(ds: DatasetInfo, path: Path, split: str):
     return x, y, ds.classes
 
 
+def _identity(name: str, split: str, sha: str, limit, size) -> str:
+    subset = ([f"limit={limit}"] if limit else []) + ([f"size={size}"] if size else [])
+    return f"{name}/{split}/{sha[:16]}/{','.join(subset) or 'all'}"
+
+
+def _count(ds: DatasetInfo, path: Path, split: str) -> int:
+    """Number of images of a split, reading only its labels where the format allows."""
+    if ds.fmt in ("npz", "jpeg"):
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return int(np.asarray(archive["y"]).shape[0])
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError):
+            pass  # _read gives the precise error
+    return len(_read(ds, path, split)[1])
+
+
+def identity(name: str, split: str, data_dir=None, limit: int | None = None, size: int | None = None,
+             verify: bool = True) -> str:
+    """The ``identity`` that :func:`load` with these arguments gives, without decoding any image
+    (for cache lookups that only load the images on a miss)."""
+    ds = info(name)
+    path, sha = locate(name, split, data_dir, verify)
+    n = _count(ds, path, split)
+    return _identity(name, split, sha, subset_indices(n, limit) is not None and limit, size)
+
+
 def load(name: str, split: str, data_dir=None, limit: int | None = None, size: int | None = None,
          cache_dir=None, verify: bool = True) -> ImageSet:
     """Load split ``split`` of data set ``name`` as an :class:`ImageSet`.
@@ -242,8 +269,7 @@ def load(name: str, split: str, data_dir=None, limit: int | None = None, size: i
     path, sha = locate(name, split, data_dir, verify)
     x, y, classes = _read(ds, path, split)
     idx = subset_indices(len(y), limit)
-    subset = ([f"limit={limit}"] if idx is not None else []) + ([f"size={size}"] if size else [])
-    identity = f"{name}/{split}/{sha[:16]}/{','.join(subset) or 'all'}"
+    identity = _identity(name, split, sha, idx is not None and limit, size)
     if isinstance(x, formats.JpegArchive):
         order = range(len(y)) if idx is None else idx
         if ds.hwc is not None:
@@ -259,10 +285,9 @@ def load(name: str, split: str, data_dir=None, limit: int | None = None, size: i
                     identity=identity, sha256=sha, path=path, display=ds.display, indices=idx)
 
 
-def image_folder(root, size: int | None = None, name: str | None = None) -> ImageSet:
-    """A user's ImageFolder (``root/<class>/<images>``) as an :class:`ImageSet`; ``size``
-    resizes every image to ``size`` x ``size`` (else ``x`` is a list of arrays)."""
-    x, y, classes = formats.read_image_folder(root, size)
+def folder_identity(root, size: int | None = None, name: str | None = None) -> tuple[str, str]:
+    """(identity, sha256 over every file's path and content) of an ImageFolder, reading no image."""
+    formats.list_image_folder(root)  # a missing or empty folder fails here, with its own message
     digest = hashlib.sha256()
     for path in sorted(Path(root).rglob("*")):
         if path.is_file():
@@ -270,7 +295,15 @@ def image_folder(root, size: int | None = None, name: str | None = None) -> Imag
             digest.update(file_sha256(path).encode())
     sha = digest.hexdigest()
     name = name or Path(root).name
-    identity = f"folder:{name}/all/{sha[:16]}/{f'size={size}' if size else 'all'}"
+    return f"folder:{name}/all/{sha[:16]}/{f'size={size}' if size else 'all'}", sha
+
+
+def image_folder(root, size: int | None = None, name: str | None = None) -> ImageSet:
+    """A user's ImageFolder (``root/<class>/<images>``) as an :class:`ImageSet`; ``size``
+    resizes every image to ``size`` x ``size`` (else ``x`` is a list of arrays)."""
+    x, y, classes = formats.read_image_folder(root, size)
+    identity, sha = folder_identity(root, size, name)
+    name = name or Path(root).name
     return ImageSet(name=name, split="all", x=x, y=y, num_classes=len(classes), classes=tuple(classes),
                     identity=identity, sha256=sha, path=Path(root), display=f"image folder {root}")
 

@@ -226,33 +226,42 @@ def read_mnist_idx(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def read_image_folder(root, size: int | None = None) -> tuple[list, np.ndarray, list[str]]:
-    """ImageFolder layout ``root/<class>/<image>``: (images, labels, class names).
-
-    Classes are the sorted sub-folder names. Images are uint8 H x W x 3 arrays; with ``size``
-    they are resized (bilinear, antialiased) to ``size`` x ``size`` and returned as one array.
-    """
+def list_image_folder(root) -> tuple[list[Path], list[int], list[str]]:
+    """(image files, their labels, class names) of an ImageFolder ``root/<class>/<image>``,
+    reading no image; classes are the sorted sub-folder names."""
     root = Path(root)
     if not root.is_dir():
         raise UvoodError(f"image folder not found: {root}; expected one sub-folder per class.")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise UvoodError(f"{root} has no class sub-folders; expected root/<class>/<image files>.")
-    images, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(classes):
         for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as im:
-                    im = im.convert("RGB")
-                    if size:
-                        im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
-                    images.append(np.asarray(im))
-            except OSError as exc:
-                raise UvoodError(f"{file} is not a readable image ({exc}); remove or replace it.") from None
-            labels.append(label)
-    if not images:
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(file)
+                labels.append(label)
+    if not files:
         raise UvoodError(f"{root}: no image files ({sorted(IMAGE_SUFFIXES)}) in the class sub-folders.")
+    return files, labels, classes
+
+
+def read_image_folder(root, size: int | None = None) -> tuple[list, np.ndarray, list[str]]:
+    """ImageFolder layout ``root/<class>/<image>``: (images, labels, class names).
+
+    Classes are the sorted sub-folder names. Images are uint8 H x W x 3 arrays; with ``size``
+    they are resized (bilinear, antialiased) to ``size`` x ``size`` and returned as one array.
+    """
+    files, labels, classes = list_image_folder(root)
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                im = im.convert("RGB")
+                if size:
+                    im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+                images.append(np.asarray(im))
+        except OSError as exc:
+            raise UvoodError(f"{file} is not a readable image ({exc}); remove or replace it.") from None
     y = np.asarray(labels, np.int64)
     return (np.stack(images) if size else images), y, classes
