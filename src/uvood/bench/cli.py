@@ -24,8 +24,10 @@ def _cmd_bench(args) -> int:
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
     history_path = out / "timings.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
-    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": result.timings["total"], "quick": args.quick})
-    wall = {"first (cold-cache) run": history[0]["total_s"]} if len(history) > 1 else {}
+    settings = {"quick": args.quick, "n": result.meta["n_per_set"], "deep_n": args.deep_n, "scores": args.scores}
+    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": result.timings["total"], **settings})
+    same = [h for h in history if all(h.get(k) == v for k, v in settings.items())]
+    wall = {"first run with these settings (cold caches)": same[0]["total_s"]} if len(same) > 1 else {}
     path = write_report(result, out, command, wall)
     history_path.write_text(json.dumps(history, indent=1))
     print(f"{spec.name}: {len(result.rows)} rows in {time.time() - t:.0f} s -> {path}")
