@@ -111,6 +111,9 @@ def test_bench_small_quick_cli(tmp_path, data_dir, capsys):
                  "--no-progress", "--data-dir", str(data_dir)]) == 0
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert "Table 1" in report and "Table 2" in report and "Honest selection" in report
+    assert "## Where the time goes" in report and "deep label norms" in report
+    history = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert len(history) == 1 and history[0]["quick"] and history[0]["breakdown"]
 
 
 def test_user_model_on_image_folders(tmp_path, monkeypatch):
@@ -146,3 +149,25 @@ def test_deep_scores_on_a_subset(tmp_path, data_dir):
     by_score = {r["score"]: r for r in result.rows}
     assert by_score["batchgrad(depth=deep)"]["n_id"] == 30 and by_score["batchgrad(depth=deep)"]["n_ood"] == 30
     assert by_score["batchgrad"]["n_id"] == 80 and by_score["msp"]["n_ood"] == 80
+
+
+def test_warm_rerun_reads_no_image_and_recomputes_no_score(tmp_path, data_dir, monkeypatch):
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]], groups=["table2", "table3"], deep=True)
+    cache = tmp_path / "cache"
+    kw = dict(quick=True, data_dir=data_dir, cache_dir=cache, progress=False, log=lambda *a: 0, n_boot=20)
+    first = run(spec, **kw)
+    assert any(r["depth"] == "deep" for r in first.rows)
+    import uvood.bench.runner as runner
+
+    def refuse(*a, **k):
+        raise AssertionError("a warm rerun must only read caches")
+
+    # BatchGrad's fit reads ID training images by design; the test sets and every score come from the caches
+    load = runner.uvdata.load
+    monkeypatch.setattr(runner.uvdata, "load", lambda name, split, **k: refuse() if split == "test" else
+                        load(name, split, **k))
+    monkeypatch.setattr(runner, "score_model", refuse)
+    monkeypatch.setattr(runner, "deep_label_norms", refuse)
+    monkeypatch.setattr(uvood.scores.registry.ProductScore, "from_features", refuse)
+    second = run(spec, **kw)
+    assert [(r["score"], r["auroc"]) for r in first.rows] == [(r["score"], r["auroc"]) for r in second.rows]

@@ -264,3 +264,24 @@ def test_size_only_for_variable_size_sets_and_identity_of_oversized_limit(data_d
     with pytest.raises(UvoodError, match="variable-size data sets only"):
         load("mnist", "test", data_dir=data_dir, size=32)
     assert load("mnist", "test", data_dir=data_dir, limit=10**6).identity.endswith("/all")
+
+
+def test_identity_without_decoding_matches_load(data_dir, monkeypatch):
+    cases = [("mnist", "test", None, None), ("mnist", "test", 500, None), ("mnist", "test", 10**6, None),
+             ("cifar10", "test", 300, None), ("textures", "all", 5, 32)]
+    expected = [load(n, s, data_dir=data_dir, limit=lim, size=size).identity for n, s, lim, size in cases]
+    # identity() must not decode an image: make decoding fail
+    monkeypatch.setattr(datasets.formats.JpegArchive, "image", lambda *a: pytest.fail("decoded an image"))
+    monkeypatch.setattr(datasets.formats, "read_decoded_npz", lambda *a: pytest.fail("read the images"))
+    got = [datasets.identity(n, s, data_dir=data_dir, limit=lim, size=size) for n, s, lim, size in cases]
+    assert got == expected
+
+
+def test_folder_identity_reads_no_image_and_fails_clearly(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "0.png")
+    expected = datasets.image_folder(tmp_path, size=4).identity
+    monkeypatch.setattr(datasets.formats.Image, "open", lambda *a: pytest.fail("opened an image"))
+    assert datasets.folder_identity(tmp_path, size=4)[0] == expected
+    with pytest.raises(UvoodError, match="image folder not found"):
+        datasets.folder_identity(tmp_path / "missing")

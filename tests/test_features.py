@@ -73,3 +73,34 @@ def test_bad_inputs():
     loader = torch.utils.data.DataLoader(torch.rand(4, 1, 4, 4), batch_size=2)
     with pytest.raises(UvoodError, match="data_id"):
         uvood.extract(m, loader, cache_dir="unused", progress=False)
+
+
+def test_lazy_data_is_only_loaded_on_a_cache_miss(tmp_path):
+    m, x, y = _model(), torch.rand(12, 1, 4, 4), torch.randint(0, 3, (12,))
+    calls = []
+
+    def load():
+        calls.append(1)
+        return x, y
+
+    f1 = uvood.extract(m, load, cache_dir=tmp_path, data_id="twelve", progress=False)
+    f2 = uvood.extract(m, load, cache_dir=tmp_path, data_id="twelve", progress=False)
+    assert calls == [1] and torch.equal(f1.h, f2.h) and torch.equal(f2.y, y)
+    torch.testing.assert_close(f1.logits, m(x))
+    with pytest.raises(UvoodError, match="needs cache_dir and data_id"):
+        uvood.extract(m, load, cache_dir=tmp_path, progress=False)
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    from uvood.cache import atomic_write
+
+    path = tmp_path / "sub" / "file.bin"
+    atomic_write(path, lambda f: f.write(b"old"))
+
+    def crash(f):
+        f.write(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, crash)
+    assert path.read_bytes() == b"old" and [p.name for p in path.parent.iterdir()] == ["file.bin"]

@@ -13,7 +13,9 @@ import hashlib
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,19 +29,26 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     return d.hexdigest()
 
 
-def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` atomically (temp file in the same folder, then rename)."""
+def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file atomically: ``write(f)`` fills a temp file (unique name, same folder), which
+    then replaces ``path``; on any failure the temp file is removed and ``path`` is untouched.
+    Every file uvood writes (caches, checkpoints, detectors, memos) goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` as ``.npz``, atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def save_verified(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:

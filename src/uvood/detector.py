@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .api import score_features, score_model
 from .batching import iter_batches
+from .cache import atomic_write
 from .errors import UvoodError
 from .features import model_fingerprint
 from .model import eval_mode, forward_features, head_name, resolve_head
@@ -119,10 +119,7 @@ class Detector:
                 "head": head_name(self.model, self.head) if self.head is not None else None,
                 "batch_size": self.batch_size, "model_sha256": model_fingerprint(self.model)}
         payload = {"meta": json.dumps(meta), "state": {k: v.detach().cpu() for k, v in self.score_fn.state().items()}}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path, model: torch.nn.Module, strict: bool = True) -> Detector:

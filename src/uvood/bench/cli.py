@@ -25,10 +25,11 @@ def _cmd_bench(args) -> int:
     history_path = out / "timings.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     settings = {"quick": args.quick, "n": result.meta["n_per_set"], "deep_n": args.deep_n, "scores": args.scores}
-    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": result.timings["total"], **settings})
+    breakdown = {k: v for k, v in result.timings.items() if v >= 0.5 and k != "total"}
+    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": result.timings["total"], **settings,
+                    "breakdown": breakdown})
     same = [h for h in history if all(h.get(k) == v for k, v in settings.items())]
-    wall = {"first run with these settings (cold caches)": same[0]["total_s"]} if len(same) > 1 else {}
-    path = write_report(result, out, command, wall)
+    path = write_report(result, out, command, cold=same[0] if len(same) > 1 else None)
     history_path.write_text(json.dumps(history, indent=1))
     print(f"{spec.name}: {len(result.rows)} rows in {time.time() - t:.0f} s -> {path}")
     return 0

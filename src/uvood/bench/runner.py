@@ -23,7 +23,7 @@ from torch import nn
 from .. import data as uvdata
 from .. import metrics, zoo
 from ..api import score_model
-from ..cache import load_verified, save_verified
+from ..cache import atomic_write, load_verified, save_verified
 from ..data import transforms
 from ..errors import UvoodError
 from ..features import extract, model_fingerprint
@@ -205,10 +205,7 @@ def _read_memo(path: Path) -> dict:
 
 
 def _write_memo(path: Path, memo: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(memo).encode()))
 
 
 def _fit_state_digest(score) -> str:
@@ -258,10 +255,12 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         feats = {}
         for ds_name in needed:
             inputs = _prepare(spec, ds_name, in_shape, n, data_dir)
+            t = time.time()
             f = extract(model, lambda inputs=inputs: (inputs.x, torch.as_tensor(inputs.y)), batch_size=128,
                         cache_dir=cache, data_id=inputs.identity, transform=inputs.desc, progress=progress,
                         desc=f"{model_name} on {ds_name}",
                         cache_name=_slug(f"{model_name}__{inputs.identity}__{inputs.desc}"))
+            timings[f"{model_name}/{ds_name}/features"] = round(time.time() - t, 2)
             feats[ds_name] = (f, inputs)
             datasets.setdefault(ds_name, {"identity": inputs.identity, "n": len(f)})
         f_id = feats[id_name][0]
@@ -308,9 +307,9 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                     s = _model_scores(sc, model, x, key.hexdigest(), path, progress)
                     timings[f"{model_name}/{ds_name}/{sc.spec}"] = round(time.time() - t, 2)
                 all_scores[(id_name, ds_name, full)] = s
-        timings[f"model {model_name}"] = round(time.time() - t0, 1)
+        timings[f"{model_name}/all"] = round(time.time() - t0, 1)
         log(f"[{spec.name}] {id_name} ({model_name}): done in {time.time() - t0:.0f} s")
-    rows = []
+    rows, t = [], time.time()
     memo_path = cache / f"metrics-{_slug(spec.name)}.json"
     memo = _read_memo(memo_path)
     for id_name, ood_name in spec.pairs:
@@ -326,6 +325,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                          "aupr_in": m["aupr_in"], "aupr_out": m["aupr_out"], "ci_low": m["ci_low"],
                          "ci_high": m["ci_high"], "n_id": len(s_id), "n_ood": len(s_ood), "label": label})
     _write_memo(memo_path, memo)
+    timings["metrics and bootstrap intervals"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import atomic_write
 from ..errors import UvoodError
 from . import formats
 
@@ -205,10 +206,7 @@ def _decode_cached(archive: formats.JpegArchive, idx, hwc, cache_dir, key: str) 
     if cache.is_file():
         return np.load(cache, allow_pickle=False)
     x = archive.decode(idx, hwc)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp.npy")
-    np.save(tmp, x)
-    os.replace(tmp, cache)
+    atomic_write(cache, lambda f: np.save(f, x))
     return x
 
 
