@@ -169,11 +169,12 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
           ""]
     L += [f"- {n}" for n in notes] if notes else ["No cell where the paper's value is closer to 1 − ours than to ours."]
     L += ["", "## Discussion", ""] + [f"- {d}" for d in discussion(result)]
-    source = cold.get("breakdown") if cold else None
-    breakdown = time_breakdown({**source, "total": cold["total_s"]} if source else result.timings)
+    # the cold run's breakdown (this run's own when it is the first with these settings)
+    source = {**cold.get("breakdown", {}), "total": cold["total_s"]} if cold else result.timings
+    breakdown = time_breakdown(source)
     if breakdown:
         L += ["", "## Where the time goes", "",
-              ("The first (cold-cache) run with these settings" if source else "This run") + ", by kind of work "
+              ("The first (cold-cache) run with these settings" if cold else "This run") + ", by kind of work "
               "(seconds summed over models and data sets; a rerun only reads caches):", ""] + breakdown
     L += ["", "## Files", "", "`results.csv` (every pair × score, stable columns), `table1.csv`, `table2.csv`, "
           "`table3.csv`, `figure2.csv`, `selection.json`, the PNG figures. Regenerate with the command above.", ""]
