@@ -96,7 +96,7 @@ def time_breakdown(timings: dict[str, float], top: int = 12) -> list[str]:
     items = {k: v for k, v in timings.items() if k.count("/") == 2}  # model/data set/what
     if not items:
         return []
-    kinds: dict[str, float] = {}
+    kinds = {k: v for k, v in timings.items() if "/" not in k and k != "total"}  # e.g. the metrics
     for k, v in items.items():
         kind = k.split("/")[2]
         kinds[kind] = kinds.get(kind, 0.0) + v
