@@ -113,7 +113,7 @@ def test_bench_small_quick_cli(tmp_path, data_dir, capsys):
     assert "Table 1" in report and "Table 2" in report and "Honest selection" in report
     assert "## Where the time goes" in report and "deep label norms" in report
     history = json.loads((tmp_path / "out" / "timings.json").read_text())
-    assert len(history) == 1 and history[0]["quick"] and history[0]["breakdown"]
+    assert len(history) == 1 and history[0]["quick"] and history[0]["breakdown"] and history[0]["cold"]
 
 
 def test_user_model_on_image_folders(tmp_path, monkeypatch):

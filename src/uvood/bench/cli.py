@@ -26,10 +26,14 @@ def _cmd_bench(args) -> int:
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     settings = {"quick": args.quick, "n": result.meta["n_per_set"], "deep_n": args.deep_n, "scores": args.scores}
     breakdown = {k: v for k, v in result.timings.items() if v >= 0.5 and k != "total"}
+    cold = result.meta["feature_sets_computed"] == result.meta["feature_sets"]  # every feature set extracted
     history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": result.timings["total"], **settings,
-                    "breakdown": breakdown})
-    same = [h for h in history if all(h.get(k) == v for k, v in settings.items())]
-    path = write_report(result, out, command, cold=same[0] if len(same) > 1 else None)
+                    "cold": cold, "breakdown": breakdown})
+    same = [h for h in history[:-1] if all(h.get(k) == v for k, v in settings.items())]
+    # the latest earlier run known to be cold; of runs recorded before "cold" existed, the first
+    flagged, legacy = [h for h in same if h.get("cold")], [h for h in same if "cold" not in h]
+    earlier = flagged[-1] if flagged else (legacy[0] if legacy else None)
+    path = write_report(result, out, command, cold=None if cold else earlier)
     history_path.write_text(json.dumps(history, indent=1))
     print(f"{spec.name}: {len(result.rows)} rows in {time.time() - t:.0f} s -> {path}")
     return 0

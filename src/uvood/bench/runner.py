@@ -105,6 +105,11 @@ class Inputs:
         return self._load()
 
     @property
+    def loaded(self) -> bool:
+        """Whether the images were read (some cache missed)."""
+        return "_loaded" in self.__dict__
+
+    @property
     def x(self) -> torch.Tensor:
         return self._loaded[0]
 
@@ -246,7 +251,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         rows_spec = rows_for(spec.groups, deep=spec.deep)
     score_objs = {full: get_score(full) for _, full, _ in rows_spec}
     all_scores: dict[tuple[str, str, str], np.ndarray] = {}
-    models, datasets, timings = {}, {}, {}
+    models, datasets, timings, feature_sets = {}, {}, {}, []
     for id_name, model_name in spec.models.items():
         t0 = time.time()
         model, info, in_shape = _load_model(model_name, spec)
@@ -261,6 +266,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                         desc=f"{model_name} on {ds_name}",
                         cache_name=_slug(f"{model_name}__{inputs.identity}__{inputs.desc}"))
             timings[f"{model_name}/{ds_name}/features"] = round(time.time() - t, 2)
+            feature_sets.append(inputs.loaded)
             feats[ds_name] = (f, inputs)
             datasets.setdefault(ds_name, {"identity": inputs.identity, "n": len(f)})
         f_id = feats[id_name][0]
@@ -329,7 +335,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     timings["total"] = round(time.time() - t_start, 1)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,
-            "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n}
+            "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n,
+            "feature_sets": len(feature_sets), "feature_sets_computed": sum(feature_sets)}
     return RunResult(spec, rows, all_scores, models, datasets, timings, quick, meta)
 
 
