@@ -129,8 +129,9 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
             "(CPU time; see the `n_id`/`n_ood` columns)" if result.meta.get("deep_n") else ""),
          f"- Cross-domain convention: `{spec.cross_domain}`; FPR at {int(spec.metric['tpr'] * 100)} % TPR with "
          f"positive = {spec.metric['fpr_positive']!r} (share of OOD accepted when 95 % of ID is kept)",
-         f"- Wall time of this run: {result.timings.get('total', 0):.0f} s"
-         + (f"; first run with these settings (cold caches, {cold['date']}): {cold['total_s']:.0f} s" if cold else "")
+         "- Wall time of this run (caches and computation to metric rows; imports and figures not included): "
+         f"{result.timings.get('total', 0):.0f} s"
+         + (f"; last cold-cache run with these settings ({cold['date']}): {cold['total_s']:.0f} s" if cold else "")
          + " (see *Where the time goes*)", "",
          "All scores are oriented *higher = more in-distribution* and every AUROC is reported as computed: "
          "nothing is flipped. 95 % bootstrap intervals (1,000 resamples, seed 0) are in the CSVs "
@@ -174,7 +175,7 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
     breakdown = time_breakdown(source)
     if breakdown:
         L += ["", "## Where the time goes", "",
-              ("The first (cold-cache) run with these settings" if cold else "This run") + ", by kind of work "
+              ("The last cold-cache run with these settings" if cold else "This run") + ", by kind of work "
               "(seconds summed over models and data sets; a rerun only reads caches):", ""] + breakdown
     L += ["", "## Files", "", "`results.csv` (every pair × score, stable columns), `table1.csv`, `table2.csv`, "
           "`table3.csv`, `figure2.csv`, `selection.json`, the PNG figures. Regenerate with the command above.", ""]
