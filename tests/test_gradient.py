@@ -302,23 +302,19 @@ def test_batchgrad_errors():
 # ---------------------------------------------------------------- bad input
 
 
-def test_bad_specs_are_clear():
-    with pytest.raises(UvoodError, match="label='sideways' is not valid; choose one of uniform, predicted"):
-        get_score("grad(label=sideways)")
-    with pytest.raises(UvoodError, match="norm_of_mean, mean_of_norm"):
-        get_score("grad(agg=max)")
-    with pytest.raises(UvoodError, match="shallow, deep"):
-        get_score("exgrad(depth=medium)")
-    with pytest.raises(UvoodError, match="label=predicted"):
-        get_score("grad(weight=logp_over_p)")
-    with pytest.raises(UvoodError, match="label=uniform"):
-        get_score("grad(label=predicted,official=true)")
-    with pytest.raises(UvoodError, match="Drop bias=true"):
-        get_score("gradnorm(depth=deep,bias=true)")
-    with pytest.raises(UvoodError, match="T must be"):
-        get_score("exgrad(T=0)")
-    with pytest.raises(UvoodError, match="no parameter 'official'"):
-        get_score("exgrad(official=true)")
+@pytest.mark.parametrize("spec, message", [
+    ("grad(label=sideways)", "label='sideways' is not valid; choose one of uniform, predicted"),
+    ("grad(agg=max)", "norm_of_mean, mean_of_norm"),
+    ("exgrad(depth=medium)", "shallow, deep"),
+    ("grad(weight=logp_over_p)", "label=predicted"),
+    ("grad(label=predicted,official=true)", "label=uniform"),
+    ("gradnorm(depth=deep,bias=true)", "Drop bias=true"),
+    ("exgrad(T=0)", "T must be"),
+    ("exgrad(official=true)", "no parameter 'official'"),
+])
+def test_bad_specs_are_clear(spec, message):
+    with pytest.raises(UvoodError, match=message):
+        get_score(spec)
 
 
 def test_head_not_found():

@@ -56,12 +56,17 @@ def test_augment_shapes_and_padding():
     assert (out == 0).any() and (out == 255).any()  # some crops reach into the zero padding
 
 
-def test_training_is_seeded_and_writes_metadata(tmp_path, monkeypatch):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (96, 28, 28, 1), dtype=torch.uint8, generator=gen)
-    y = torch.randint(0, 10, (96,), generator=gen)
+def _tiny_mnist_recipe(monkeypatch, n: int, seed: int, epochs: int) -> None:
+    """Train mnist-mlp on n random 28 x 28 images for a few epochs (no data files)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 28, 28, 1), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
     monkeypatch.setattr(train, "_arrays", lambda *a: (x, y, "0" * 64, None))
-    monkeypatch.setitem(train.RECIPES, "mnist-mlp", {**train.RECIPES["mnist-mlp"], "epochs": 2, "batch": 32})
+    monkeypatch.setitem(train.RECIPES, "mnist-mlp", {**train.RECIPES["mnist-mlp"], "epochs": epochs, "batch": 32})
+
+
+def test_training_is_seeded_and_writes_metadata(tmp_path, monkeypatch):
+    _tiny_mnist_recipe(monkeypatch, n=96, seed=0, epochs=2)
     first = train.train("mnist-mlp", seed=3, out_dir=tmp_path / "a", progress=False)
     again = train.train("mnist-mlp", seed=3, out_dir=tmp_path / "b", progress=False)
     other = train.train("mnist-mlp", seed=4, out_dir=tmp_path / "c", progress=False)
@@ -75,11 +80,7 @@ def test_training_is_seeded_and_writes_metadata(tmp_path, monkeypatch):
 
 
 def test_resume_continues_from_the_last_epoch(tmp_path, monkeypatch):
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 256, (64, 28, 28, 1), dtype=torch.uint8, generator=gen)
-    y = torch.randint(0, 10, (64,), generator=gen)
-    monkeypatch.setattr(train, "_arrays", lambda *a: (x, y, "0" * 64, None))
-    monkeypatch.setitem(train.RECIPES, "mnist-mlp", {**train.RECIPES["mnist-mlp"], "epochs": 3, "batch": 32})
+    _tiny_mnist_recipe(monkeypatch, n=64, seed=1, epochs=3)
     straight = train.train("mnist-mlp", seed=5, out_dir=tmp_path / "a", progress=False)
 
     calls = {"n": 0}

@@ -123,7 +123,7 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
     ``data`` may also be a function returning the data, called only on a cache miss (with an
     explicit ``data_id``): a warm lookup then reads no image.
     """
-    lazy = callable(data) and not isinstance(data, (torch.Tensor, torch.utils.data.DataLoader))
+    lazy = callable(data)
     if lazy and (data_id is None or cache_dir is None):
         raise UvoodError("data given as a function needs cache_dir and data_id (it is only called on a cache "
                          "miss); pass the tensor or DataLoader itself otherwise.")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 
 def _cmd_bench(args) -> int:
+    from ..cache import atomic_write
     from .report import write_report
     from .runner import check_known, run
     from .spec import load_spec
@@ -30,11 +31,9 @@ def _cmd_bench(args) -> int:
     history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": result.timings["total"], **settings,
                     "cold": cold, "breakdown": breakdown})
     same = [h for h in history[:-1] if all(h.get(k) == v for k, v in settings.items())]
-    # the latest earlier run known to be cold; of runs recorded before "cold" existed, the first
-    flagged, legacy = [h for h in same if h.get("cold")], [h for h in same if "cold" not in h]
-    earlier = flagged[-1] if flagged else (legacy[0] if legacy else None)
-    path = write_report(result, out, command, cold=None if cold else earlier)
-    history_path.write_text(json.dumps(history, indent=1))
+    earlier = [h for h in same if h.get("cold")]  # a rerun's report cites the latest cold run
+    path = write_report(result, out, command, cold=None if cold or not earlier else earlier[-1])
+    atomic_write(history_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
     print(f"{spec.name}: {len(result.rows)} rows in {time.time() - t:.0f} s -> {path}")
     return 0
 

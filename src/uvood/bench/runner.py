@@ -1,7 +1,9 @@
 """Run a benchmark spec: data -> model features (cached) -> scores (cached) -> metrics rows.
 
-Features are extracted once per (model, data set, transform) and cached; scores that need the
-model (deep gradients, BatchGrad) are cached per score. A warm rerun only reads caches.
+Data sets are identified without reading them (:class:`Inputs`); features are extracted once per
+(model, data set, transform) and cached; the scores computed from features are cached in one file
+per feature set; the deep per-label norms once per data set; the other scores that need the model
+(deep gradients, BatchGrad) per score. A warm rerun reads no image and only reads caches.
 """
 
 from __future__ import annotations
@@ -135,8 +137,7 @@ def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> Inputs:
         return transforms.to_model_format(images, channels=c, size=h, mode=mode)
 
     if "folder" in ds:  # a user's ImageFolder layout (e.g. the official ImageNet benchmark's OOD sets)
-        identity, _ = uvdata.datasets.folder_identity(ds["folder"], size=h)
-        count = len(uvdata.formats.list_image_folder(ds["folder"])[0])
+        identity, _, count = uvdata.datasets.folder_identity(ds["folder"], size=h)
         keep = uvdata.datasets.subset_indices(count, n)
         if keep is not None:
             identity += f",limit={n}"
@@ -162,14 +163,13 @@ def _feature_scores(scores: list, f, key: str, path: Path) -> dict[str, np.ndarr
     """Every score computed from the features ``f`` (no model), cached in one file per feature set:
     cheap ones and a few costly ones (the heatmap's fractional norms, shallow BatchGrad)."""
     cached = load_verified(path, key, "Score cache") or {}
-    missing = {_score_key(sc) for sc in scores} - set(cached)
-    for sc in scores:
-        k = _score_key(sc)
-        if k in missing:
-            cached[k] = sc.from_features(f.h, f.logits).numpy()
+    keyed = {_score_key(sc): sc for sc in scores}
+    missing = [k for k in keyed if k not in cached]
+    for k in missing:
+        cached[k] = keyed[k].from_features(f.h, f.logits).numpy()
     if missing:
         save_verified(path, key, cached)
-    return {_score_key(sc): cached[_score_key(sc)] for sc in scores}
+    return {k: cached[k] for k in keyed}
 
 
 def _score_key(score) -> str:

@@ -283,9 +283,10 @@ def load(name: str, split: str, data_dir=None, limit: int | None = None, size: i
                     identity=identity, sha256=sha, path=path, display=ds.display, indices=idx)
 
 
-def folder_identity(root, size: int | None = None, name: str | None = None) -> tuple[str, str]:
-    """(identity, sha256 over every file's path and content) of an ImageFolder, reading no image."""
-    formats.list_image_folder(root)  # a missing or empty folder fails here, with its own message
+def folder_identity(root, size: int | None = None, name: str | None = None) -> tuple[str, str, int]:
+    """(identity, sha256 over every file's path and content, number of images) of an ImageFolder,
+    reading no image."""
+    files = formats.list_image_folder(root)[0]  # a missing or empty folder fails here, with its own message
     digest = hashlib.sha256()
     for path in sorted(Path(root).rglob("*")):
         if path.is_file():
@@ -293,14 +294,14 @@ def folder_identity(root, size: int | None = None, name: str | None = None) -> t
             digest.update(file_sha256(path).encode())
     sha = digest.hexdigest()
     name = name or Path(root).name
-    return f"folder:{name}/all/{sha[:16]}/{f'size={size}' if size else 'all'}", sha
+    return f"folder:{name}/all/{sha[:16]}/{f'size={size}' if size else 'all'}", sha, len(files)
 
 
 def image_folder(root, size: int | None = None, name: str | None = None) -> ImageSet:
     """A user's ImageFolder (``root/<class>/<images>``) as an :class:`ImageSet`; ``size``
     resizes every image to ``size`` x ``size`` (else ``x`` is a list of arrays)."""
     x, y, classes = formats.read_image_folder(root, size)
-    identity, sha = folder_identity(root, size, name)
+    identity, sha, _ = folder_identity(root, size, name)
     name = name or Path(root).name
     return ImageSet(name=name, split="all", x=x, y=y, num_classes=len(classes), classes=tuple(classes),
                     identity=identity, sha256=sha, path=Path(root), display=f"image folder {root}")
