@@ -310,3 +310,139 @@ def test_conv_with_channels_last_activations():
         got = grad_deep(model, x, label="uniform", agg=agg, norm="l1")
         ref = reference_grad_score(model, x, label="uniform", agg=agg, norm="l1", depth="deep")
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------- coverage: every parameter the engine claims
+
+
+class ParentLinear(nn.Module):
+    """A child's weight used through F.linear in the parent's forward; the child is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.nn.functional.linear(x, self.a.weight, self.a.bias)))
+
+
+class TiedTranspose(nn.Module):
+    """Tied weights: a layer is called, and its weight is used again (transposed) by the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.head(torch.tanh(torch.nn.functional.linear(h, self.a.weight.T)))
+
+
+class SharedParameter(nn.Module):
+    """One Parameter object owned by two modules, both called."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 5)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class CalledTwiceAndReused(nn.Module):
+    """A module called twice whose weight the parent also reads directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(torch.tanh(self.a(x))))
+        return self.head(h * self.a.weight.sum(0))
+
+
+class ConvReadByParent(nn.Module):
+    """A convolution called normally whose weight the parent also uses through F.conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 16, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = torch.tanh(torch.nn.functional.conv2d(y, self.conv.weight, padding=1))
+        return self.head(y.flatten(1))
+
+
+COVERAGE_MODELS = [(ParentLinear, (7, 5)), (TiedTranspose, (7, 5)), (SharedParameter, (7, 5)),
+                   (CalledTwiceAndReused, (7, 5)), (ConvReadByParent, (7, 2, 4, 4))]
+
+
+@pytest.mark.parametrize("model_cls,shape", COVERAGE_MODELS, ids=[m.__name__ for m, _ in COVERAGE_MODELS])
+@pytest.mark.parametrize("agg", ["norm_of_mean", "mean_of_norm"])
+def test_parameters_used_outside_their_module_match_float64_reference(model_cls, shape, agg):
+    from uvood.scores.gradient import grad_deep
+    from uvood.scores.reference import reference_grad_score
+
+    torch.manual_seed(5)
+    model = model_cls().double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    for norm in ("l1", "l2sq"):
+        got = grad_deep(model, x, label="uniform", agg=agg, norm=norm, batch_size=3)  # several micro-batches
+        ref = reference_grad_score(model, x, label="uniform", agg=agg, norm=norm, depth="deep")
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+
+
+def test_uncovered_parameters_are_found_and_named():
+    torch.manual_seed(5)
+    model = TiedTranspose().double().eval()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    tape = engine._Tape([model.a, model.head], safe=False)
+    try:
+        logits = model(x)
+    finally:
+        tape.remove()
+    selected = {id(p): p for p in model.parameters()}
+    records = [r for r in tape.records if r.output.requires_grad]
+    assert engine.uncovered_params(logits, records, selected) == {id(model.a.weight)}
+    plain = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    tape = engine._Tape([plain[0], plain[2]], safe=False)
+    try:
+        logits = plain(x)
+    finally:
+        tape.remove()
+    assert engine.uncovered_params(logits, tape.records, {id(p): p for p in plain.parameters()}) == set()
+
+
+def test_batchgrad_offsets_with_uncovered_parameters():
+    torch.manual_seed(6)
+    model = TiedTranspose().double().eval()
+    x = torch.randn(5, 5, dtype=torch.float64)
+    offsets = {id(p): torch.randn_like(p) for p in model.parameters()}
+    got, _ = per_sample_grad_norms(model, x, label_cot, norm="l1", offsets=offsets, batch_size=2)
+    torch.testing.assert_close(got, naive_norms(model, x, label_cot, "l1", offsets=offsets), rtol=1e-10, atol=0)
+
+
+def test_uncovered_parameters_that_torch_func_cannot_handle_are_named():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.nn.functional.linear(x, self.a.weight)
+            if float(h.detach().sum()) > 0:  # data-dependent Python control flow: no vmap
+                h = -h
+            return self.head(torch.tanh(h))
+
+    model = Branchy().eval()
+    with pytest.raises(UvoodError, match=r"\['a.weight'\].*outside their own module"):
+        per_sample_grad_norms(model, torch.randn(3, 4), label_cot)

@@ -5,8 +5,12 @@ forward pass, or a 1x1 ``nn.Conv2d`` whose output is N x C x 1 x 1. ``h`` is the
 input, flattened to N x D (the encoding of the paper, Section 3.1), and ``logits`` is the
 head's output, flattened to N x C (the ``f_theta(x)`` fed to the softmax).
 
-The head is found with forward hooks, so no method names are required of the model. Models
-whose head is unusual can name it: ``head="fc"`` (a dotted module path) or ``head=module``.
+The head is found with forward hooks, so no method names are required of the model: it is the
+layer whose output the model returns (the tensor, the first entry of a returned tuple, or the
+``"logits"`` entry of a returned dict), checked value for value. A model with an auxiliary
+classifier is therefore never scored on the auxiliary layer; when no layer's output is the
+returned logits, uvood refuses and lists the candidates. Models whose head is unusual can name
+it: ``head="fc"`` (a dotted module path) or ``head=module``.
 """
 
 from __future__ import annotations
@@ -94,29 +98,65 @@ def _flat_head_output(module: nn.Module, out: torch.Tensor) -> torch.Tensor | No
     return out.reshape(out.shape[0], -1)
 
 
+def model_logits(output, n: int) -> torch.Tensor | None:
+    """The logits in a model's return value, flattened to n x C: the tensor itself, the first entry
+    of a tuple or list (the main output, as in torchvision's Inception / GoogLeNet), or the
+    ``"logits"`` entry of a dict; None if there is none."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    elif isinstance(output, dict):
+        output = output.get("logits")
+    if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] != n:
+        return None
+    return output.reshape(n, -1)
+
+
 def _run_and_choose(model: nn.Module, x: torch.Tensor, head_module: nn.Module | None):
     """One forward pass with capture hooks; return ``(head module, its input, flat output)``.
 
-    Without an explicit head, the head is the last executed candidate whose flattened output has
-    the shape of the model's output (N x C).
+    Without an explicit head, the head is the last executed candidate whose flattened output IS the
+    model's logits (:func:`model_logits`), value for value. A candidate whose output the model does
+    not return (an auxiliary classifier, or a head whose output the model transforms further) is
+    never taken silently: the error lists the candidates and asks for ``head=``.
     """
     cap = _Capture(model, head_module)
     try:
         output = model(x)
     finally:
         cap.remove()
-    if isinstance(output, (tuple, list)):
-        output = output[0]
     n = x.shape[0]
+    returned = model_logits(output, n)
     for module, inp, out in reversed(cap.calls):
         flat = _flat_head_output(module, out)
         if flat is None or flat.shape[0] != n:
             continue
-        if head_module is not None or not isinstance(output, torch.Tensor) or flat.shape == output.reshape(n, -1).shape:
+        if head_module is not None:
             return module, inp, flat
-    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        if returned is not None and flat.shape == returned.shape and torch.equal(flat, returned):
+            return module, inp, flat
+    names = {id(m): name for name, m in model.named_modules()}
+    ran = []
+    for module, _, out in cap.calls:
+        label = f"{names.get(id(module), '?')!r} (output {tuple(out.shape)})"
+        if label not in ran:
+            ran.append(label)
+    shape = tuple(returned.shape) if returned is not None else type(output).__name__
+    if returned is not None and ran:
+        raise UvoodError(
+            f"None of the linear layers of {type(model).__name__} produces the logits the model returns "
+            f"(shape {shape}): candidates {', '.join(ran[-8:])}. An auxiliary classifier, or logits "
+            "transformed after the last layer, would give scores of other numbers than the model's output. "
+            + HEAD_HELP)
     raise UvoodError(f"Could not find the layer that produces the logits of {type(model).__name__} "
-                     f"(output shape {shape}). " + HEAD_HELP)
+                     f"(output {shape}; a tensor, a tuple whose first entry is the logits, or a dict with a "
+                     "'logits' entry is expected). " + HEAD_HELP)
+
+
+def forward_head(model: nn.Module, x: torch.Tensor, head: nn.Module | str | None = None
+                 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """:func:`forward_features` that also returns the head module: ``(head, h, logits)``."""
+    module, h, logits = _run_and_choose(model, x, resolve_head(model, head))
+    return module, h.reshape(x.shape[0], -1), logits
 
 
 def forward_features(
@@ -127,8 +167,8 @@ def forward_features(
     Runs under whatever grad mode the caller chose (the gradient engine needs autograd; feature
     extraction wraps this in ``torch.no_grad``). Call it inside :func:`eval_mode` for scoring.
     """
-    _, h, logits = _run_and_choose(model, x, resolve_head(model, head))
-    return h.reshape(x.shape[0], -1), logits
+    _, h, logits = forward_head(model, x, head)
+    return h, logits
 
 
 def find_head(model: nn.Module, example: torch.Tensor, head: nn.Module | str | None = None) -> nn.Module:

@@ -40,6 +40,16 @@ How (Opacus / BackPACK style)
    constant ``offset`` added (BatchGrad's anchor gradient), are formed per sample and summed
    before the norm; everything else uses the cheapest rule.
 
+4. Coverage (first micro-batch): the autograd graph of the logits is walked once, and every
+   operation that feeds a selected parameter must lie inside the recorded forward of a module
+   owning it (:func:`uncovered_params`). A parameter also used elsewhere (tied weights, a
+   child's weight in ``F.linear`` / ``F.conv2d`` in a parent's ``forward``, a layer that is
+   never called itself) would otherwise lose that part of its gradient silently; such
+   parameters are taken out of the per-layer records and differentiated through the whole
+   model with ``torch.func`` (:class:`ModelRule`, exact, slower), or, where ``torch.func``
+   cannot run the model, refused with a :class:`~uvood.errors.UvoodError` naming them. Models
+   without such parameters pay one graph walk on the first micro-batch and nothing else.
+
 Why eval mode: the gradient of sum_n loss_n w.r.t. theta splits into per-sample gradients only
 if the samples do not interact. BatchNorm in training mode (or without running statistics)
 normalises with batch statistics, which couples the samples: :func:`per_sample_grad_norms`
@@ -62,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UvoodError
-from ..model import forward_features
+from ..model import forward_head
 
 NORMS = ("l1", "l2sq")
 
@@ -328,17 +338,70 @@ class FuncRule(LayerRule):
 FALLBACK = FuncRule()
 
 
+class ModelRule(LayerRule):
+    """Per-sample gradients of parameters the per-layer records do not cover (used outside their
+    own module's forward: tied weights, ``F.linear(h, self.fc.weight)`` in a parent, a child's
+    weight read by its parent): ``torch.func`` vjp of the WHOLE model's logits w.r.t. those
+    parameters, vmapped over samples and cotangents. ``names`` are dotted parameter names of the
+    model; ``g`` is the cotangent at the logits (K x n x C). Exact, and as slow as the textbook
+    per-sample loop vectorised, so it only serves the parameters that need it."""
+
+    def __init__(self, head: nn.Module):
+        self.head = head
+
+    def grad_sample(self, module, inputs, kwargs, g, names):
+        from torch.func import functional_call, vjp, vmap
+
+        params = {name: module.get_parameter(name).detach() for name in names}
+        captured: list[torch.Tensor] = []
+        handle = self.head.register_forward_hook(lambda m, i, o: captured.append(o))
+
+        def logits_of(prm, x1):
+            captured.clear()
+            functional_call(module, prm, (x1,))
+            return captured[-1].reshape(x1.shape[0], -1)
+
+        def one(g_n, x_n):
+            _, vjp_fn = vjp(lambda p: logits_of(p, x_n.unsqueeze(0)), params)
+            return vmap(lambda gk: vjp_fn(gk.unsqueeze(0))[0])(g_n)
+
+        try:
+            res = vmap(one, in_dims=(1, 0))(g, inputs[0])  # name -> n x K x ...
+        except UvoodError:
+            raise
+        except Exception as e:
+            raise UvoodError(
+                f"Parameter(s) {sorted(names)} are used outside their own module's forward (tied weights, or "
+                f"F.linear / F.conv with a module's weight in a parent's forward), so the per-layer rules do not "
+                f"cover them, and differentiating the whole model per sample with torch.func failed ({e}). "
+                "Call the module instead of its weight, or leave them out with params=.") from None
+        finally:
+            handle.remove()
+        return {k: v.transpose(0, 1) for k, v in res.items()}
+
+
 # ---------------------------------------------------------------- capture
 
 
 @dataclass
 class _Record:
+    """One recorded module call. ``params``: the parameters this record differentiates
+    (name -> parameter; default: the module's own), ``rule``: how (default: :func:`rule_for`)."""
+
     module: nn.Module
     inputs: tuple
     kwargs: dict
     output: torch.Tensor
     versions: list = field(default_factory=list)
     grad: torch.Tensor | None = None
+    params: dict = field(default_factory=dict)
+    rule: LayerRule | None = None
+
+    def __post_init__(self):
+        if not self.params:
+            self.params = dict(self.module.named_parameters(recurse=False))
+        if self.rule is None:
+            self.rule = rule_for(self.module)
 
 
 def _versions(inputs, output):
@@ -380,6 +443,51 @@ class _Tape:
 
     def modified(self) -> bool:
         return any(_versions(r.inputs, r.output) != r.versions for r in self.records)
+
+
+def _reachable(start, stop: set, edges: list | None = None) -> set:
+    """Autograd nodes reachable from ``start`` without entering a node in ``stop``; with ``edges``,
+    append every (node, parameter) edge to a parameter's AccumulateGrad node."""
+    seen = set()
+    todo = [start] if start is not None else []
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None or nxt in stop:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                if edges is not None:
+                    edges.append((node, var))
+                continue
+            todo.append(nxt)
+    return seen
+
+
+def uncovered_params(logits: torch.Tensor, records: list[_Record], selected: dict[int, nn.Parameter]) -> set[int]:
+    """ids of the selected parameters that receive a gradient through an operation outside the
+    recorded forward of every module that owns them (the per-layer rules would miss that part).
+
+    The autograd graph of the logits is walked once: every edge (operation -> parameter) must lie
+    inside a record's own region (from its output back to its inputs) of a module owning the
+    parameter. Parameters that receive no gradient at all contribute 0, correctly.
+    """
+    edges: list = []
+    _reachable(logits.grad_fn, set(), edges)
+    covered: dict[int, set] = {}
+    for r in records:
+        own = [p for p in r.params.values() if id(p) in selected]
+        if not own:
+            continue
+        stop = {t.grad_fn for t in (*r.inputs, *r.kwargs.values()) if isinstance(t, torch.Tensor)}
+        stop.discard(None)
+        region = _reachable(r.output.grad_fn, stop)
+        for p in own:
+            covered.setdefault(id(p), set()).update(region)
+    return {id(p) for node, p in edges if id(p) in selected and node not in covered.get(id(p), ())}
 
 
 def check_independent(model: nn.Module) -> None:
@@ -425,10 +533,10 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
     owners: dict[int, list[int]] = {}
     names: list[list[str]] = []
     for i, r in enumerate(records):
-        own = [nm for nm, p in r.module.named_parameters(recurse=False) if id(p) in selected]
+        own = [nm for nm, p in r.params.items() if id(p) in selected]
         names.append(own)
         for nm in own:
-            owners.setdefault(id(getattr(r.module, nm)), []).append(i)
+            owners.setdefault(id(r.params[nm]), []).append(i)
     shared = {pid for pid, idx in owners.items() if len(idx) > 1}
     offsets = offsets or {}
     # fast path: per-record norms for unshared, offset-free parameters
@@ -437,9 +545,8 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
         if r.grad is None:
             todo.append([])
             continue
-        easy = [nm for nm in names[i] if id(getattr(r.module, nm)) not in shared
-                and id(getattr(r.module, nm)) not in offsets]
-        got = _rule_norms(rule_for(r.module), r.module, r.inputs, r.kwargs, r.grad, easy, norms) if easy else {}
+        easy = [nm for nm in names[i] if id(r.params[nm]) not in shared and id(r.params[nm]) not in offsets]
+        got = _rule_norms(r.rule, r.module, r.inputs, r.kwargs, r.grad, easy, norms) if easy else {}
         for v in got.values():
             total += v
         todo.append([nm for nm in names[i] if nm not in got])
@@ -460,9 +567,9 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
         if todo[i] and records[i].grad is not None:
             units.setdefault(find(i), []).append(i)
     for members in units.values():
-        pids = {id(getattr(records[i].module, nm)) for i in members for nm in todo[i]}
+        pids = {id(records[i].params[nm]) for i in members for nm in todo[i]}
         per_sample = sum(selected[pid].numel() for pid in pids) * K
-        per_sample += sum(rule_for(records[i].module).sample_elements(records[i].module, records[i].inputs, todo[i])
+        per_sample += sum(records[i].rule.sample_elements(records[i].module, records[i].inputs, todo[i])
                           for i in members)
         chunk = max(1, CHUNK_ELEMENTS // max(1, per_sample))
         for lo in range(0, n, chunk):
@@ -470,10 +577,9 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
             acc: dict[int, torch.Tensor] = {}
             for i in members:
                 r = records[i]
-                gs = rule_for(r.module).grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs,
-                                                    r.grad[:, lo:hi], todo[i])
+                gs = r.rule.grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs, r.grad[:, lo:hi], todo[i])
                 for nm in todo[i]:
-                    pid = id(getattr(r.module, nm))
+                    pid = id(r.params[nm])
                     acc[pid] = gs[nm] if pid not in acc else acc[pid] + gs[nm]
             for pid, grad in acc.items():
                 if pid in offsets:
@@ -542,21 +648,33 @@ def per_sample_grad_norms(
     if x.is_inference():
         x = x.clone()
     all_norms, all_logits = [], []
+    plan: dict = {}  # filled on the first micro-batch: the parameters the records do not cover
     with torch.enable_grad():
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size]
-            norms, logits = _micro_batch(model, xb, cotangents, wanted, head, modules, selected, offsets, max_rows)
+            norms, logits = _micro_batch(model, xb, cotangents, wanted, head, modules, selected, offsets, max_rows,
+                                         plan)
             all_norms.append(norms)
             all_logits.append(logits)
     norms = torch.cat(all_norms, dim=2)
     return (norms[0] if isinstance(norm, str) else norms), torch.cat(all_logits, dim=0)
 
 
-def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, offsets, max_rows):
+def _plan_coverage(model, logits, records, selected, head_module, plan):
+    """First micro-batch: find the parameters the records do not cover (:func:`uncovered_params`);
+    they are taken out of their modules' records and differentiated through the whole model."""
+    if "uncovered" not in plan:
+        ids = uncovered_params(logits, records, selected)
+        plan["uncovered"] = {name: p for name, p in model.named_parameters() if id(p) in ids}
+        plan["rule"] = ModelRule(head_module)
+    return plan["uncovered"]
+
+
+def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, offsets, max_rows, plan):
     for safe in (False, True):
         tape = _Tape(modules, safe)
         try:
-            _, logits = forward_features(model, xb, head)
+            head_module, _, logits = forward_head(model, xb, head)
         finally:
             tape.remove()
         if not tape.modified():
@@ -571,6 +689,13 @@ def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, o
     K = v.shape[0]
     v = v.to(logits.dtype)
     records = [r for r in tape.records if r.output.requires_grad]
+    uncovered = _plan_coverage(model, logits, records, selected, head_module, plan)
+    whole = None
+    if uncovered:
+        ids = {id(p) for p in uncovered.values()}
+        for r in records:
+            r.params = {nm: p for nm, p in r.params.items() if id(p) not in ids}
+        whole = _Record(model, (xb.detach(),), {}, logits, params=dict(uncovered), rule=plan["rule"])
     for r in records:
         r.inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in r.inputs)
     outs = [r.output for r in records]
@@ -596,12 +721,16 @@ def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, o
                          for j in range(len(outs))]
             for r, gr in zip(records, grads):
                 r.grad = gr
+        everything = records
+        if whole is not None:
+            whole.grad = vk
+            everything = records + [whole]
         with torch.no_grad():
-            parts.append(_norms_from_records(records, selected, norms_wanted, offsets, vk.shape[0], n, z64.device))
+            parts.append(_norms_from_records(everything, selected, norms_wanted, offsets, vk.shape[0], n,
+                                             z64.device))
     norms = torch.cat(parts, dim=1)
     # parameters with an offset but no recorded gradient contribute ||offset|| for every sample
-    seen = {id(getattr(r.module, nm)) for r in records if r.grad is not None
-            for nm, _ in r.module.named_parameters(recurse=False)}
+    seen = {id(p) for r in everything if r.grad is not None for p in r.params.values()}
     for pid, off in offsets.items():
         if pid in selected and pid not in seen:
             norms += torch.stack([reduce_norm(off.reshape(1, 1, -1), nm) for nm in norms_wanted])
