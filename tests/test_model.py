@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+import uvood
+
 from uvood.errors import UvoodError
 from uvood.model import eval_mode, find_head, forward_features
 
@@ -118,3 +120,61 @@ def test_no_head_error_says_how_to_pass_head():
         forward_features(m, torch.randn(2, 3, 5, 5))
     with pytest.raises(UvoodError, match="not a module"):
         forward_features(SmallCNN(), torch.randn(2, 3, 8, 8), head="nope")
+
+
+class AuxNet(nn.Module):
+    """Inception-style: a main and an auxiliary classifier with the same number of classes; the
+    auxiliary one runs last. ``mode`` picks what forward returns."""
+
+    def __init__(self, mode="main"):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+        self.aux = nn.Sequential(nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 4))
+        self.mode = mode
+
+    def forward(self, x):
+        main = self.fc(self.body(x))
+        aux = self.aux(x.flatten(1))
+        if self.mode == "tuple":
+            return main, aux
+        if self.mode == "dict":
+            return {"aux_logits": aux, "logits": main}
+        if self.mode == "mixed":
+            return main + 0.3 * aux
+        return main
+
+
+@pytest.mark.parametrize("mode", ["main", "tuple", "dict"])
+def test_auxiliary_classifier_is_never_taken_as_head(mode):
+    torch.manual_seed(0)
+    m = AuxNet(mode).eval()
+    x = torch.randn(5, 1, 3, 4)
+    with torch.no_grad():
+        h, logits = forward_features(m, x)
+        main = m.fc(m.body(x))
+    assert find_head(m, x) is m.fc
+    torch.testing.assert_close(logits, main)
+    torch.testing.assert_close(h, m.body(x))
+
+
+def test_logits_no_layer_produces_ask_for_head():
+    torch.manual_seed(0)
+    m = AuxNet("mixed").eval()
+    x = torch.randn(5, 1, 3, 4)
+    with pytest.raises(UvoodError, match=r"candidates 'fc', 'aux.2'\. .*head="):
+        forward_features(m, x)
+    with torch.no_grad():
+        _, logits = forward_features(m, x, head="fc")
+    torch.testing.assert_close(logits, m.fc(m.body(x)))
+
+
+def test_deep_scores_use_the_main_head_of_an_auxiliary_model():
+    from uvood.scores.reference import reference_grad_score
+
+    torch.manual_seed(1)
+    m = AuxNet("tuple").double().eval()
+    x = torch.randn(4, 1, 3, 4, dtype=torch.float64)
+    got = uvood.score_model("exgrad(depth=deep)", m, x)
+    ref = reference_grad_score(m, x, label="predicted", agg="mean_of_norm", norm="l1", depth="deep", head="fc")
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)

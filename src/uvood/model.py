@@ -135,16 +135,15 @@ def _run_and_choose(model: nn.Module, x: torch.Tensor, head_module: nn.Module | 
         if returned is not None and flat.shape == returned.shape and torch.equal(flat, returned):
             return module, inp, flat
     names = {id(m): name for name, m in model.named_modules()}
-    ran = []
-    for module, _, out in cap.calls:
-        label = f"{names.get(id(module), '?')!r} (output {tuple(out.shape)})"
-        if label not in ran:
-            ran.append(label)
+    calls = [(m, out) for m, _, out in cap.calls]
+    if returned is not None and any(out.numel() == returned.numel() for _, out in calls):
+        calls = [(m, out) for m, out in calls if out.numel() == returned.numel()]  # same N x C: classifiers
+    ran = list(dict.fromkeys(repr(names.get(id(m), "?")) for m, _ in calls))
     shape = tuple(returned.shape) if returned is not None else type(output).__name__
     if returned is not None and ran:
         raise UvoodError(
             f"None of the linear layers of {type(model).__name__} produces the logits the model returns "
-            f"(shape {shape}): candidates {', '.join(ran[-8:])}. An auxiliary classifier, or logits "
+            f"(shape {shape}); candidates {', '.join(ran[-8:])}. An auxiliary classifier, or logits "
             "transformed after the last layer, would give scores of other numbers than the model's output. "
             + HEAD_HELP)
     raise UvoodError(f"Could not find the layer that produces the logits of {type(model).__name__} "
