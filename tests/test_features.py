@@ -68,8 +68,8 @@ def test_bad_inputs():
         uvood.extract(m, torch.full((3, 1, 4, 4), float("nan")), progress=False)
     with pytest.raises(UvoodError, match="empty"):
         uvood.extract(m, torch.zeros(0, 1, 4, 4), progress=False)
-    with pytest.raises(UvoodError, match="float"):
-        uvood.extract(m, torch.zeros(2, 1, 4, 4, dtype=torch.uint8), progress=False)
+    with pytest.raises(UvoodError, match="must be float .or uint8 images"):
+        uvood.extract(m, torch.zeros(2, 1, 4, 4, dtype=torch.int64), progress=False)
     loader = torch.utils.data.DataLoader(torch.rand(4, 1, 4, 4), batch_size=2)
     with pytest.raises(UvoodError, match="data_id"):
         uvood.extract(m, loader, cache_dir="unused", progress=False)

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 import uvood
-
 from uvood.errors import UvoodError
 from uvood.model import eval_mode, find_head, forward_features
 

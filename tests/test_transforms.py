@@ -72,8 +72,10 @@ def test_describe_names_the_transform():
 
 
 def test_bad_inputs_raise_clear_errors():
-    with pytest.raises(UvoodError, match="uint8"):
-        to_model_format(np.zeros((1, 28, 28, 1), np.float32), 1, 28)
+    with pytest.raises(UvoodError, match=r"float images must lie in \[0, 1\]"):
+        to_model_format(np.full((1, 28, 28, 1), 255.0, np.float32), 1, 28)
+    with pytest.raises(UvoodError, match="uint8 .0..255. or float"):
+        to_model_format(np.zeros((1, 28, 28, 1), np.int32), 1, 28)
     with pytest.raises(UvoodError, match="mode"):
         to_model_format(np.zeros((1, 28, 28, 1), np.uint8), 1, 28, "stretch")
     with pytest.raises(UvoodError, match="N x H x W x C"):

@@ -57,7 +57,7 @@ def _read_user_images(path: Path):
     if "x" not in arrays:
         raise UvoodError(f"{path} has keys {sorted(arrays)}: expected 'x' (and 'y') for decoded images, or "
                          "'data', 'offsets', 'y', 'names' for JPEG bytes (see the data README).")
-    x = formats.check_images(arrays["x"], str(path))
+    x = arrays["x"]  # any layout of uvood.validation.LAYOUT_RULE; checked by transforms.to_model_format
     y = arrays.get("y")
     return x, (None if y is None else np.asarray(y)), list(range(len(x)))
 
@@ -81,11 +81,11 @@ def _cmd_score(args) -> int:
     x, y, names = _load_inputs(args.data, args.model, args)
     specs = args.score or ["norm(0.3)*energy"]
     scores = [get_score(s) for s in specs]
-    feats = extract(model, x, batch_size=args.batch_size, progress=True, desc="features")
+    feats = extract(model, x, batch_size=args.batch_size, progress=True, desc="features", dtype=args.dtype)
     cols = {}
     for sc in scores:
         if sc.needs_model:
-            cols[sc.spec] = score_model(sc, model, x, batch_size=args.batch_size, progress=True)
+            cols[sc.spec] = score_model(sc, model, x, batch_size=args.batch_size, progress=True, dtype=args.dtype)
         else:
             cols[sc.spec] = score_features(sc, feats.h, feats.logits)
     pred = feats.logits.argmax(1)
@@ -121,10 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score inputs with a model and write one CSV row per input")
     p.add_argument("--model", required=True, help="a zoo name (uvood zoo list) or a zoo-format checkpoint path")
-    p.add_argument("--data", required=True, help="an .npz (decoded or JPEG format) or a folder of images")
+    p.add_argument("--data", required=True,
+                   help="an .npz with 'x' (and optional 'y'), a JPEG-format .npz, or a folder of images. 'x' may be "
+                   "N x H x W (greyscale), N x H x W x C or N x C x H x W (C = 1 or 3; a 4-D array is N x C x H x W "
+                   "when its second axis is 1 or 3), uint8 (0..255) or float in [0, 1]")
     p.add_argument("--score", action="append", help="a score spec (repeatable), e.g. 'norm(0.3)*energy'")
     p.add_argument("--out", default="scores.csv", help="output CSV path")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="run the model in this dtype (default: its own); float64 makes deep gradient scores of an "
+                   "image independent of the batch it is in (float32 rounding can flip a ReLU / max-pool choice)")
     p.add_argument("--cross-domain", choices=["resize", "paste"], default="resize",
                    help="how to bring images of another size/channel count into the model's format")
     p.set_defaults(func=_cmd_score)

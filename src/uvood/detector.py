@@ -22,9 +22,18 @@ from .batching import iter_batches
 from .cache import atomic_write
 from .errors import UvoodError
 from .features import model_fingerprint
-from .model import eval_mode, forward_features, head_name, resolve_head
+from .model import (
+    eval_mode,
+    forward_features,
+    head_name,
+    model_channels,
+    model_dtype,
+    parse_dtype,
+    resolve_head,
+    with_dtype,
+)
 from .scores.registry import get_score
-from .validation import check_images
+from .validation import check_images, model_input
 
 FORMAT = "uvood-detector"
 VERSION = 1
@@ -40,8 +49,10 @@ def threshold_for_tpr(id_scores: torch.Tensor, tpr: float) -> float:
 class Detector:
     """OOD detector around ``model`` with the score ``score`` (a registry spec string)."""
 
-    def __init__(self, model: torch.nn.Module, score: str = "norm(0.3)*energy", head=None, batch_size: int = 128):
+    def __init__(self, model: torch.nn.Module, score: str = "norm(0.3)*energy", head=None, batch_size: int = 128,
+                 dtype=None):
         self.model = model
+        self.dtype = parse_dtype(dtype)  # None: the model's own; "float64": batch-independent (uvood.score_model)
         self.score_fn = get_score(score)
         self.spec = self.score_fn.spec
         self.head = resolve_head(model, head)
@@ -62,7 +73,7 @@ class Detector:
         batches = list(iter_batches(id_data, self.batch_size))
         if not batches or sum(x.shape[0] for x, _ in batches) == 0:
             raise UvoodError("id_data is empty: pass at least one in-distribution sample to fit the detector.")
-        x = torch.cat([b[0] for b in batches])
+        x = model_input(torch.cat([b[0] for b in batches]), torch.float32, model_channels(self.model), "id_data")
         ys = [b[1] for b in batches]
         y = torch.cat(ys) if all(t is not None for t in ys) else None
         check_images(x, name="id_data")
@@ -82,23 +93,25 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     def _check_input(self, x) -> torch.Tensor:
+        x = model_input(x, torch.float32, model_channels(self.model), "x")
         x = check_images(x, expected_channels=self.input_shape[0] if self.input_shape else None, name="x")
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise UvoodError(f"x has per-sample shape {tuple(x.shape[1:])} but the detector was fitted on "
                              f"{self.input_shape}. Resize the inputs (uvood.data.transforms.to_model_format).")
-        if not x.is_floating_point():
-            raise UvoodError(f"x must be float images, got {x.dtype}; scale uint8 pixels with x.float() / 255.")
         return x
 
     def score(self, x, progress: bool = False) -> torch.Tensor:
         """S(x) for a batch N x C x H x W; higher = more in-distribution. Returns float64 (N,)."""
         x = self._check_input(x)
         if self.score_fn.needs_model:
-            return score_model(self.score_fn, self.model, x, self.batch_size, self.head, progress=progress)
+            return score_model(self.score_fn, self.model, x, self.batch_size, self.head, progress=progress,
+                               dtype=self.dtype)
+        model, head = with_dtype(self.model, self.head, self.dtype)
+        x = x.to(model_dtype(model))
         hs, zs = [], []
-        with torch.no_grad(), eval_mode(self.model):
+        with torch.no_grad(), eval_mode(model):
             for i in range(0, x.shape[0], self.batch_size):
-                h, z = forward_features(self.model, x[i:i + self.batch_size], self.head)
+                h, z = forward_features(model, x[i:i + self.batch_size], head)
                 hs.append(h)
                 zs.append(z)
         return score_features(self.score_fn, torch.cat(hs), torch.cat(zs))
@@ -117,7 +130,8 @@ class Detector:
         meta = {"format": FORMAT, "version": VERSION, "spec": self.spec, "threshold": self.threshold,
                 "tpr": self.tpr, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
                 "head": head_name(self.model, self.head) if self.head is not None else None,
-                "batch_size": self.batch_size, "model_sha256": model_fingerprint(self.model)}
+                "batch_size": self.batch_size, "model_sha256": model_fingerprint(self.model),
+                "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")}
         payload = {"meta": json.dumps(meta), "state": {k: v.detach().cpu() for k, v in self.score_fn.state().items()}}
         atomic_write(path, lambda f: torch.save(payload, f))
 
@@ -133,7 +147,8 @@ class Detector:
             raise UvoodError(f"{path} is not a valid uvood detector file ({e}).") from None
         if meta.get("format") != FORMAT:
             raise UvoodError(f"{path} is not a uvood detector file (format {meta.get('format')!r}).")
-        det = cls(model, score=meta["spec"], head=meta["head"], batch_size=meta.get("batch_size", 128))
+        det = cls(model, score=meta["spec"], head=meta["head"], batch_size=meta.get("batch_size", 128),
+                  dtype=meta.get("dtype"))
         fp = model_fingerprint(model)
         if fp != meta["model_sha256"]:
             msg = (f"The model's weights differ from those the detector at {path} was fitted with; "

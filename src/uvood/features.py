@@ -61,24 +61,28 @@ def tensor_fingerprint(x: torch.Tensor | np.ndarray) -> str:
     return d.hexdigest()
 
 
-def _compute(model, data, batch_size, head, progress, desc) -> Features:
+def _compute(model, data, batch_size, head, progress, desc, dtype=None) -> Features:
+    from .model import input_range, model_channels, model_dtype, with_dtype
+    from .validation import model_input, warn_range
+
     hs, zs, ys = [], [], []
     total = data_length(data)
     has_y = True
+    model, head = with_dtype(model, head, dtype)
+    run_dtype, channels, expected = model_dtype(model), model_channels(model), input_range(model)
+    keep = torch.float64 if run_dtype == torch.float64 else torch.float32
+    warned: dict = {}
     with torch.no_grad(), eval_mode(model):
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
         for x, y in iter_batches(data, batch_size):
-            if x.shape[0] == 0:
+            if x.ndim > 0 and x.shape[0] == 0:
                 continue
-            x = x.to(device)
-            if not x.is_floating_point():
-                raise UvoodError(f"Model inputs must be float images (got dtype {x.dtype}); "
-                                 "scale uint8 pixels to [0, 1] with x.float() / 255.")
-            check_finite(x, "input images", "Replace or drop the images with NaN/inf pixels.")
+            x = model_input(x, run_dtype, channels).to(device)
+            warn_range(x, expected, warned)
             h, z = forward_features(model, x, head)
-            hs.append(h.float().cpu())
-            zs.append(z.float().cpu())
+            hs.append(h.to(keep).cpu())
+            zs.append(z.to(keep).cpu())
             if y is None:
                 has_y = False
             else:
@@ -86,7 +90,7 @@ def _compute(model, data, batch_size, head, progress, desc) -> Features:
             bar.update(x.shape[0])
         bar.close()
     if not zs:
-        raise UvoodError("The data is empty: no samples to extract features from.")
+        raise UvoodError("The data is empty: no samples to extract features from. Pass at least one sample.")
     logits = torch.cat(zs)
     check_nonempty(logits, "data")
     check_finite(logits, "logits", "The model produced non-finite logits on these inputs: check the inputs' "
@@ -94,9 +98,11 @@ def _compute(model, data, batch_size, head, progress, desc) -> Features:
     return Features(torch.cat(hs), logits, torch.cat(ys) if has_y and ys else None)
 
 
-def cache_key(model, data_id: str, transform: str = "", head=None) -> str:
+def cache_key(model, data_id: str, transform: str = "", head=None, dtype=None) -> str:
     meta = {"v": FORMAT_VERSION, "model": model_fingerprint(model), "data": data_id,
             "transform": transform, "head": head if isinstance(head, str) or head is None else repr(head)}
+    if dtype is not None:  # only when asked for, so that the keys of existing caches stay valid
+        meta["dtype"] = str(dtype)
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
@@ -112,7 +118,7 @@ def load_cached(path: Path, key: str) -> Features | None:
 
 def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cache_dir: str | os.PathLike | None = None,
             data_id: str | None = None, transform: str = "", progress: bool = True, desc: str = "features",
-            cache_name: str | None = None) -> Features:
+            cache_name: str | None = None, dtype=None) -> Features:
     """Run ``model`` once over ``data`` and return its :class:`Features` ``(h, logits, y)``.
 
     ``data`` is a tensor N x C x H x W (float, the model's input format), an ``(x, y)`` pair or
@@ -122,13 +128,21 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
     file (default: the key); a file of that name made for another key is reported as stale.
     ``data`` may also be a function returning the data, called only on a cache miss (with an
     explicit ``data_id``): a warm lookup then reads no image.
+
+    Inputs follow :func:`uvood.validation.model_input` (uint8 images are scaled to [0, 1], image
+    layouts follow :data:`uvood.validation.LAYOUT_RULE`, float64 arrays are converted to the
+    model's dtype). ``dtype="float64"`` runs a float64 copy of the model (features kept in
+    float64, cached under their own key); see :func:`uvood.score_model` for why.
     """
+    from .model import parse_dtype
+
+    dtype = parse_dtype(dtype)
     lazy = callable(data)
     if lazy and (data_id is None or cache_dir is None):
         raise UvoodError("data given as a function needs cache_dir and data_id (it is only called on a cache "
                          "miss); pass the tensor or DataLoader itself otherwise.")
     if cache_dir is None:
-        return _compute(model, data, batch_size, head, progress, desc)
+        return _compute(model, data, batch_size, head, progress, desc, dtype)
     if data_id is None:
         if isinstance(data, (torch.Tensor, np.ndarray)):
             data_id = "tensor:" + tensor_fingerprint(data)
@@ -137,14 +151,14 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
         else:
             raise UvoodError("To cache features of a DataLoader, pass data_id='a name for this data' "
                              "(tensors are hashed automatically).")
-    key = cache_key(model, data_id, transform, head)
+    key = cache_key(model, data_id, transform, head, dtype)
     path = Path(cache_dir) / f"features-{cache_name or key[:32]}.npz"
     cached = load_cached(path, key)
     if cached is not None:
         return cached
     if lazy:
         data = data()
-    feats = _compute(model, data, batch_size, head, progress, desc)
+    feats = _compute(model, data, batch_size, head, progress, desc, dtype)
     arrays = {"h": feats.h.numpy(), "logits": feats.logits.numpy(),
               "y": feats.y.numpy() if feats.y is not None else np.zeros(0, np.int64)}
     save_verified(path, key, arrays)

@@ -183,3 +183,58 @@ def num_classes(model: nn.Module, example: torch.Tensor, head=None) -> int:
     with torch.no_grad(), eval_mode(model):
         _, logits = forward_features(model, example[:1], head)
     return int(logits.shape[1])
+
+
+# ---------------------------------------------------------------- what the model takes
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """``dtype=`` of the entry points: None (the model's own), torch.float32 / float64 or their names."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise UvoodError(f"dtype={dtype!r} is not supported; use None (the model's own), 'float32' or 'float64'.")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter (float32 for a model without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def model_channels(model: nn.Module) -> int | None:
+    """The channel count of a model that takes images: ``in_channels`` of its first registered layer
+    with parameters when that is an ``nn.Conv2d``; None for any other model."""
+    for m in model.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            return m.in_channels if isinstance(m, nn.Conv2d) else None
+    return None
+
+
+def input_range(model: nn.Module) -> tuple[float, float] | None:
+    """The input range a model declares: ``model.input_range`` (lo, hi) if set, (0, 1) for uvood zoo models
+    (they normalise inside themselves), else None."""
+    declared = getattr(model, "input_range", None)
+    if isinstance(declared, (tuple, list)) and len(declared) == 2:
+        return float(declared[0]), float(declared[1])
+    from .zoo.architectures import Normalize
+
+    if any(isinstance(m, Normalize) for m in model.modules()):
+        return 0.0, 1.0
+    return None
+
+
+def with_dtype(model: nn.Module, head, dtype: torch.dtype | None):
+    """``(model, head)`` running in ``dtype``: the model itself when it already has that dtype (or dtype
+    is None), else a copy converted to it, with ``head`` mapped onto the copy. A float64 copy makes the
+    scores of a sample independent of the batch it is in (see :func:`uvood.score_model`)."""
+    import copy
+
+    dtype = parse_dtype(dtype)
+    if dtype is None or dtype == model_dtype(model):
+        return model, head
+    module = resolve_head(model, head)
+    twin = copy.deepcopy(model).to(dtype)
+    return twin, (None if module is None else dict(twin.named_modules())[head_name(model, module)])

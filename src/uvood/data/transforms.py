@@ -1,4 +1,7 @@
-"""Cross-domain transforms: any uint8 images -> a model's float N x C x H x W input in [0, 1].
+"""Cross-domain transforms: any images -> a model's float N x C x H x W input in [0, 1].
+
+Input images follow the one layout rule, :data:`uvood.validation.LAYOUT_RULE`: N x H x W
+(greyscale), N x H x W x C or N x C x H x W with C in (1, 3), uint8 (0..255) or float in [0, 1].
 
 ``to_model_format(images, channels, size, mode)``:
 
@@ -23,20 +26,30 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UvoodError
+from ..validation import LAYOUT_RULE, check_finite, image_layout
 
 MODES = ("resize", "paste")
 LUMA = (0.299, 0.587, 0.114)
 
 
-def _as_uint8_nhwc(images) -> torch.Tensor:
+def _as_nchw(images) -> torch.Tensor:
+    """uint8 or float images in any layout of :data:`uvood.validation.LAYOUT_RULE` -> N x C x H x W
+    (a view, same dtype); floats must lie in [0, 1]."""
     x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
-    if x.dtype != torch.uint8:
-        raise UvoodError(f"images must be uint8 (0..255), got {x.dtype}; convert with (x * 255).round().to(uint8) "
-                         "if they are floats in [0, 1].")
-    if x.ndim == 3:  # N x H x W grey
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise UvoodError(f"images must be N x H x W x C with C in (1, 3), got shape {tuple(x.shape)}.")
+    if x.dtype != torch.uint8 and not x.is_floating_point():
+        raise UvoodError(f"images must be uint8 (0..255) or float in [0, 1], got {x.dtype}.")
+    if x.ndim == 0 or x.shape[0] == 0:
+        return torch.zeros(0, 1, 1, 1, dtype=x.dtype)
+    x = image_layout(x, "images")
+    if x.shape[1] not in (1, 3):
+        raise UvoodError(f"images must have 1 or 3 channels (N x H x W x C or N x C x H x W with C in (1, 3)), "
+                         f"got shape {tuple(x.shape)} read as N x C x H x W. " + LAYOUT_RULE)
+    if x.is_floating_point():
+        check_finite(x, "images")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise UvoodError(f"float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; pass uint8 "
+                             "pixels (0..255) or divide by 255.")
     return x
 
 
@@ -62,8 +75,8 @@ def _paste(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def to_model_format(images, channels: int, size: int, mode: str = "resize", batch: int = 4096) -> torch.Tensor:
-    """uint8 N x H x W x C images (array, tensor, or a sequence of H x W x C arrays of any
-    sizes in ``resize`` mode) -> float32 N x ``channels`` x ``size`` x ``size`` in [0, 1]."""
+    """Images by :data:`uvood.validation.LAYOUT_RULE` (array, tensor, or a sequence of H x W x C arrays of
+    any sizes in ``resize`` mode) -> float32 N x ``channels`` x ``size`` x ``size`` in [0, 1]."""
     if mode not in MODES:
         raise UvoodError(f"mode must be one of {MODES}, got {mode!r}.")
     if channels not in (1, 3) or int(size) < 1:
@@ -75,10 +88,13 @@ def to_model_format(images, channels: int, size: int, mode: str = "resize", batc
             out = [to_model_format(np.asarray(images[i])[None], channels, size, mode) for i in range(len(images))]
             return torch.cat(out) if out else torch.zeros(0, channels, size, size)
         images = np.stack([np.asarray(images[i]) for i in range(len(images))])
-    x = _as_uint8_nhwc(images)
+    x = _as_nchw(images)
+    if len(x) == 0:
+        return torch.zeros(0, channels, size, size)
     parts = []
-    for start in range(0, max(len(x), 1), batch):
-        part = x[start:start + batch].permute(0, 3, 1, 2).float().div_(255.0)
+    for start in range(0, len(x), batch):
+        part = x[start:start + batch].float()
+        part = part.div_(255.0) if x.dtype == torch.uint8 else part
         if mode == "paste":
             part = _paste(_convert_channels(part, channels, mode), size)
         else:
