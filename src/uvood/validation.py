@@ -114,7 +114,8 @@ def image_layout(x, name: str = "images", channels: int | None = None) -> torch.
             return x.permute(0, 3, 1, 2)
         raise UvoodError(f"{name} of shape {shape} have neither N x {channels} x H x W nor N x H x W x {channels} "
                          f"layout, but the model takes {channels} channels. " + LAYOUT_RULE)
-    raise UvoodError(f"{name} must be N x H x W, N x H x W x C or N x C x H x W, got shape {shape}. " + LAYOUT_RULE)
+    raise UvoodError(f"{name} must be 3-D (N x H x W) or 4-D (N x H x W x C or N x C x H x W), got shape "
+                     f"{shape}. " + LAYOUT_RULE)
 
 
 def as_images(x, name: str = "images", channels: int | None = None, dtype: torch.dtype = torch.float32

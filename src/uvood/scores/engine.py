@@ -641,6 +641,8 @@ def per_sample_grad_norms(
         raise UvoodError(f"norm={norm!r} is not valid; choose one of {', '.join(NORMS)} (or a tuple of them).")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UvoodError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise UvoodError(f"x is empty (shape {tuple(x.shape)}): pass at least one sample.")
     check_independent(model)
     selected = _select(model, params)
     offsets = dict(offsets or {})
