@@ -209,3 +209,13 @@ def test_cli_score_help_states_the_layout_rule_and_dtype(capsys):
     assert "N x H x W (greyscale), N x H x W x C or N x C x H x W" in text
     assert "uint8 (0..255) or float in [0, 1]" in text
     assert "--dtype {float32,float64}" in text
+
+
+def test_detector_warns_once_per_call_on_pixels_in_0_255():
+    m = _cnn()
+    m.input_range = (0.0, 1.0)
+    det = uvood.Detector(m, score="msp").fit(torch.rand(8, 1, 8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det.score(torch.rand(8, 1, 8, 8) * 255)
+    assert [issubclass(w.category, RangeWarning) for w in caught] == [True]

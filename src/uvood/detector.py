@@ -26,6 +26,7 @@ from .model import (
     eval_mode,
     forward_features,
     head_name,
+    input_range,
     model_channels,
     model_dtype,
     parse_dtype,
@@ -33,7 +34,7 @@ from .model import (
     with_dtype,
 )
 from .scores.registry import get_score
-from .validation import check_images, model_input
+from .validation import check_images, model_input, warn_range
 
 FORMAT = "uvood-detector"
 VERSION = 1
@@ -73,7 +74,8 @@ class Detector:
         batches = list(iter_batches(id_data, self.batch_size))
         if not batches or sum(x.shape[0] for x, _ in batches) == 0:
             raise UvoodError("id_data is empty: pass at least one in-distribution sample to fit the detector.")
-        x = model_input(torch.cat([b[0] for b in batches]), torch.float32, model_channels(self.model), "id_data")
+        x = model_input(torch.cat([b[0] for b in batches]), model_dtype(self.model), model_channels(self.model),
+                        "id_data")
         ys = [b[1] for b in batches]
         y = torch.cat(ys) if all(t is not None for t in ys) else None
         check_images(x, name="id_data")
@@ -93,7 +95,8 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     def _check_input(self, x) -> torch.Tensor:
-        x = model_input(x, torch.float32, model_channels(self.model), "x")
+        x = model_input(x, model_dtype(self.model), model_channels(self.model), "x")
+        warn_range(x, input_range(self.model), {}, "x")
         x = check_images(x, expected_channels=self.input_shape[0] if self.input_shape else None, name="x")
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise UvoodError(f"x has per-sample shape {tuple(x.shape[1:])} but the detector was fitted on "
