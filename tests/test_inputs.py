@@ -92,6 +92,11 @@ def test_missing_batch_axis_is_refused_not_read_as_other_samples():
         with pytest.raises(UvoodError, match=r"add the batch axis \(x\[None\]\)"):
             call()
     torch.testing.assert_close(uvood.score_model("msp", m, one[None]), uvood.score_model("msp", m, one[None].numpy()))
+    from uvood import zoo
+
+    mlp = zoo.load("mnist-mlp")  # no convolution: float inputs pass as they are, the output shows the missing axis
+    with pytest.raises(UvoodError, match="first axis is not the batch.*add the batch axis"):
+        uvood.extract(mlp, torch.rand(28, 28), progress=False)
 
 
 @pytest.mark.parametrize("entry", ["score_features", "extract", "score_model", "score_model_deep", "fit",

@@ -177,3 +177,9 @@ def test_deep_scores_use_the_main_head_of_an_auxiliary_model():
     got = uvood.score_model("exgrad(depth=deep)", m, x)
     ref = reference_grad_score(m, x, label="predicted", agg="mean_of_norm", norm="l1", depth="deep", head="fc")
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+
+
+def test_output_without_the_batch_axis_says_so():
+    m = nn.Sequential(nn.Flatten(0), nn.Linear(12, 3))  # flattens everything: one output for the whole input
+    with pytest.raises(UvoodError, match=r"shape \(3,\) for an input of shape \(4, 3\).*add the batch axis"):
+        forward_features(m, torch.randn(4, 3))

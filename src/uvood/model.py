@@ -146,6 +146,11 @@ def _run_and_choose(model: nn.Module, x: torch.Tensor, head_module: nn.Module | 
             f"(shape {shape}); candidates {', '.join(ran[-8:])}. An auxiliary classifier, or logits "
             "transformed after the last layer, would give scores of other numbers than the model's output. "
             + HEAD_HELP)
+    first = output[0] if isinstance(output, (tuple, list)) and output else output
+    if isinstance(first, torch.Tensor) and (first.ndim == 0 or first.shape[0] != n):
+        raise UvoodError(f"{type(model).__name__} returned an output of shape {tuple(first.shape)} for an input of "
+                         f"shape {tuple(x.shape)}: its first axis is not the batch of N = {n} samples. If the input "
+                         "is a single sample, add the batch axis (x[None]).")
     raise UvoodError(f"Could not find the layer that produces the logits of {type(model).__name__} "
                      f"(output {shape}; a tensor, a tuple whose first entry is the logits, or a dict with a "
                      "'logits' entry is expected). " + HEAD_HELP)
