@@ -101,6 +101,6 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
         f.write(b"half")
         raise RuntimeError("killed mid-write")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="killed mid-write"):
         atomic_write(path, crash)
     assert path.read_bytes() == b"old" and [p.name for p in path.parent.iterdir()] == ["file.bin"]

@@ -208,7 +208,7 @@ def test_cli_score_reads_every_layout_and_dtype(tmp_path, capsys):
 def test_cli_score_help_states_the_layout_rule_and_dtype(capsys):
     from uvood.cli import main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="0"):
         main(["score", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "N x H x W (greyscale), N x H x W x C or N x C x H x W" in text
