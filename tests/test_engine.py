@@ -381,7 +381,7 @@ class ConvReadByParent(nn.Module):
         return self.head(y.flatten(1))
 
 
-COVERAGE_MODELS = [(ParentLinear, (7, 5)), (TiedTranspose, (7, 5)), (SharedParameter, (7, 5)),
+COVERAGE_MODELS = [(Twice, (7, 5)), (ParentLinear, (7, 5)), (TiedTranspose, (7, 5)), (SharedParameter, (7, 5)),
                    (CalledTwiceAndReused, (7, 5)), (ConvReadByParent, (7, 2, 4, 4))]
 
 
