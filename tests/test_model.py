@@ -183,3 +183,19 @@ def test_output_without_the_batch_axis_says_so():
     m = nn.Sequential(nn.Flatten(0), nn.Linear(12, 3))  # flattens everything: one output for the whole input
     with pytest.raises(UvoodError, match=r"shape \(3,\) for an input of shape \(4, 3\).*add the batch axis"):
         forward_features(m, torch.randn(4, 3))
+
+
+def test_head_found_when_logits_are_nan_or_cast():
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x).double()
+
+    m = Cast()
+    assert find_head(m, torch.randn(2, 4)) is m.fc
+    with torch.no_grad():
+        m.fc.bias[0] = float("nan")
+    assert find_head(m, torch.randn(2, 4)) is m.fc

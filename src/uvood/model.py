@@ -111,6 +111,14 @@ def model_logits(output, n: int) -> torch.Tensor | None:
     return output.reshape(n, -1)
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values (NaN equal to NaN; ``a`` cast to ``b``'s dtype)."""
+    if a.shape != b.shape:
+        return False
+    a = a.to(b.dtype)
+    return torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def _run_and_choose(model: nn.Module, x: torch.Tensor, head_module: nn.Module | None):
     """One forward pass with capture hooks; return ``(head module, its input, flat output)``.
 
@@ -132,7 +140,7 @@ def _run_and_choose(model: nn.Module, x: torch.Tensor, head_module: nn.Module | 
             continue
         if head_module is not None:
             return module, inp, flat
-        if returned is not None and flat.shape == returned.shape and torch.equal(flat, returned):
+        if returned is not None and _same_values(flat, returned):
             return module, inp, flat
     names = {id(m): name for name, m in model.named_modules()}
     calls = [(m, out) for m, _, out in cap.calls]
