@@ -85,7 +85,7 @@ def _kth_largest_index(n: int, tpr: float) -> int:
     return k
 
 
-def _check_tpr(tpr) -> float:
+def check_tpr(tpr) -> float:
     if isinstance(tpr, bool) or not isinstance(tpr, (int, float, np.floating)) or not 0.0 < tpr <= 1.0:
         raise UvoodError(f"tpr must be a number in (0, 1], got {tpr!r}; e.g. tpr=0.95 keeps 95 % of ID.")
     return float(tpr)
@@ -105,7 +105,7 @@ def threshold_at_tpr(id_scores, tpr: float = 0.95) -> float:
     uvood: :func:`fpr_at_tpr` reads the OOD rate at it and :class:`uvood.Detector` flags x as
     OOD when S(x) < t. O(n) with a partial sort.
     """
-    return _threshold(_as_scores(id_scores, "id_scores"), _check_tpr(tpr))
+    return _threshold(_as_scores(id_scores, "id_scores"), check_tpr(tpr))
 
 
 def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95, positive: str = "id") -> float:
@@ -118,7 +118,7 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95, positive: str = "id") -
     Equals scikit-learn's ``roc_curve(drop_intermediate=False)`` read at the first index with
     tpr >= ``tpr``. O(n) with a partial sort.
     """
-    tpr = _check_tpr(tpr)
+    tpr = check_tpr(tpr)
     pos, neg = _check(id_scores, ood_scores)
     if positive == "ood":
         pos, neg = -neg, -pos
