@@ -1,12 +1,16 @@
 """The deployable Detector: fit, score, predict, save, load, and its errors."""
 
+import io
 import json
+import re
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import uvood
+import uvood.progress
 from uvood.errors import UvoodError
 
 
@@ -255,3 +259,29 @@ def test_predict_accepts_a_dataloader():
 def test_batch_size_must_be_a_positive_integer():
     with pytest.raises(UvoodError, match=r"batch_size must be an integer >= 1, got 0"):
         uvood.Detector(_model(), batch_size=0)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_count_images_on_a_terminal_only(monkeypatch):
+    monkeypatch.setattr(uvood.progress, "DELAY", 0.0)
+    m, x = _model(), torch.rand(7, 1, 8, 8)
+    for run in (lambda p: uvood.Detector(m, score="energy", batch_size=4).fit(x, progress=p),
+                lambda p: uvood.score_model("gradnorm(depth=deep)", m, x, batch_size=4, progress=p),
+                lambda p: uvood.extract(m, x, batch_size=4, progress=p)):
+        term = _Terminal()
+        monkeypatch.setattr(sys, "stderr", term)
+        run(True)
+        assert re.search(r"\b[0-7]/7 \[", term.getvalue()) and "img" in term.getvalue()  # 7 images, not 2 batches
+        run(False)
+        not_a_terminal = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", not_a_terminal)
+        run(True)
+        assert not_a_terminal.getvalue() == ""
+        term2 = _Terminal()
+        monkeypatch.setattr(sys, "stderr", term2)
+        run(False)
+        assert term2.getvalue() == ""
