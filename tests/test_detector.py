@@ -136,6 +136,7 @@ def _set(key, value):
     (_set("spec", "norm(1.0)*batchgrad"), r"spec 'norm\(1.0\)\*batchgrad' is not in the canonical form"),
     (_set("extra", 1), r"unknown field\(s\) \['extra'\]"),
     (lambda meta: meta.pop("tpr"), r"missing field\(s\) \['tpr'\]"),
+    (_set("score_version", "norm:1*batchgrad:0"), r"fitted with another version of its code \('norm:1\*batchgrad:0'"),
 ])
 def test_load_refuses_each_tampered_field(tmp_path, edit, msg):
     m, path = _saved_batchgrad(tmp_path)

@@ -11,9 +11,9 @@ The file format is ``torch.save`` of ``{"meta": JSON string, "state": {name: ten
 with ``weights_only=True`` (no arbitrary pickle). :meth:`Detector.load` checks it against
 :data:`META_FIELDS` and :data:`STATE_SHAPES` and refuses a file that does not fit: unknown
 fields or tensors, wrong types, out-of-range values, a threshold outside the ID scores it was
-fitted on, a format version newer than this uvood, a checksum that no longer matches the content
-(the spec, threshold or state was edited), a model with other weights (``strict=False``: loaded
-with a warning) or another class count.
+fitted on, a format version other than this uvood's, a checksum that no longer matches the
+content (the spec, threshold or state was edited), a score whose code version changed since the
+fit, a model with other weights (``strict=False``: loaded with a warning) or another class count.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ META_FIELDS = {
     "id_score_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_real(t) and math.isfinite(t)
                                                                               for t in v) and v[0] <= v[1],
                        "a list [min, max] of two finite numbers"),
+    "score_version": (lambda v: isinstance(v, str), "a string of registry versions, e.g. 'norm:1*energy:1'"),
     "checksum": (lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest"),
 }
 
@@ -85,6 +86,11 @@ def _checksum(meta: dict, state: dict[str, torch.Tensor]) -> str:
         d.update(key.encode())
         d.update(tensor_fingerprint(state[key]).encode())
     return d.hexdigest()
+
+
+def _score_version(score) -> str:
+    """The registry versions of the score's terms (``version_tag``, e.g. ``"norm:1*energy:1"``)."""
+    return getattr(score, "version_tag", "")
 
 
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -253,7 +259,7 @@ class Detector:
                 "tpr": self.tpr, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
                 "head": head_name(self.model, self.head) if self.head is not None else None,
                 "batch_size": self.batch_size, "model_sha256": model_fingerprint(self.model),
-                "id_score_range": list(self.id_score_range)}
+                "id_score_range": list(self.id_score_range), "score_version": _score_version(self.score_fn)}
         state = {k: v.detach().cpu() for k, v in self.score_fn.state().items()}
         meta["checksum"] = _checksum(meta, state)
         atomic_write(path, lambda f: torch.save({"meta": json.dumps(meta), "state": state}, f))
@@ -270,6 +276,10 @@ class Detector:
         if det.spec != meta["spec"]:
             raise UvoodError(f"{path} is not a valid uvood detector file: its spec {meta['spec']!r} is not in the "
                              f"canonical form uvood writes ({det.spec!r}). Fit the detector again and save it.")
+        if _score_version(det.score_fn) != meta["score_version"]:
+            raise UvoodError(f"The score {det.spec!r} was fitted with another version of its code "
+                             f"({meta['score_version']!r}, now {_score_version(det.score_fn)!r}): its values, and so "
+                             f"the threshold in {path}, may have changed. Fit the detector again and save it.")
         if model_fingerprint(model) != meta["model_sha256"]:
             msg = (f"The model's weights differ from those the detector at {path} was fitted with; "
                    "its threshold may be meaningless.")
