@@ -227,12 +227,14 @@ class Detector:
         """S(x) for images N x C x H x W, an ``(x, y)`` pair or a DataLoader; higher = more
         in-distribution. Returns float64 (N,). ``progress``: a bar counting images on a terminal."""
         hs, zs, outs = [], [], []
+        device, dtype = _device_dtype(self.model)
         pbar = bar(data_length(data), f"score {self.spec}", progress)
         try:
             for x, _ in iter_batches(data, self.batch_size):
                 x = self._check_input(x)
                 if self.score_fn.needs_model:
-                    outs.append(score_model(self.score_fn, self.model, x, self.batch_size, self.head, progress=False))
+                    outs.append(score_model(self.score_fn, self.model, x.to(device=device, dtype=dtype),
+                                            self.batch_size, self.head, progress=False))
                 else:
                     h, z = self._forward(x)
                     hs.append(h)
