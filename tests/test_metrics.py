@@ -72,6 +72,35 @@ def test_vectorised_bootstrap_auroc_equals_per_resample_loop():
     assert fast == pytest.approx(slow, abs=1e-12)
 
 
+def _brute_threshold(a, tpr):
+    """max t over the ID scores with (#ID >= t) / n >= tpr, by trying every candidate."""
+    return max(t for t in a if np.count_nonzero(a >= t) / a.size >= tpr)
+
+
+@pytest.mark.parametrize("tpr", [0.95, 0.5, 0.8, 1.0, 0.01, 0.9 + 5e-11, 0.7 - 1e-12, 1 / 3])
+def test_threshold_at_tpr_is_the_brute_force_definition(tpr):
+    for a, _ in _cases():
+        t = M.threshold_at_tpr(a, tpr)
+        assert t == _brute_threshold(a, tpr)
+        assert np.count_nonzero(a >= t) / a.size >= tpr  # keeps at least tpr of ID
+
+
+def test_bootstrap_refuses_bad_settings():
+    a, b = np.arange(20.0), np.arange(20.0) - 3
+    with pytest.raises(UvoodError, match=r"alpha must be in \(0, 1\)"):
+        M.bootstrap_ci("auroc", a, b, alpha=2)
+    with pytest.raises(UvoodError, match=r"alpha must be in \(0, 1\)"):
+        M.bootstrap_ci("fpr95", a, b, alpha=0)
+    with pytest.raises(UvoodError, match="n_boot must be an integer >= 1"):
+        M.bootstrap_ci("auroc", a, b, n_boot=0)
+    with pytest.raises(UvoodError, match="n_boot must be an integer >= 1"):
+        M.bootstrap_ci("aupr_in", a, b, n_boot=2.5)
+    with pytest.raises(UvoodError, match="Unknown metric 'aurc': give one of auroc, fpr95"):
+        M.bootstrap_ci("aurc", a, b)
+    lo, hi = M.bootstrap_ci("detection_error", a, b, n_boot=50, alpha=0.9)
+    assert lo <= hi
+
+
 def test_bad_inputs():
     with pytest.raises(UvoodError, match="non-finite"):
         M.auroc([1.0, np.nan], [0.0])
@@ -83,3 +112,7 @@ def test_bad_inputs():
         M.aupr_in([1.0], [])
     with pytest.raises(UvoodError, match="positive"):
         M.fpr_at_tpr([1.0], [0.0], positive="both")
+    with pytest.raises(UvoodError, match=r"tpr must be a number in \(0, 1\]"):
+        M.threshold_at_tpr([1.0, 2.0], 1.5)
+    with pytest.raises(UvoodError, match=r"tpr must be a number in \(0, 1\]"):
+        M.fpr_at_tpr([1.0], [0.0], tpr="0.95")

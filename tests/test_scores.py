@@ -159,3 +159,22 @@ def test_bad_features_raise():
         uvood.score_features("msp", torch.ones(0, 2), torch.ones(0, 3))
     with pytest.raises(UvoodError, match="2-D"):
         uvood.score_features("msp", torch.ones(4, 2), torch.ones(4))
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ("energy(T=true)", r"T='true' is not valid; T must be a number, e.g. energy\(T=1\)"),
+    ("energy(T=abc)", r"T='abc' is not valid; T must be a number"),
+    ("norm(false)", r"p='false' is not valid; p must be a number"),
+    ("gradnorm(bias=1)", r"bias='1' is not valid; bias must be true or false"),
+    ("msp(" + "x" * 100_000 + "=1)", r"has no parameter 'xxxx*\.\.\. \(100002 characters\)"),
+    ("n" * 100_000, r"Unknown score 'nnnn*\.\.\. \(100002 characters\)"),
+    ("energy(T=1" + ")" * 100_000, r"Cannot parse score spec 'energy\(T=1\)\)\).*\.\.\. \(100012 characters\)"),
+])
+def test_spec_values_are_typed_and_long_specs_clipped_in_errors(bad, msg):
+    with pytest.raises(UvoodError, match=msg) as err:
+        uvood.get_score(bad)
+    assert len(str(err.value)) < 400
+
+
+def test_huge_integer_parameter_is_a_number_not_an_overflow():
+    assert uvood.get_score("energy(T=" + "9" * 5000 + ")").spec == "energy(T=inf)"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .batching import iter_batches
+from .batching import data_length, iter_batches
 from .errors import UvoodError
+from .progress import bar
 from .scores.registry import Score, get_score
 from .validation import check_features
 
@@ -27,7 +28,7 @@ def score_features(spec: str | Score, h, logits) -> torch.Tensor:
 
 
 def score_model(spec: str | Score, model: torch.nn.Module, data, batch_size: int = 128, head=None,
-                progress: bool = False, dtype=None) -> torch.Tensor:
+                progress: bool = True, dtype=None) -> torch.Tensor:
     """Score raw inputs with ``model`` (needed for deep gradient scores); returns float64 (N,).
 
     ``data``: a tensor or array, an ``(x, y)`` pair or a DataLoader; every batch goes through
@@ -42,9 +43,6 @@ def score_model(spec: str | Score, model: torch.nn.Module, data, batch_size: int
     ``dtype="float64"`` runs a float64 copy of the model, for scores of a sample that are the same
     whatever batch it is in (slower: about 2x on CPU).
     """
-    from tqdm.auto import tqdm
-
-    from .batching import data_length
     from .model import input_range, model_channels, model_dtype, with_dtype
     from .validation import model_input, warn_range
 
@@ -55,14 +53,15 @@ def score_model(spec: str | Score, model: torch.nn.Module, data, batch_size: int
     run_dtype, channels, expected = model_dtype(model), model_channels(model), input_range(model)
     warned: dict = {}
     outs = []
-    with tqdm(total=data_length(data), disable=not progress, desc=score.spec, unit="img", leave=False) as bar:
-        for x, _ in iter_batches(data, batch_size):
-            if x.ndim > 0 and x.shape[0] == 0:
-                continue
-            x = model_input(x, run_dtype, channels)
-            warn_range(x, expected, warned)
-            outs.append(score.from_model(model, x, head).detach().to(torch.float64).cpu())
-            bar.update(x.shape[0])
+    pbar = bar(data_length(data), score.spec, progress)
+    for x, _ in iter_batches(data, batch_size):
+        if x.ndim > 0 and x.shape[0] == 0:
+            continue
+        x = model_input(x, run_dtype, channels)
+        warn_range(x, expected, warned)
+        outs.append(score.from_model(model, x, head).detach().to(torch.float64).cpu())
+        pbar.update(x.shape[0])
+    pbar.close()
     if not outs:
         raise UvoodError("The data is empty: nothing to score. Pass at least one sample.")
     return _checked_output(torch.cat(outs), score.spec)

@@ -3,6 +3,7 @@
     uvood demo                      offline demo on the bundled MNIST / Fashion-MNIST sample
     uvood scores                    the registry of score names
     uvood score --model M --data D --score SPEC --out scores.csv
+                                    (M: a zoo name, or package.module:factory with --weights FILE)
     uvood data ... / uvood zoo ... / uvood bench ...
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -33,10 +35,50 @@ def _cmd_scores(args) -> int:
     return 0
 
 
-def _load_model(name: str):
+def _load_model(args):
+    """``--model`` (a zoo name or a ``module:factory``) with ``--weights`` -> (model, its input C, H, W)."""
     from . import zoo
+    from .user_model import FORMS, is_factory_name, load_user_model, load_weights
 
-    return zoo.load(name)
+    name = args.model
+    if is_factory_name(name):
+        if not args.input_shape:
+            raise UvoodError(f"--model {name} is your own model: give its input as --input-shape C,H,W "
+                             "(e.g. 3,32,32); the images are brought to that format.")
+        return load_user_model(name, args.weights), args.input_shape
+    if name.endswith((".pt", ".pth", ".ckpt", ".bin", ".safetensors")) or Path(name).is_file():
+        raise UvoodError(f"--model {name} looks like a weights file: give the code that builds the model as "
+                         f"--model {FORMS} and the file as --weights {name}.")
+    model = zoo.load(name)
+    if args.weights:
+        load_weights(model, args.weights)
+    return model.eval(), tuple(zoo.info(name)["input"])
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    """argparse type of --input-shape: 'C,H,W' with C in (1, 3) and H = W."""
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+    if c not in (1, 3) or h != w or h < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 channels and square images (H = W), got {text!r}")
+    return c, h, w
+
+
+def check_out(path, folder: bool = False) -> Path:
+    """Fail before any work when the output ``path`` (a file, or a ``folder``) cannot be written."""
+    path = Path(path)
+    for parent in ([path] if folder else []) + list(path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UvoodError(f"Cannot write to {path}: {parent} is a file, not a folder. Choose another --out.")
+            if not os.access(parent, os.W_OK):
+                raise UvoodError(f"Cannot write to {path}: no permission to write in {parent}. Choose another --out.")
+            break
+    if not folder and path.is_dir():
+        raise UvoodError(f"Cannot write to {path}: it is a folder. Give a file name, e.g. --out {path / 'scores.csv'}.")
+    return path
 
 
 def _read_user_images(path: Path):
@@ -62,13 +104,12 @@ def _read_user_images(path: Path):
     return x, (None if y is None else np.asarray(y)), list(range(len(x)))
 
 
-def _load_inputs(path: str, model_name: str, args):
-    """Read DATA into the model's input format (C, H, W from the zoo metadata)."""
-    from . import zoo
+def _load_inputs(path: str, shape: tuple[int, int, int], args):
+    """Read DATA into the model's input format ``shape`` = (C, H, W)."""
     from .data import transforms
 
     images, y, names = _read_user_images(Path(path))
-    c, h, _ = zoo.info(model_name)["input"]
+    c, h, _ = shape
     return transforms.to_model_format(images, channels=c, size=h, mode=args.cross_domain), y, names
 
 
@@ -77,10 +118,16 @@ def _cmd_score(args) -> int:
     from .features import extract
     from .scores.registry import get_score
 
-    model = _load_model(args.model)
-    x, y, names = _load_inputs(args.data, args.model, args)
     specs = args.score or ["norm(0.3)*energy"]
     scores = [get_score(s) for s in specs]
+    for sc in scores:
+        if sc.needs_fit:
+            raise UvoodError(f"Score {sc.spec!r} must first be fitted on labelled ID data, which `uvood score` does "
+                             f"not take: use the Python API, uvood.Detector(model, score={sc.spec!r}).fit((x_id, "
+                             "y_id)), or `uvood bench`.")
+    out = check_out(args.out)
+    model, shape = _load_model(args)
+    x, y, names = _load_inputs(args.data, shape, args)
     feats = extract(model, x, batch_size=args.batch_size, progress=True, desc="features", dtype=args.dtype)
     cols = {}
     for sc in scores:
@@ -89,7 +136,6 @@ def _cmd_score(args) -> int:
         else:
             cols[sc.spec] = score_features(sc, feats.h, feats.logits)
     pred = feats.logits.argmax(1)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
@@ -119,8 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scores", help="list the registry of score names")
     p.set_defaults(func=_cmd_scores)
 
-    p = sub.add_parser("score", help="score inputs with a model and write one CSV row per input")
-    p.add_argument("--model", required=True, help="a zoo name (uvood zoo list) or a zoo-format checkpoint path")
+    p = sub.add_parser("score", help="score inputs with a model and write one CSV row per input",
+                       description="Score images with a zoo model or your own and write one CSV row per image.",
+                       epilog="Your own model: --model mypkg.nets:build --weights net.pt --input-shape 3,32,32, "
+                       "where build() returns the nn.Module and net.pt holds torch.save(model.state_dict(), "
+                       "'net.pt'); the weights are read with torch.load(weights_only=True), no other object is "
+                       "ever unpickled. Importing mypkg.nets runs its code: name only modules you trust.")
+    p.add_argument("--model", required=True, help="a zoo name (uvood zoo list), or your own model as "
+                   "package.module:factory or path/to/file.py:factory (a function returning the nn.Module)")
+    p.add_argument("--weights", help="weights for the model: a state dict saved with torch.save(model.state_dict(), "
+                   "FILE), loaded with torch.load(weights_only=True)")
+    p.add_argument("--input-shape", type=_input_shape, metavar="C,H,W",
+                   help="input format of your own model (with --model module:factory), e.g. 3,32,32")
     p.add_argument("--data", required=True,
                    help="an .npz with 'x' (and optional 'y'), a JPEG-format .npz, or a folder of images. 'x' may be "
                    "N x H x W (greyscale), N x H x W x C or N x C x H x W (C = 1 or 3; a 4-D array is N x C x H x W "
@@ -153,8 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UvoodError as e:
-        print(f"uvood: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except OSError as e:  # a file or folder the command reads or writes, a network error
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}. Check the path, its permissions and the free space.")
+    except KeyboardInterrupt:
+        print("uvood: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str) -> int:
+    """Print the error as one line (exit status 2)."""
+    print(f"uvood: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,24 +4,34 @@
     det.predict(x)   # BoolTensor, True = OOD
     det.save("det.pt"); det = uvood.Detector.load("det.pt", model)
 
-The threshold keeps ``tpr`` of the ID fitting data: x is flagged OOD when S(x) < threshold.
-The file format is ``torch.save`` of plain tensors and a JSON string, loaded with
-``weights_only=True`` (no arbitrary pickle).
+The threshold keeps ``tpr`` of the ID fitting data (:func:`uvood.metrics.threshold_at_tpr`,
+the rule the FPR@TPR metric uses): x is flagged OOD when S(x) < threshold.
+
+The file format is ``torch.save`` of ``{"meta": JSON string, "state": {name: tensor}}``, loaded
+with ``weights_only=True`` (no arbitrary pickle). :meth:`Detector.load` checks it against
+:data:`META_FIELDS` and :data:`STATE_SHAPES` and refuses a file that does not fit: unknown
+fields or tensors, wrong types, out-of-range values, a threshold outside the ID scores it was
+fitted on, a format version other than this uvood's, a checksum that no longer matches the
+content (the spec, threshold or state was edited), a score whose code version changed since the
+fit, a model with other weights (``strict=False``: loaded with a warning) or another class count.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
+import warnings
 
-import numpy as np
 import torch
 
+from . import metrics
 from .api import score_features, score_model
-from .batching import iter_batches
+from .batching import data_length, iter_batches
 from .cache import atomic_write
 from .errors import UvoodError
-from .features import model_fingerprint
+from .features import model_fingerprint, tensor_fingerprint
 from .model import (
     eval_mode,
     forward_features,
@@ -33,18 +43,132 @@ from .model import (
     resolve_head,
     with_dtype,
 )
+from .progress import bar
 from .scores.registry import get_score
 from .validation import check_images, model_input, warn_range
 
 FORMAT = "uvood-detector"
-VERSION = 1
+#: 2: checksum and id_score_range added; a version-1 file is refused (fit the detector again)
+VERSION = 2
 
 
-def threshold_for_tpr(id_scores: torch.Tensor, tpr: float) -> float:
-    """The largest t with P(S_id >= t) >= tpr: the k-th largest ID score, k = ceil(tpr * n)."""
-    s = np.sort(id_scores.detach().cpu().double().numpy())[::-1]
-    k = max(1, min(s.size, math.ceil(tpr * s.size - 1e-9)))
-    return float(s[k - 1])
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: field -> (check, what it must be); every field of a saved file, none other
+META_FIELDS = {
+    "format": (lambda v: v == FORMAT, f"the string {FORMAT!r}"),
+    "version": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "spec": (lambda v: isinstance(v, str) and v.strip() != "", "a score spec string"),
+    "threshold": (lambda v: _is_real(v) and math.isfinite(v), "a finite number"),
+    "tpr": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "input_shape": (lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(d) and d >= 1 for d in v),
+                    "a list [C, H, W] of 3 positive integers"),
+    "num_classes": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "head": (lambda v: v is None or isinstance(v, str), "a module name or null"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "model_sha256": (lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest"),
+    "id_score_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_real(t) and math.isfinite(t)
+                                                                              for t in v) and v[0] <= v[1],
+                       "a list [min, max] of two finite numbers"),
+    "score_version": (lambda v: isinstance(v, str), "a string of registry versions, e.g. 'norm:1*energy:1'"),
+    "checksum": (lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest"),
+    "dtype": (lambda v: v is None or v in ("float32", "float64"), "null (the model's own), 'float32' or 'float64'"),
+}
+
+#: fitted-state tensor (BatchGrad's anchors) -> (its shape given C classes, the input shape and D
+#: features, whether it holds floats); a fitted score stores no other tensor
+STATE_SHAPES = {
+    "anchor_x": (lambda c, shape, d: (c, *shape), True),
+    "anchor_y": (lambda c, shape, d: (c,), False),
+    "anchor_grad": (lambda c, shape, d: (c, d), True),
+}
+
+
+def _checksum(meta: dict, state: dict[str, torch.Tensor]) -> str:
+    """sha256 of the meta fields (checksum excluded, canonical JSON) and every state tensor."""
+    d = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for key in sorted(state):
+        d.update(key.encode())
+        d.update(tensor_fingerprint(state[key]).encode())
+    return d.hexdigest()
+
+
+def _score_version(score) -> str:
+    """The registry versions of the score's terms (``version_tag``, e.g. ``"norm:1*energy:1"``)."""
+    return getattr(score, "version_tag", "")
+
+
+def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in which float type the model computes (its first floating parameter or buffer)."""
+    t = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
+    return (t.device, t.dtype) if t is not None else (torch.device("cpu"), torch.float32)
+
+
+def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The file's meta and state, checked against :data:`META_FIELDS` (types and ranges)."""
+    def bad(what: str) -> UvoodError:
+        return UvoodError(f"{path} is not a valid uvood detector file: {what}. Fit the detector again and save it.")
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UvoodError(f"No detector file at {path}: check the path (Detector.save writes it).") from None
+    except Exception as e:  # truncated, not a torch file, or holding objects other than tensors
+        raise bad(f"it cannot be read as a tensors-only torch file ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("meta"), str):
+        raise bad("it holds no 'meta' JSON string")
+    if set(payload) - {"meta", "state"}:
+        raise bad(f"unknown entries {sorted(set(payload) - {'meta', 'state'})}")
+    try:
+        meta = json.loads(payload["meta"])
+    except json.JSONDecodeError as e:
+        raise bad(f"its meta is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise bad(f"its meta is a JSON {type(meta).__name__}, not an object of fields")
+    if meta.get("format") != FORMAT:
+        raise bad(f"format {meta.get('format')!r} instead of {FORMAT!r}")
+    version = meta.get("version")
+    if not META_FIELDS["version"][0](version):
+        raise bad(f"field 'version' must be {META_FIELDS['version'][1]}, got {str(version)[:100]!r}")
+    if version != VERSION:
+        raise UvoodError(f"{path} was written by {'a newer' if version > VERSION else 'an older'} uvood (detector "
+                         f"format version {version}; this uvood reads version {VERSION}): "
+                         + ("upgrade uvood, or " if version > VERSION else "") + "fit the detector again and save it.")
+    fields = set(META_FIELDS)
+    if set(meta) - fields:
+        raise bad(f"unknown field(s) {sorted(set(meta) - fields)}")
+    if fields - set(meta):
+        raise bad(f"missing field(s) {sorted(fields - set(meta))}")
+    for key in META_FIELDS:
+        if not META_FIELDS[key][0](meta[key]):
+            raise bad(f"field {key!r} must be {META_FIELDS[key][1]}, got {str(meta[key])[:100]!r}")
+    state = payload.get("state", {})
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise bad("its 'state' is not a dict of named tensors")
+    for key, t in state.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf not in STATE_SHAPES:
+            raise bad(f"unknown state tensor {key!r} (a fitted score stores only {sorted(STATE_SHAPES)})")
+        floats = STATE_SHAPES[leaf][1]
+        if t.is_floating_point() != floats or t.is_complex():
+            raise bad(f"state tensor {key!r} has dtype {t.dtype}, expected {'float' if floats else 'int'}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise bad(f"state tensor {key!r} holds NaN or infinite values")
+    lo, hi = meta["id_score_range"]
+    if not lo <= meta["threshold"] <= hi:
+        raise bad(f"field 'threshold' = {meta['threshold']!r} lies outside the range [{lo!r}, {hi!r}] of the ID "
+                  "scores it was fitted on")
+    if meta["checksum"] != _checksum(meta, state):
+        raise bad("its checksum does not match its content (the spec, threshold, settings or fitted state were "
+                  "edited after it was saved)")
+    return meta, state
 
 
 class Detector:
@@ -52,8 +176,11 @@ class Detector:
 
     def __init__(self, model: torch.nn.Module, score: str = "norm(0.3)*energy", head=None, batch_size: int = 128,
                  dtype=None):
+        if not _is_int(batch_size) or batch_size < 1:
+            raise UvoodError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
         self.model = model
         self.dtype = parse_dtype(dtype)  # None: the model's own; "float64": batch-independent (uvood.score_model)
+        self._twin = None  # (model, head) converted to dtype, made on first use
         self.score_fn = get_score(score)
         self.spec = self.score_fn.spec
         self.head = resolve_head(model, head)
@@ -62,15 +189,25 @@ class Detector:
         self.tpr: float | None = None
         self.input_shape: tuple[int, ...] | None = None
         self.num_classes: int | None = None
+        self.id_score_range: tuple[float, float] | None = None
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, logits) of a batch, computed on the model's device, in its float type or in ``dtype``."""
+        if self.dtype is not None and self._twin is None:
+            self._twin = with_dtype(self.model, self.head, self.dtype)
+        model, head = self._twin or (self.model, self.head)
+        device, dtype = _device_dtype(model)
+        with torch.no_grad(), eval_mode(model):
+            return forward_features(model, x.to(device=device, dtype=dtype), head)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, id_data, tpr: float = 0.95, seed: int = 0, progress: bool = False) -> Detector:
-        """Set the threshold that keeps ``tpr`` of ``id_data`` (tensor, (x, y) pair or DataLoader).
+    def fit(self, id_data, tpr: float = 0.95, seed: int = 0, progress: bool = True) -> Detector:
+        """Set the threshold that keeps ``tpr`` of ``id_data`` (tensor, (x, y) pair or DataLoader):
+        t = :func:`uvood.metrics.threshold_at_tpr` of the ID scores.
 
         Scores that need ID data (BatchGrad) are fitted first, on the same data (with labels).
         """
-        if not 0.0 < tpr <= 1.0:
-            raise UvoodError(f"tpr must be in (0, 1], got {tpr}.")
+        tpr = metrics.check_tpr(tpr)
         batches = list(iter_batches(id_data, self.batch_size))
         if not batches or sum(x.shape[0] for x, _ in batches) == 0:
             raise UvoodError("id_data is empty: pass at least one in-distribution sample to fit the detector.")
@@ -80,17 +217,18 @@ class Detector:
         y = torch.cat(ys) if all(t is not None for t in ys) else None
         check_images(x, name="id_data")
         self.input_shape = tuple(x.shape[1:])
-        with torch.no_grad(), eval_mode(self.model):
-            _, logits = forward_features(self.model, x[:1].float(), self.head)
+        _, logits = self._forward(x[:1])
         self.num_classes = int(logits.shape[1])
         if y is not None and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise UvoodError(f"id_data labels range over [{int(y.min())}, {int(y.max())}] but the model has "
                              f"{self.num_classes} classes: the data and the model do not match.")
         if self.score_fn.needs_fit:
-            self.score_fn.fit(self.model, x.float(), y, head=self.head, seed=seed)
+            device, dtype = _device_dtype(self.model)
+            self.score_fn.fit(self.model, x.to(device=device, dtype=dtype), y, head=self.head, seed=seed)
         scores = self.score(x, progress=progress)
-        self.threshold = threshold_for_tpr(scores, tpr)
+        self.threshold = metrics.threshold_at_tpr(scores, tpr)
         self.tpr = tpr
+        self.id_score_range = (float(scores.min()), float(scores.max()))
         return self
 
     # ------------------------------------------------------------------ scoring
@@ -103,70 +241,98 @@ class Detector:
                              f"{self.input_shape}. Resize the inputs (uvood.data.transforms.to_model_format).")
         return x
 
-    def score(self, x, progress: bool = False) -> torch.Tensor:
-        """S(x) for a batch N x C x H x W; higher = more in-distribution. Returns float64 (N,)."""
-        x = self._check_input(x)
-        if self.score_fn.needs_model:
-            return score_model(self.score_fn, self.model, x, self.batch_size, self.head, progress=progress,
-                               dtype=self.dtype)
-        model, head = with_dtype(self.model, self.head, self.dtype)
-        x = x.to(model_dtype(model))
-        hs, zs = [], []
-        with torch.no_grad(), eval_mode(model):
-            for i in range(0, x.shape[0], self.batch_size):
-                h, z = forward_features(model, x[i:i + self.batch_size], head)
-                hs.append(h)
-                zs.append(z)
-        return score_features(self.score_fn, torch.cat(hs), torch.cat(zs))
+    def score(self, data, progress: bool = True) -> torch.Tensor:
+        """S(x) for images N x C x H x W, an ``(x, y)`` pair or a DataLoader; higher = more
+        in-distribution. Returns float64 (N,). ``progress``: a bar counting images on a terminal."""
+        hs, zs, outs = [], [], []
+        pbar = bar(data_length(data), f"score {self.spec}", progress)
+        try:
+            for x, _ in iter_batches(data, self.batch_size):
+                x = self._check_input(x)
+                if self.score_fn.needs_model:
+                    outs.append(score_model(self.score_fn, self.model, x, self.batch_size, self.head,
+                                            progress=False, dtype=self.dtype))
+                else:
+                    h, z = self._forward(x)
+                    hs.append(h)
+                    zs.append(z)
+                pbar.update(x.shape[0])
+        finally:
+            pbar.close()
+        if not outs and not zs:
+            raise UvoodError("The data is empty: pass at least one image to score.")
+        return torch.cat(outs) if outs else score_features(self.score_fn, torch.cat(hs), torch.cat(zs))
 
-    def predict(self, x) -> torch.Tensor:
-        """BoolTensor (N,): True where x is flagged OOD (S(x) < threshold)."""
+    def predict(self, data, progress: bool = True) -> torch.Tensor:
+        """BoolTensor (N,): True where x is flagged OOD (S(x) < threshold); ``data`` as in :meth:`score`."""
         if self.threshold is None:
             raise UvoodError("The detector has no threshold yet: call det.fit(id_data) first.")
-        return self.score(x) < self.threshold
+        return self.score(data, progress=progress) < self.threshold
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        """Save spec, threshold, fitted score state and a fingerprint of the model (no pickle)."""
+        """Save spec, threshold, fitted score state, a fingerprint of the model and a checksum (no pickle)."""
         if self.threshold is None:
             raise UvoodError("Fit the detector before saving it (det.fit(id_data)).")
         meta = {"format": FORMAT, "version": VERSION, "spec": self.spec, "threshold": self.threshold,
                 "tpr": self.tpr, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
                 "head": head_name(self.model, self.head) if self.head is not None else None,
                 "batch_size": self.batch_size, "model_sha256": model_fingerprint(self.model),
+                "id_score_range": list(self.id_score_range), "score_version": _score_version(self.score_fn),
                 "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")}
-        payload = {"meta": json.dumps(meta), "state": {k: v.detach().cpu() for k, v in self.score_fn.state().items()}}
-        atomic_write(path, lambda f: torch.save(payload, f))
+        state = {k: v.detach().cpu() for k, v in self.score_fn.state().items()}
+        meta["checksum"] = _checksum(meta, state)
+        atomic_write(path, lambda f: torch.save({"meta": json.dumps(meta), "state": state}, f))
 
     @classmethod
     def load(cls, path, model: torch.nn.Module, strict: bool = True) -> Detector:
-        """Load a saved detector onto ``model``; refuses a model with other weights if ``strict``."""
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            meta = json.loads(payload["meta"])
-        except FileNotFoundError:
-            raise UvoodError(f"No detector file at {path}.") from None
-        except Exception as e:
-            raise UvoodError(f"{path} is not a valid uvood detector file ({e}).") from None
-        if meta.get("format") != FORMAT:
-            raise UvoodError(f"{path} is not a uvood detector file (format {meta.get('format')!r}).")
-        det = cls(model, score=meta["spec"], head=meta["head"], batch_size=meta.get("batch_size", 128),
-                  dtype=meta.get("dtype"))
-        fp = model_fingerprint(model)
-        if fp != meta["model_sha256"]:
+        """Load a saved detector onto ``model``, checking the file (see the module docstring).
+
+        A model whose weights differ from those the detector was fitted with is refused when
+        ``strict``, loaded with a ``UserWarning`` otherwise.
+        """
+        meta, state = _read(path)
+        det = cls(model, score=meta["spec"], head=meta["head"], batch_size=meta["batch_size"], dtype=meta["dtype"])
+        if det.spec != meta["spec"]:
+            raise UvoodError(f"{path} is not a valid uvood detector file: its spec {meta['spec']!r} is not in the "
+                             f"canonical form uvood writes ({det.spec!r}). Fit the detector again and save it.")
+        if _score_version(det.score_fn) != meta["score_version"]:
+            raise UvoodError(f"The score {det.spec!r} was fitted with another version of its code "
+                             f"({meta['score_version']!r}, now {_score_version(det.score_fn)!r}): its values, and so "
+                             f"the threshold in {path}, may have changed. Fit the detector again and save it.")
+        if model_fingerprint(model) != meta["model_sha256"]:
             msg = (f"The model's weights differ from those the detector at {path} was fitted with; "
-                   "its threshold would be meaningless. Refit it, or pass strict=False to load anyway.")
+                   "its threshold may be meaningless.")
             if strict:
-                raise UvoodError(msg)
-        det.threshold, det.tpr = meta["threshold"], meta["tpr"]
+                raise UvoodError(msg + " Refit it, or pass strict=False to load anyway.")
+            warnings.warn(msg + " Loaded anyway (strict=False); refit it to be sure.", UserWarning, stacklevel=2)
+        det.threshold, det.tpr = float(meta["threshold"]), float(meta["tpr"])
         det.input_shape, det.num_classes = tuple(meta["input_shape"]), meta["num_classes"]
-        x0 = torch.zeros((1, *det.input_shape))
-        with torch.no_grad(), eval_mode(model):
-            _, logits = forward_features(model, x0, det.head)
+        det.id_score_range = tuple(meta["id_score_range"])
+        device, dtype = _device_dtype(model)
+        try:
+            h, logits = det._forward(torch.zeros((1, *det.input_shape), device=device, dtype=dtype))
+        except UvoodError:
+            raise
+        except Exception as e:
+            raise UvoodError(f"The model does not take the detector's input shape {det.input_shape} ({e}): load it "
+                             "onto the model it was fitted with.") from None
         if logits.shape[1] != det.num_classes:
             raise UvoodError(f"The detector was fitted for {det.num_classes} classes but the model has "
                              f"{logits.shape[1]}: load it onto the model it was fitted with.")
-        det.score_fn.load_state(payload.get("state", {}))
+        dims = (det.num_classes, det.input_shape, h.reshape(1, -1).shape[1])
+        for key, t in state.items():
+            expected = STATE_SHAPES[key.rsplit(".", 1)[-1]][0](*dims)
+            if tuple(t.shape) != expected:
+                raise UvoodError(f"{path} is not a valid uvood detector file: state tensor {key!r} has shape "
+                                 f"{tuple(t.shape)}, expected {expected} for this model. Fit the detector again.")
+            if not t.is_floating_point() and (int(t.min()) < 0 or int(t.max()) >= det.num_classes):
+                raise UvoodError(f"{path} is not a valid uvood detector file: state tensor {key!r} holds labels "
+                                 f"outside [0, {det.num_classes}). Fit the detector again.")
+        det.score_fn.load_state(state)
+        if set(det.score_fn.state()) != set(state):
+            raise UvoodError(f"{path} is not a valid uvood detector file: score {det.spec!r} keeps the fitted tensors "
+                             f"{sorted(det.score_fn.state())} but the file holds {sorted(state)}. Fit it again.")
         return det
 
     def __repr__(self) -> str:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .batching import data_length, iter_batches
 from .cache import load_verified, save_verified
 from .errors import UvoodError
 from .model import eval_mode, forward_features
+from .progress import bar as progress_bar
 from .validation import check_finite, check_nonempty
 
 FORMAT_VERSION = 1
@@ -74,7 +74,7 @@ def _compute(model, data, batch_size, head, progress, desc, dtype=None) -> Featu
     warned: dict = {}
     with torch.no_grad(), eval_mode(model):
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+        bar = progress_bar(total, desc, progress)
         for x, y in iter_batches(data, batch_size):
             if x.ndim > 0 and x.shape[0] == 0:
                 continue

@@ -4,6 +4,7 @@ Every function takes ``(id_scores, ood_scores)``. Nothing is ever flipped: a sco
 OOD above ID gets an AUROC below 0.5 and it is reported as such.
 
 - :func:`auroc` — Mann-Whitney U / (n_id n_ood): P(S_id > S_ood) + 1/2 P(S_id = S_ood).
+- :func:`threshold_at_tpr` — the one threshold rule (also :class:`uvood.Detector`'s).
 - :func:`fpr_at_tpr` — ``positive="id"`` (GradNorm paper, the seed code): the share of OOD
   accepted at the largest threshold that keeps ``tpr`` of ID; ``positive="ood"`` (OpenOOD
   v1.5): the share of ID rejected at the threshold that catches ``tpr`` of OOD.
@@ -84,26 +85,46 @@ def _kth_largest_index(n: int, tpr: float) -> int:
     return k
 
 
+def check_tpr(tpr) -> float:
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float, np.floating)) or not 0.0 < tpr <= 1.0:
+        raise UvoodError(f"tpr must be a number in (0, 1], got {tpr!r}; e.g. tpr=0.95 keeps 95 % of ID.")
+    return float(tpr)
+
+
+def _threshold(pos: np.ndarray, tpr: float) -> float:
+    k = _kth_largest_index(pos.size, tpr)
+    return float(np.partition(pos, pos.size - k)[pos.size - k])
+
+
+def threshold_at_tpr(id_scores, tpr: float = 0.95) -> float:
+    """The ID-acceptance threshold at true-positive rate ``tpr`` (ID positive, S(x) >= t accepted):
+
+        t = max { t : P(S_id >= t) >= tpr } = the k-th largest ID score, k = min { k : k / n >= tpr }
+
+    (ties at t are all accepted, so at least ``tpr`` of ID is kept). The one threshold rule of
+    uvood: :func:`fpr_at_tpr` reads the OOD rate at it and :class:`uvood.Detector` flags x as
+    OOD when S(x) < t. O(n) with a partial sort.
+    """
+    return _threshold(_as_scores(id_scores, "id_scores"), check_tpr(tpr))
+
+
 def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95, positive: str = "id") -> float:
     """False-positive rate at the first ROC point whose true-positive rate reaches ``tpr``.
 
-    ``positive="id"``: accept x as ID when S(x) >= t; t is the largest threshold with
-    P(S_id >= t) >= tpr, i.e. the k-th largest ID score for the smallest k with k/n_id >= tpr;
-    returns P(S_ood >= t) (the share of OOD accepted as ID).
+    ``positive="id"``: accept x as ID when S(x) >= t with t = :func:`threshold_at_tpr` of the ID
+    scores; returns P(S_ood >= t) (the share of OOD accepted as ID).
     ``positive="ood"``: flag x as OOD when S(x) <= t; t is the smallest threshold with
     P(S_ood <= t) >= tpr; returns P(S_id <= t) (the share of ID rejected).
     Equals scikit-learn's ``roc_curve(drop_intermediate=False)`` read at the first index with
     tpr >= ``tpr``. O(n) with a partial sort.
     """
-    if not 0.0 < tpr <= 1.0:
-        raise UvoodError(f"tpr must be in (0, 1], got {tpr}.")
+    tpr = check_tpr(tpr)
     pos, neg = _check(id_scores, ood_scores)
     if positive == "ood":
         pos, neg = -neg, -pos
     elif positive != "id":
         raise UvoodError(f"positive must be 'id' or 'ood', got {positive!r}.")
-    k = _kth_largest_index(pos.size, tpr)
-    t = np.partition(pos, pos.size - k)[pos.size - k]
+    t = _threshold(pos, tpr)
     return float(np.count_nonzero(neg >= t) / neg.size)
 
 
@@ -183,21 +204,37 @@ def _bootstrap_auroc(pos: np.ndarray, neg: np.ndarray, rng, n_boot: int) -> np.n
     return np.concatenate(out)
 
 
+def _metric(metric) -> Callable[..., float]:
+    if callable(metric):
+        return metric
+    if isinstance(metric, str) and metric in METRICS:
+        return METRICS[metric]
+    raise UvoodError(f"Unknown metric {metric!r}: give one of {', '.join(METRICS)} or a function "
+                     "f(id_scores, ood_scores) -> float.")
+
+
 def bootstrap_ci(metric: Callable[..., float] | str, id_scores, ood_scores, n_boot: int = 1000,
                  alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
-    """Seeded percentile bootstrap (1 - alpha) interval of ``metric``.
+    """Seeded percentile bootstrap (1 - alpha) interval of ``metric``: the alpha/2 and 1 - alpha/2
+    quantiles of the metric over ``n_boot`` resamples (so lower <= upper for alpha in (0, 1)).
 
     ID and OOD scores are resampled separately, with replacement, ``n_boot`` times. AUROC uses
     a vectorised path over all resamples; it draws the same resamples as the generic path.
     """
-    fn = METRICS[metric] if isinstance(metric, str) else metric
+    fn = _metric(metric)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise UvoodError(f"n_boot must be an integer >= 1 (the number of bootstrap resamples), got {n_boot!r}; "
+                         "1000 is usual.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not 0.0 < alpha < 1.0:
+        raise UvoodError(f"alpha must be in (0, 1) (the interval covers 1 - alpha), got {alpha!r}; "
+                         "alpha=0.05 gives a 95 % interval.")
     pos, neg = _check(id_scores, ood_scores)
     rng = np.random.default_rng(seed)
     if fn is auroc:
-        vals = _bootstrap_auroc(pos, neg, rng, n_boot)
+        vals = _bootstrap_auroc(pos, neg, rng, int(n_boot))
     else:
         vals = np.concatenate([[fn(pos[a], neg[b]) for a, b in zip(ip, ineg)]
-                               for ip, ineg in _resample_indices(rng, pos.size, neg.size, n_boot)])
+                               for ip, ineg in _resample_indices(rng, pos.size, neg.size, int(n_boot))])
     lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 

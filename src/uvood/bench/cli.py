@@ -8,23 +8,40 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import UvoodError
+
+
+def read_history(path: Path) -> list[dict]:
+    """The timing records of earlier runs in an output folder (``timings.json``; [] when absent)."""
+    if not path.exists():
+        return []
+    try:
+        history = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        history = e
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise UvoodError(f"{path} is not a list of timing records ({str(history)[:80]}), so this run could not add "
+                         "its own. Repair it, move it away (e.g. to timings.json.bad) or choose another --out.")
+    return history
+
 
 def _cmd_bench(args) -> int:
     from ..cache import atomic_write
+    from ..cli import check_out
     from .report import write_report
     from .runner import check_known, run
     from .spec import load_spec
 
     spec = load_spec(args.benchmark)
     check_known(spec, args.scores)
+    out = check_out(args.out or (f"results/{spec.name}" + ("-quick" if args.quick else "")), folder=True)
+    history_path = out / "timings.json"
+    history = read_history(history_path)  # before any work: a bad file stops the run at once, untouched
     t = time.time()
     result = run(spec, scores=args.scores, quick=args.quick, n=args.n, data_dir=args.data_dir,
                  cache_dir=args.cache_dir, progress=not args.no_progress, deep_n=args.deep_n)
-    out = Path(args.out or (f"results/{spec.name}" + ("-quick" if args.quick else "")))
     command = "uvood " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("uvood") else \
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
-    history_path = out / "timings.json"
-    history = json.loads(history_path.read_text()) if history_path.exists() else []
     settings = {"quick": args.quick, "n": result.meta["n_per_set"], "deep_n": args.deep_n, "scores": args.scores}
     breakdown = {k: v for k, v in result.timings.items() if v >= 0.5 and k != "total"}
     cold = result.meta["feature_sets_computed"] == result.meta["feature_sets"]  # every feature set extracted

@@ -32,6 +32,7 @@ from ..features import extract, model_fingerprint
 from ..model import eval_mode
 from ..scores.gradient import GradScore, deep_label_norms, mean_of_norm_from_label_norms
 from ..scores.registry import get_score
+from ..user_model import load_user_model
 from .scoresets import depth_of, rows_for
 from .spec import BenchSpec
 
@@ -74,16 +75,10 @@ def _slug(text: str) -> str:
 
 def _load_user_model(name: str, spec: BenchSpec) -> tuple[nn.Module, dict]:
     """``module.path:factory`` -> factory() in eval mode; its input shape comes from the spec's ``input``."""
-    import importlib
-
-    module, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UvoodError(f"Cannot import the model factory {name!r} ({e}); give 'package.module:function'.") from None
+    model = load_user_model(name)
     if not spec.input:
         raise UvoodError(f"Benchmark {spec.name}: a user model ({name}) needs \"input\": [C, H, W] in the spec.")
-    return factory().eval(), {"input": list(spec.input), "model": name}
+    return model, {"input": list(spec.input), "model": name}
 
 
 def _load_model(name: str, spec: BenchSpec) -> tuple[nn.Module, dict, tuple[int, int, int]]:

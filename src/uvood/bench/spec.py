@@ -4,7 +4,7 @@ cross-domain convention, metric convention), loaded and checked here."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
@@ -39,6 +39,31 @@ def available() -> list[str]:
                   if p.name.endswith(".json"))
 
 
+def _parse(path: Path) -> BenchSpec:
+    """The spec in the JSON file ``path``: an object with every field of :class:`BenchSpec` (the
+    optional ones may be left out), none other, and only known table groups."""
+    from .scoresets import GROUPS
+
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UvoodError(f"Benchmark spec {path} is not valid JSON ({e}); fix it (see the specs in "
+                         "uvood/bench/specs/ for examples).") from None
+    names = {f.name: f for f in fields(BenchSpec)}
+    required = {n for n, f in names.items() if f.default is MISSING and f.default_factory is MISSING}
+    if not isinstance(raw, dict) or required - set(raw) or set(raw) - set(names):
+        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise UvoodError(f"Benchmark spec {path} must be a JSON object with the fields {sorted(required)} (optional: "
+                         f"{sorted(set(names) - required)}); it has {got}.")
+    groups = raw["groups"] if isinstance(raw["groups"], list) else [raw["groups"]]
+    unknown = [g for g in groups if not isinstance(g, str) or g not in GROUPS]
+    if unknown:
+        raise UvoodError(f"Benchmark spec {path}: unknown group(s) {unknown}; choose among {sorted(GROUPS)}.")
+    if not isinstance(raw["pairs"], list) or not all(isinstance(p, list) and len(p) == 2 for p in raw["pairs"]):
+        raise UvoodError(f"Benchmark spec {path}: 'pairs' must be a list of [ID, OOD] name pairs.")
+    return BenchSpec(**{**raw, "pairs": [tuple(p) for p in raw["pairs"]]})
+
+
 def load_spec(name: str) -> BenchSpec:
     """A named benchmark (``small``, ``large``) or the path of a spec JSON file."""
     path = Path(name)
@@ -47,8 +72,7 @@ def load_spec(name: str) -> BenchSpec:
             raise UvoodError(f"Unknown benchmark {name!r}. Available: {', '.join(available())} "
                              "(or the path of a spec .json file).")
         path = Path(str(resources.files("uvood.bench").joinpath("specs", f"{name}.json")))
-    raw = json.loads(path.read_text())
-    spec = BenchSpec(**{**raw, "pairs": [tuple(p) for p in raw["pairs"]]})
+    spec = _parse(path)
     for id_name, ood_name in spec.pairs:
         for n in (id_name, ood_name):
             if n not in spec.datasets:

@@ -94,7 +94,13 @@ def download(name: str, data_dir=None) -> list[Path]:
         if not (target.is_file() and _md5(target) == md5):
             tmp = target.with_name(target.name + ".part")
             print(f"downloading {url} -> {target}")
-            urllib.request.urlretrieve(url, tmp)  # noqa: S310 (explicit user command, fixed https/http URL)
+            try:
+                urllib.request.urlretrieve(url, tmp)  # noqa: S310 (explicit user command, fixed https/http URL)
+            except OSError as e:  # URLError (no network, DNS), HTTP errors, a full disk
+                tmp.unlink(missing_ok=True)
+                reason = getattr(e, "reason", None) or e.strerror or e
+                raise UvoodError(f"Cannot download {url} ({reason}); nothing was kept. Check the network and retry, "
+                                 f"or fetch the file by hand and place it at {target}.") from None
             got = _md5(tmp)
             if got != md5:
                 tmp.unlink()

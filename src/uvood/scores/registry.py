@@ -136,7 +136,7 @@ def _tokens(spec: str) -> list[str]:
     while pos < len(spec):
         m = _TOKEN.match(spec, pos)
         if not m or m.end() == pos:
-            raise UvoodError(f"Cannot parse score spec {spec!r} at position {pos} ({spec[pos:pos + 10]!r}). "
+            raise UvoodError(f"Cannot parse score spec {_clip(spec)} at position {pos} ({spec[pos:pos + 10]!r}). "
                              "Expected e.g. 'energy', 'norm(0.3)*energy' or 'energy(T=2)'.")
         out.append(m.group(0).strip())
         pos = m.end()
@@ -155,7 +155,23 @@ def _value(text: str) -> Any:
         f = float(text)
     except ValueError:
         return low
-    return int(f) if re.fullmatch(r"[-+]?\d+", text) else f
+    return int(f) if re.fullmatch(r"[-+]?\d+", text) and math.isfinite(f) else f
+
+
+def _clip(text: Any, n: int = 60) -> str:
+    """``repr(text)`` for an error message, cut to its first ``n`` characters and its length when longer."""
+    r = repr(text)
+    return r if len(r) <= n + 20 else f"{r[:n]}... ({len(r)} characters)"
+
+
+def _kind_error(value: Any, default: Any) -> str | None:
+    """What a parameter's value must be, judged by its default (None when ``value`` fits):
+    ``true``/``false`` for a boolean, a number for a numeric (or unset) one."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if default is None or isinstance(default, (int, float)):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    return None
 
 
 def _closest(name: str) -> str:
@@ -175,7 +191,7 @@ def _format_value(v: Any) -> str:
 
 def parse_term(name: str, args: list[tuple[str | None, str]]) -> tuple[Entry, dict[str, Any]]:
     if name not in _REGISTRY:
-        raise UvoodError(f"Unknown score {name!r}. Closest valid names: {_closest(name)}. "
+        raise UvoodError(f"Unknown score {_clip(name)}. Closest valid names: {_closest(name)}. "
                          "Run `uvood scores` or uvood.list_scores() for all of them.")
     entry = _REGISTRY[name]
     values: dict[str, Any] = {}
@@ -184,19 +200,24 @@ def parse_term(name: str, args: list[tuple[str | None, str]]) -> tuple[Entry, di
         if key is None:
             if n_pos >= len(entry.positional):
                 raise UvoodError(f"Score {name!r} takes {len(entry.positional)} positional argument(s) "
-                                 f"({', '.join(entry.positional) or 'none'}); got {raw!r}. Use key=value.")
+                                 f"({', '.join(entry.positional) or 'none'}); got {_clip(raw)}. Use key=value.")
             key = entry.positional[n_pos]
             n_pos += 1
         if key not in entry.params:
             key = {k.lower(): k for k in entry.params}.get(key.lower(), key)
         if key not in entry.params:
             valid = ", ".join(entry.params) or "none"
-            raise UvoodError(f"Score {name!r} has no parameter {key!r}. Valid parameters: {valid}.")
+            raise UvoodError(f"Score {name!r} has no parameter {_clip(key)}. Valid parameters: {valid}.")
         if key in values:
             raise UvoodError(f"Parameter {key!r} given twice in score {name!r}.")
         value = _value(raw)
+        kind = _kind_error(value, entry.params[key])
+        if kind:
+            example = _format_value(entry.params[key] if entry.params[key] is not None else 1)
+            raise UvoodError(f"Score {name!r}: {key}={_clip(raw)} is not valid; {key} must be {kind}, e.g. "
+                             f"{name}({key}={example}).")
         if key in entry.choices and value not in entry.choices[key]:
-            raise UvoodError(f"Score {name!r}: {key}={raw!r} is not valid; choose one of "
+            raise UvoodError(f"Score {name!r}: {key}={_clip(raw)} is not valid; choose one of "
                              f"{', '.join(map(_format_value, entry.choices[key]))}.")
         values[key] = value
     for key in entry.positional:
@@ -221,12 +242,12 @@ def parse(spec: str) -> list[tuple[Entry, dict[str, Any]]]:
     """Parse a spec string into its factors ``[(entry, explicit_params), ...]``."""
     _ensure_loaded()
     if not isinstance(spec, str) or not spec.strip():
-        raise UvoodError(f"A score spec must be a non-empty string, got {spec!r}. Example: 'norm(0.3)*energy'.")
+        raise UvoodError(f"A score spec must be a non-empty string, got {_clip(spec)}. Example: 'norm(0.3)*energy'.")
     toks = _tokens(spec)
     factors, i = [], 0
     while True:
         if i >= len(toks) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", toks[i]):
-            raise UvoodError(f"Cannot parse score spec {spec!r}: expected a score name at token {i + 1}.")
+            raise UvoodError(f"Cannot parse score spec {_clip(spec)}: expected a score name at token {i + 1}.")
         name = toks[i].lower()
         i += 1
         args: list[tuple[str | None, str]] = []
@@ -235,7 +256,7 @@ def parse(spec: str) -> list[tuple[Entry, dict[str, Any]]]:
             while i < len(toks) and toks[i] != ")":
                 if i + 1 < len(toks) and toks[i + 1] == "=":
                     if i + 2 >= len(toks):
-                        raise UvoodError(f"Cannot parse score spec {spec!r}: missing value after '='.")
+                        raise UvoodError(f"Cannot parse score spec {_clip(spec)}: missing value after '='.")
                     args.append((toks[i], toks[i + 2]))
                     i += 3
                 else:
@@ -244,13 +265,14 @@ def parse(spec: str) -> list[tuple[Entry, dict[str, Any]]]:
                 if i < len(toks) and toks[i] == ",":
                     i += 1
             if i >= len(toks):
-                raise UvoodError(f"Cannot parse score spec {spec!r}: missing ')'.")
+                raise UvoodError(f"Cannot parse score spec {_clip(spec)}: missing ')'.")
             i += 1
         factors.append(parse_term(name, args))
         if i == len(toks):
             return factors
         if toks[i] != "*":
-            raise UvoodError(f"Cannot parse score spec {spec!r}: expected '*' between terms, got {toks[i]!r}.")
+            raise UvoodError(f"Cannot parse score spec {_clip(spec)}: expected '*' between terms, "
+                             f"got {_clip(toks[i])}.")
         i += 1
 
 
