@@ -3,6 +3,7 @@
 import csv
 import json
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,10 @@ from uvood.bench.scoresets import GROUPS, with_depth
 from uvood.bench.spec import available, load_spec
 from uvood.cli import main
 from uvood.errors import UvoodError
-from uvood.scores.registry import canonical_spec
+from uvood.features import model_fingerprint
+from uvood.scores.registry import canonical_spec, entries, score_versions
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _mini_spec(tmp_path, **over):
@@ -86,6 +90,70 @@ def test_mini_run_cells_recomputed_from_cached_features(tmp_path, data_dir):
         assert int(row["n_id"]) == 80 and int(row["n_ood"]) == 80
 
 
+def test_run_manifest_names_models_data_versions_and_conventions(tmp_path, data_dir):
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]])
+    result = run(spec, quick=True, data_dir=data_dir, cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0,
+                 n_boot=20)
+    out = tmp_path / "out"
+    write_report(result, out, "uvood bench mini")
+    man = json.loads((out / "run.json").read_text())
+    assert man["uvood"] == uvood.__version__ and man["command"] == "uvood bench mini"
+    assert man["models"]["MNIST"]["fingerprint"] == model_fingerprint(zoo.load("mnist-mlp"))
+    assert man["data"]["MNIST"] == uvood.data.datasets.identity("mnist", "test", data_dir=data_dir, limit=80)
+    expected = {e.name: e.version for e in entries().values()}
+    for row in result.rows:
+        assert score_versions(row["score"]).items() <= expected.items()
+        tag = man["score_versions"][row["score"]]
+        assert {t.split(":")[0]: int(t.split(":")[1]) for t in tag.split("*")} == score_versions(row["score"])
+    assert man["versions"]["metrics"] == uvood.metrics.METRICS_VERSION
+    assert man["versions"]["features"] == uvood.features.FORMAT_VERSION
+    assert man["metric_conventions"]["fpr_fpr_positive"] == "id" and "average precision" in \
+        man["metric_conventions"]["aupr"]
+    assert man["settings"]["quick"] is True and man["settings"]["n_per_set"] == 80
+    assert man["git"] is None or len(man["git"]["commit"]) == 40
+    assert "[`run.json`](run.json)" in (out / "REPORT.md").read_text()
+
+
+def test_bumped_score_version_recomputes_that_score_only(tmp_path, data_dir, monkeypatch):
+    import uvood.bench.runner as runner
+
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]])
+    scores = ["msp", "energy", "norm(1)*energy", "norm(1)*msp", "gradnorm(depth=deep)", "exgrad(depth=deep)"]
+    kw = dict(scores=scores, quick=True, data_dir=data_dir, cache_dir=tmp_path / "c", progress=False,
+              log=lambda *a: 0, n_boot=20)
+    first = run(spec, **kw)
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            calls.append((name, getattr(a[0], "spec", "")))
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(runner, "_from_features", spy("features", runner._from_features))
+    monkeypatch.setattr(runner, "score_model", spy("model", runner.score_model))
+    monkeypatch.setattr(runner, "deep_label_norms", spy("label norms", runner.deep_label_norms))
+    monkeypatch.setattr(uvood.metrics, "evaluate", spy("metrics", uvood.metrics.evaluate))
+    assert [r["auroc"] for r in run(spec, **kw).rows] == [r["auroc"] for r in first.rows] and calls == []
+    # a fix of energy's and of gradnorm's formulas: those and the products with energy are recomputed, on each set
+    monkeypatch.setattr(entries()["energy"], "version", 2)
+    monkeypatch.setattr(entries()["gradnorm"], "version", 3)
+    with pytest.warns(UserWarning, match="code version"):
+        again = run(spec, **kw)
+    assert sorted(calls) == sorted([("features", "energy"), ("features", "norm(1)*energy")] * 2
+                                   + [("model", "gradnorm(depth=deep)")] * 2)
+    assert [r["auroc"] for r in again.rows] == [r["auroc"] for r in first.rows]
+    calls.clear()
+    monkeypatch.setattr(runner, "LABEL_NORMS_VERSION", 2)  # a fix of the deep per-label norms
+    with pytest.warns(UserWarning, match="Label-norm cache .* stale"):
+        run(spec, **kw)
+    assert sorted(calls) == [("label norms", "")] * 2
+    calls.clear()
+    monkeypatch.setattr(uvood.metrics, "METRICS_VERSION", 2)  # a fix of the metrics: every row's metrics again
+    run(spec, **kw)
+    assert sorted(calls) == [("metrics", "")] * len(scores)
+
+
 def test_stale_cache_from_another_model_is_reported_and_recomputed(tmp_path, data_dir):
     spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]])
     cache = tmp_path / "cache"
@@ -114,6 +182,31 @@ def test_bench_small_quick_cli(tmp_path, data_dir, capsys):
     assert "## Where the time goes" in report and "deep label norms" in report
     history = json.loads((tmp_path / "out" / "timings.json").read_text())
     assert len(history) == 1 and history[0]["quick"] and history[0]["breakdown"] and history[0]["cold"]
+
+
+def test_partial_or_quick_run_never_writes_over_the_reference_results(tmp_path, data_dir, monkeypatch):
+    import fnmatch
+
+    from uvood.bench.cli import default_out
+    from uvood.cli import build_parser
+
+    spec = load_spec("small")
+    assert default_out(spec, build_parser().parse_args(["bench", "small"])) == Path("results/small")
+    assert default_out(spec, build_parser().parse_args(["bench", "small", "--n", "10000"])) == Path("results/small")
+    ignored = [line.strip() for line in (REPO / ".gitignore").read_text().splitlines()]
+    for argv in (["--quick"], ["--scores", "msp"], ["--n", "20"], ["--deep-n", "100"]):
+        out = default_out(spec, build_parser().parse_args(["bench", "small", *argv]))
+        assert out != Path("results/small") and any(fnmatch.fnmatch(f"{out}/", g) for g in ignored), argv
+    # the user's command: a partial run from a checkout holding the committed results
+    reference = tmp_path / "results" / "small"
+    reference.mkdir(parents=True)
+    (reference / "results.csv").write_text("committed")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "small", "--scores", "msp", "--n", "20", "--no-progress", "--data-dir", str(data_dir),
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    assert (reference / "results.csv").read_text() == "committed" and sorted(p.name for p in reference.iterdir()) == [
+        "results.csv"]
+    assert (tmp_path / "results" / "small-partial" / "run.json").exists()
 
 
 def test_user_model_on_image_folders(tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ A cache file is an ``.npz`` holding the arrays, the ``key`` it was made for (a h
 everything that determines its content) and a sha256 ``digest`` of the arrays. It is written
 to a temp file in the same folder and renamed, so a crash never leaves a half file. On load,
 a file that cannot be read, whose digest does not match, or whose key is another one (a stale
-cache, e.g. from another model) is reported with a warning, deleted and treated as absent.
+cache, e.g. from another model or an older version of the code: keys carry code versions) is
+reported with a warning, deleted and treated as absent.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def load_verified(path: Path, key: str, what: str = "cache") -> dict[str, np.nda
         if arrays_digest(arrays) != digest:
             raise ValueError("its checksum does not match its content")
         if stored_key != key:
-            raise ValueError("it was made for another model, data or transform (stale cache)")
+            raise ValueError("it was made for another model, data, transform or code version (stale cache)")
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
         warnings.warn(f"{what} {path} is corrupt or stale ({e}); recomputing it.", stacklevel=3)
         path.unlink(missing_ok=True)

@@ -9,6 +9,17 @@ import time
 from pathlib import Path
 
 
+def default_out(spec, args) -> Path:
+    """Where a run writes without ``--out``: ``results/NAME`` only for the reference settings (every score,
+    the spec's n, no --quick, no --deep-n), which the committed reports use; ``results/NAME-quick`` for
+    --quick, ``results/NAME-partial`` for any other settings, so that no partial run overwrites a reference
+    report. Both are git-ignored."""
+    if args.quick:
+        return Path(f"results/{spec.name}-quick")
+    reference = not args.scores and args.n in (None, spec.n) and args.deep_n is None
+    return Path(f"results/{spec.name}" + ("" if reference else "-partial"))
+
+
 def _cmd_bench(args) -> int:
     from ..cache import atomic_write
     from .report import write_report
@@ -20,7 +31,7 @@ def _cmd_bench(args) -> int:
     t = time.time()
     result = run(spec, scores=args.scores, quick=args.quick, n=args.n, data_dir=args.data_dir,
                  cache_dir=args.cache_dir, progress=not args.no_progress, deep_n=args.deep_n)
-    out = Path(args.out or (f"results/{spec.name}" + ("-quick" if args.quick else "")))
+    out = Path(args.out) if args.out else default_out(spec, args)
     command = "uvood " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("uvood") else \
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
     history_path = out / "timings.json"
@@ -48,6 +59,7 @@ def register(sub) -> None:
                    "of this many images per set (CPU time); the other scores use every image")
     p.add_argument("--data-dir", help="data folder (default: $UVOOD_DATA)")
     p.add_argument("--cache-dir", help="feature/score cache (default: $UVOOD_CACHE or ~/.cache/uvood)")
-    p.add_argument("--out", help="output folder (default: results/NAME, or results/NAME-quick)")
+    p.add_argument("--out", help="output folder (default: results/NAME for the full reference run; "
+                   "results/NAME-quick with --quick; results/NAME-partial with --scores, --n or --deep-n)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)

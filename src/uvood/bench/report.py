@@ -11,6 +11,7 @@ import numpy as np
 
 from ..scores.registry import canonical_spec
 from . import figures, selection, tables
+from .manifest import MANIFEST, write_manifest
 from .runner import RunResult
 from .scoresets import TABLE1, with_depth
 
@@ -117,6 +118,10 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
     figs = figures.write_all(result, out)
     sel = selection.leave_one_ood_out(result)
     (out / "selection.json").write_text(json.dumps(sel, indent=1))
+    man = json.loads(write_manifest(result, out, command).read_text())
+    git = man["git"]
+    revision = (f"git {git['commit'][:12]}" + (" with uncommitted changes" if git["dirty"] else "")) if git else \
+        "no git revision"
     spec = result.spec
     quick = " (QUICK run: few images, not the reported results)" if result.quick else ""
     L = [f"# uvood benchmark `{spec.name}`{quick}",
@@ -129,6 +134,9 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
             "(CPU time; see the `n_id`/`n_ood` columns)" if result.meta.get("deep_n") else ""),
          f"- Cross-domain convention: `{spec.cross_domain}`; FPR at {int(spec.metric['tpr'] * 100)} % TPR with "
          f"positive = {spec.metric['fpr_positive']!r} (share of OOD accepted when 95 % of ID is kept)",
+         f"- Manifest: [`{MANIFEST}`]({MANIFEST}) — uvood {man['uvood']} ({revision}), model fingerprints, data "
+         "identities, score / feature / metric code versions (the cache keys), metric conventions (AUPR = average "
+         "precision, not the trapezoid) and settings",
          "- Wall time of this run (caches and computation to metric rows; imports and figures not included): "
          f"{result.timings.get('total', 0):.0f} s"
          + (f"; last cold-cache run with these settings ({cold['date']}): {cold['total_s']:.0f} s" if cold else "")
@@ -177,7 +185,8 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
         L += ["", "## Where the time goes", "",
               ("The last cold-cache run with these settings" if cold else "This run") + ", by kind of work "
               "(seconds summed over models and data sets; a rerun only reads caches):", ""] + breakdown
-    L += ["", "## Files", "", "`results.csv` (every pair × score, stable columns), `table1.csv`, `table2.csv`, "
+    L += ["", "## Files", "", f"`{MANIFEST}` (what produced these numbers), "
+          "`results.csv` (every pair × score, stable columns), `table1.csv`, `table2.csv`, "
           "`table3.csv`, `figure2.csv`, `selection.json`, the PNG figures. Regenerate with the command above.", ""]
     path = out / "REPORT.md"
     path.write_text("\n".join(L))

@@ -4,6 +4,11 @@ Data sets are identified without reading them (:class:`Inputs`); features are ex
 (model, data set, transform) and cached; the scores computed from features are cached in one file
 per feature set; the deep per-label norms once per data set; the other scores that need the model
 (deep gradients, BatchGrad) per score. A warm rerun reads no image and only reads caches.
+
+Every cache key carries the version of the code that produced the values: the feature format
+(``features.FORMAT_VERSION``), each score's registry versions (``Score.version_tag``), the deep
+label norms' (``gradient.LABEL_NORMS_VERSION``) and the metrics' (``metrics.METRICS_VERSION``).
+Bumping one recomputes exactly what it produced; the rest is read from the caches.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from ..api import score_model
 from ..cache import atomic_write, load_verified, save_verified
 from ..data import transforms
 from ..errors import UvoodError
+from ..features import FORMAT_VERSION as FEATURES_VERSION
 from ..features import extract, model_fingerprint
 from ..model import eval_mode
-from ..scores.gradient import GradScore, deep_label_norms, mean_of_norm_from_label_norms
+from ..scores.gradient import LABEL_NORMS_VERSION, GradScore, deep_label_norms, mean_of_norm_from_label_norms
 from ..scores.registry import get_score
 from .scoresets import depth_of, rows_for
 from .spec import BenchSpec
@@ -166,14 +172,20 @@ def _feature_scores(scores: list, f, key: str, path: Path) -> dict[str, np.ndarr
     keyed = {_score_key(sc): sc for sc in scores}
     missing = [k for k in keyed if k not in cached]
     for k in missing:
-        cached[k] = keyed[k].from_features(f.h, f.logits).numpy()
+        cached[k] = _from_features(keyed[k], f)
     if missing:
         save_verified(path, key, cached)
     return {k: cached[k] for k in keyed}
 
 
+def _from_features(score, f) -> np.ndarray:
+    """One score's values from cached features (a cache miss)."""
+    return score.from_features(f.h, f.logits).numpy()
+
+
 def _score_key(score) -> str:
-    return score.spec + ("|" + _fit_state_digest(score) if score.needs_fit else "")
+    """A score's entry in the feature-score cache: spec, code versions, fitted state."""
+    return f"{score.spec}@{score.version_tag}" + ("|" + _fit_state_digest(score) if score.needs_fit else "")
 
 
 def _label_norms(model, inputs: Inputs, key: str, path: Path, T: float) -> dict[str, torch.Tensor]:
@@ -272,7 +284,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         f_id = feats[id_name][0]
         acc = _accuracy(spec.datasets[id_name].get("dataset"), f_id.logits,
                         f_id.y.numpy() if f_id.y is not None else np.zeros(0), data_dir)
-        models[id_name] = {"model": model_name, "accuracy_on_id": acc, "n": len(f_id),
+        models[id_name] = {"model": model_name, "fingerprint": fp, "accuracy_on_id": acc, "n": len(f_id),
                            "cpu_fallback": info.get("cpu_fallback", False), "c": info.get("c"),
                            "test_accuracy": info.get("test_accuracy"), "device": info.get("device")}
         for _label, full, _depth in rows_spec:
@@ -286,7 +298,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                 sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
         from_features = [score_objs[full] for _, full, _ in rows_spec if not score_objs[full].needs_model]
         for ds_name, (f, inputs) in feats.items():
-            fkey = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "feature-scores"]).encode())
+            fkey = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "feature-scores",
+                                              FEATURES_VERSION]).encode())
             path = cache / f"fscores-{_slug(f'{model_name}__{inputs.identity}__{inputs.desc}')}.npz"
             t = time.time()
             values = _feature_scores(from_features, f, fkey.hexdigest(), path)
@@ -298,7 +311,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                     continue
                 x = inputs.subset(len(f), deep_n) if deep_n and deep_n < len(f) else inputs
                 if _shares_label_norms(sc):
-                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, "label-norms", sc.T]).encode())
+                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, "label-norms", sc.T,
+                                                     LABEL_NORMS_VERSION]).encode())
                     path = cache / f"labelnorms-{_slug(f'{model_name}__{x.identity}__T={sc.T}')}.npz"
                     t = time.time()
                     ln = _label_norms(model, x, key.hexdigest(), path, sc.T)
@@ -307,7 +321,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                                                         T=sc.T, official=sc.official)
                     s = (sc.sign * raw).numpy()
                 else:
-                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, sc.spec, _fit_state_digest(sc)]).encode())
+                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, sc.spec, sc.version_tag,
+                                                     _fit_state_digest(sc)]).encode())
                     path = cache / f"scores-{_slug(model_name + '__' + x.identity + '__' + sc.spec)}.npz"
                     t = time.time()
                     s = _model_scores(sc, model, x, key.hexdigest(), path, progress)
@@ -321,7 +336,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     for id_name, ood_name in spec.pairs:
         for label, full, depth in rows_spec:
             s_id, s_ood = all_scores[(id_name, id_name, full)], all_scores[(id_name, ood_name, full)]
-            digest = hashlib.sha256(s_id.tobytes() + b"|" + s_ood.tobytes() + f"{n_boot}".encode()).hexdigest()
+            digest = hashlib.sha256(s_id.tobytes() + b"|" + s_ood.tobytes()
+                                    + f"|{n_boot}|metrics:{metrics.METRICS_VERSION}".encode()).hexdigest()
             if digest not in memo:  # bootstrap intervals cost ~0.6 s per 10k x 10k pair: memoised
                 memo[digest] = metrics.evaluate(s_id, s_ood, ci=True, n_boot=n_boot, seed=0)
             m = memo[digest]
@@ -335,8 +351,12 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     timings["total"] = round(time.time() - t_start, 1)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,
-            "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n,
-            "feature_sets": len(feature_sets), "feature_sets_computed": sum(feature_sets)}
+            "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n, "quick": quick,
+            "scores": scores, "n_boot": n_boot, "feature_sets": len(feature_sets),
+            "feature_sets_computed": sum(feature_sets),
+            "versions": {"features": FEATURES_VERSION, "label_norms": LABEL_NORMS_VERSION,
+                         "metrics": metrics.METRICS_VERSION,
+                         "scores": {full: score_objs[full].version_tag for _, full, _ in rows_spec}}}
     return RunResult(spec, rows, all_scores, models, datasets, timings, quick, meta)
 
 

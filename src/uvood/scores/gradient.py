@@ -84,6 +84,10 @@ WEIGHTS = ("none", "logp_over_p")
 DEPTHS = ("shallow", "deep")
 BOOLS = (False, True)
 
+#: version of the deep per-label norms (:func:`deep_label_norms` and the engine under it): bump it when a
+#: change alters their values; it enters the benchmark's label-norm cache key
+LABEL_NORMS_VERSION = 1
+
 #: samples per forward/backward micro-batch of the deep engine (memory bound; no effect on values)
 DEEP_BATCH_SIZE = 128
 

@@ -17,6 +17,11 @@ other way, its docstring says how it was oriented). Scores are never flipped aft
 A :class:`Score` is computed either from cached features ``(h, logits)``
 (``needs_model = False``) or from the model and its inputs (``needs_model = True``: deep
 gradients, BatchGrad). Modules register their terms with :func:`register`.
+
+Versions: every registered name carries an integer ``version`` (``register(..., version=)``),
+to be bumped whenever a change alters the values it computes. A built score's
+:attr:`Score.version_tag` (``"energy:1"``, ``"norm:1*energy:1"``) enters every cache key of
+its values, so a formula fix is never hidden by a warm cache.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class Score:
     needs_model: bool = False
     #: True when the score must see in-distribution data first (``fit``), e.g. BatchGrad anchors
     needs_fit: bool = False
+    #: the registry versions of its terms, e.g. ``"norm:1*energy:1"`` (set by :func:`get_score`)
+    version_tag: str = ""
 
     def from_features(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         raise UvoodError(
@@ -83,6 +90,8 @@ class Entry:
     kind: str = "output"  # output | encoding | gradient
     doc: str = ""
     choices: dict[str, tuple] = field(default_factory=dict)
+    #: bumped whenever a change alters the values this name computes (it enters every cache key)
+    version: int = 1
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -97,15 +106,19 @@ def register(
     kind: str = "output",
     doc: str = "",
     choices: dict[str, tuple] | None = None,
+    version: int = 1,
 ) -> None:
     """Register ``name``; ``factory(**params)`` must return a :class:`Score`.
 
     ``choices`` restricts string-valued parameters to a set of values (checked at parse time).
+    ``version``: bump it when a change alters the values ``name`` computes (module docstring).
     """
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
         raise ValueError(f"invalid score name {name!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"score version must be an int >= 1, got {version!r}")
     _REGISTRY[name] = Entry(name, factory, dict(params or {}), positional, kind,
-                            doc or (factory.__doc__ or ""), dict(choices or {}))
+                            doc or (factory.__doc__ or ""), dict(choices or {}), version)
 
 
 def entries() -> dict[str, Entry]:
@@ -300,12 +313,20 @@ def get_score(spec: str | Score) -> Score:
     for entry, values in parse(spec):
         score = entry.factory(**{**entry.params, **values})
         score.spec = _canonical(entry, values)
+        score.version_tag = f"{entry.name}:{entry.version}"
         factors.append(score)
     if len(factors) == 1:
         return factors[0]
     product = ProductScore(factors)
     product.spec = "*".join(f.spec for f in factors)
+    product.version_tag = "*".join(f.version_tag for f in factors)
     return product
+
+
+def score_versions(spec: str | Score) -> dict[str, int]:
+    """``{name: version}`` of the registered terms a score is made of (for run manifests)."""
+    s = get_score(spec)
+    return {name: int(v) for name, v in (t.split(":") for t in s.version_tag.split("*") if t)}
 
 
 def canonical_spec(spec: str) -> str:
