@@ -14,11 +14,12 @@ from uvood import zoo
 from uvood.bench import paper
 from uvood.bench.report import write_report
 from uvood.bench.runner import run
-from uvood.bench.scoresets import GROUPS, with_depth
+from uvood.bench.scoresets import GROUPS, rows_for, with_depth
 from uvood.bench.spec import available, load_spec
 from uvood.cli import main
 from uvood.errors import UvoodError
 from uvood.features import model_fingerprint
+from uvood.model import find_head
 from uvood.scores.registry import canonical_spec, entries, score_versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,22 @@ def test_every_paper_row_maps_to_a_registry_spec():
     assert not unmatched
 
 
+def test_paper_shallow_gradient_rows_are_the_bias_included_scores():
+    """The authors' code differentiates the head's bias: their shallow values sit beside our bias=true rows, the
+    weight-only rows have none; and every shipped zoo model's head has a bias to differentiate."""
+    for spec in ("gradnorm", "exgrad", "grad(label=uniform,agg=mean_of_norm,norm=l2sq)", "batchgrad"):
+        with_bias = canonical_spec(spec[:-1] + ",bias=true)" if spec.endswith(")") else spec + "(bias=true)")
+        assert paper.lookup("small", "MNIST", "CIFAR-10", with_bias) is not None, spec
+        assert paper.lookup("small", "MNIST", "CIFAR-10", spec) is None, spec
+    assert paper.lookup("small", "MNIST", "CIFAR-10", "gradnorm(depth=deep)") is not None
+    shallow = [full for _, full, depth in rows_for(["table1", "table2", "table3"]) if depth == "shallow"]
+    assert {"gradnorm(bias=true)", "gradnorm", "exgrad(bias=true)", "exgrad", "batchgrad(bias=true)",
+            "batchgrad"} <= set(shallow)
+    for name in zoo.list_models():
+        model, info = zoo.load(name), zoo.info(name)
+        assert find_head(model, torch.rand(1, *info["input"])).bias is not None, name
+
+
 def test_unknown_benchmark_and_score_are_clear():
     with pytest.raises(UvoodError, match="Unknown benchmark 'tiny'.*small"):
         load_spec("tiny")
@@ -68,7 +85,7 @@ def test_mini_run_cells_recomputed_from_cached_features(tmp_path, data_dir):
     out = tmp_path / "out"
     write_report(result, out, "test")
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 * 9 and (out / "REPORT.md").exists() and (out / "table2.md").exists()
+    assert len(rows) == 2 * len(GROUPS["table2"]) and (out / "REPORT.md").exists() and (out / "table2.md").exists()
     assert list(rows[0])[:13] == ["benchmark", "id", "ood", "score", "depth", "auroc", "fpr95", "aupr_in",
                                   "aupr_out", "ci_low", "ci_high", "n_id", "n_ood"]
     # recompute a few cells independently: cached features -> score -> metrics
@@ -232,7 +249,7 @@ def test_user_model_on_image_folders(tmp_path, monkeypatch):
     (tmp_path / "user.json").write_text(json.dumps(raw))
     result = run(load_spec(str(tmp_path / "user.json")), cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0,
                  n_boot=20)
-    assert len(result.rows) == 9 and all(r["n_id"] == 12 and r["n_ood"] == 12 for r in result.rows)
+    assert len(result.rows) == len(GROUPS["table2"]) and all(r["n_id"] == 12 and r["n_ood"] == 12 for r in result.rows)
 
 
 def test_deep_scores_on_a_subset(tmp_path, data_dir):

@@ -336,6 +336,60 @@ def test_bias_true_needs_a_head_bias():
     model, x = make("mlp", 3, bias=False)
     with pytest.raises(UvoodError, match="has no bias"):
         get_score("gradnorm(bias=true)").from_model(model, x)
+    with pytest.raises(UvoodError, match="has no bias"):
+        get_score("batchgrad(bias=true)").fit(model, x, torch.arange(x.shape[0]) % 3)
+
+
+def relu_head_model(C):
+    """A ReLU encoder whose first input (all zeros) gets h = 0 exactly, as some OOD images do under the zoo's
+    MNIST model; the others get h != 0."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, C)).double()
+    with torch.no_grad():
+        model[1].bias.fill_(-0.1)
+    x = torch.cat([torch.zeros(1, 12), 2 * torch.randn(5, 12)]).double()
+    h, z = forward_features(model, x)
+    assert (h[0] == 0).all() and (h[1:].abs().sum(1) > 0).all()
+    return model, x, h, z
+
+
+def test_degenerate_encoding_h_zero():
+    """h = 0: every weight-only shallow gradient is exactly 0 (the negated ExGrad then ranks it most ID); with the
+    head's bias (the authors' definition, h~ = [h, 1]) each closed form matches autograd in float64 there too."""
+    C, T = 5, 0.7
+    model, x, h, z = relu_head_model(C)
+    for bias in (False, True):
+        per_sample = per_sample_label_gradients(model, x, depth="shallow", T=T, bias=bias)
+        for label, agg, norm, weight in COMBOS:
+            if label == "predicted" and agg == "norm_of_mean" and weight == "none":
+                continue  # identically zero for every input (test_score_function_identity)
+            score = get_score(spec_of(label, agg, norm, weight, "shallow", T, bias))
+            got = score.from_model(model, x)
+            assert_rel(got, score_from_gradients(per_sample, label=label, agg=agg, norm=norm, weight=weight))
+            assert (got[0] != 0) if bias else (got[0] == 0), (label, agg, norm, weight, bias)
+    exgrad_w = get_score("exgrad(T=0.7)").from_model(model, x)
+    assert exgrad_w[0] == 0 and (exgrad_w[1:] < 0).all()  # the degenerate input is the "most ID" one
+    p = torch.softmax(z / T, 1)
+    torch.testing.assert_close(get_score("exgrad(T=0.7,bias=true)").from_model(model, x)[0],
+                               -(2 / T) * (1 + h[0].abs().sum()) * (p[0] * (1 - p[0])).sum())
+    # and every ||h||_p * V product is 0 there, whatever V says
+    for spec in ("norm(1)*energy", "norm(0.3)*msp", "norm(inf)*varsum"):
+        assert get_score(spec).from_model(model, x)[0] == 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_shallow_batchgrad_with_bias_matches_reference_at_h_zero(bias):
+    C = 4
+    model, x, _, _ = relu_head_model(C)
+    xtr = 2 * torch.randn(20, 12, dtype=torch.float64)
+    ytr = torch.arange(20) % C
+    score = get_score(f"batchgrad(T=0.7,seed=1,bias={str(bias).lower()})")
+    score.fit(model, xtr, ytr)
+    assert score.anchor_grad.shape == (C, 7 + bias)
+    got = score.from_model(model, x)
+    assert_rel(got, reference_batchgrad(model, x, score.anchor_x, score.anchor_y, depth="shallow", T=0.7, bias=bias))
+    fresh = get_score(f"batchgrad(T=0.7,seed=1,bias={str(bias).lower()})")
+    fresh.load_state({k: v.clone() for k, v in score.state().items()})
+    torch.testing.assert_close(fresh.from_model(model, x), got)
 
 
 def test_deep_scores_need_the_model():

@@ -13,7 +13,7 @@ from ..scores.registry import canonical_spec
 from . import figures, selection, tables
 from .manifest import MANIFEST, write_manifest
 from .runner import RunResult
-from .scoresets import TABLE1, with_depth
+from .scoresets import TABLE1, paper_spec, with_depth
 
 CAVEATS = {
     "small": [
@@ -72,7 +72,7 @@ def discussion(result: RunResult) -> list[str]:
         out.append(f"*V-only vs gradients.* Best V-only score: `{bv}` (mean AUROC {v_only[bv]:.3f}); best gradient "
                    f"score: `{bg}` ({grads[bg]:.3f}). The paper's claim that output-only scores are at least as "
                    f"good as the gradient scores on this benchmark **{verdict}** here.")
-    pairs = [(canonical_spec(with_depth(s, "deep")), canonical_spec(with_depth(s, "shallow")))
+    pairs = [(canonical_spec(with_depth(s, "deep")), paper_spec(s, "shallow"))
              for _, s, d in TABLE1 if d == "deep"]
     deep_better = [(d, _mean_auroc(result, d), _mean_auroc(result, s)) for d, s in pairs]
     deep_better = [(d, a, b) for d, a, b in deep_better if a is not None and b is not None]
@@ -141,6 +141,9 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
          f"{result.timings.get('total', 0):.0f} s"
          + (f"; last cold-cache run with these settings ({cold['date']}): {cold['total_s']:.0f} s" if cold else "")
          + " (see *Where the time goes*)", "",
+         "Shallow gradient rows (Tables 1-3) differentiate the head's weight and bias, as the authors' code does "
+         "(`bias=true`, h̃ = [h, 1]); the rows marked `[W only]` differentiate the weight alone, which is 0 for an "
+         "input with h = 0 (docs/gradient_scores.md, *Degenerate encodings*).", "",
          "All scores are oriented *higher = more in-distribution* and every AUROC is reported as computed: "
          "nothing is flipped. 95 % bootstrap intervals (1,000 resamples, seed 0) are in the CSVs "
          "(`ci_low`, `ci_high`). Cells read **ours (paper)**.", "", "## Caveats", ""]

@@ -36,7 +36,13 @@ from ..errors import UvoodError
 from ..features import FORMAT_VERSION as FEATURES_VERSION
 from ..features import extract, model_fingerprint
 from ..model import eval_mode
-from ..scores.gradient import LABEL_NORMS_VERSION, GradScore, deep_label_norms, mean_of_norm_from_label_norms
+from ..scores.gradient import (
+    LABEL_NORMS_VERSION,
+    GradScore,
+    check_head_bias,
+    deep_label_norms,
+    mean_of_norm_from_label_norms,
+)
 from ..scores.registry import get_score
 from .scoresets import depth_of, rows_for
 from .spec import BenchSpec
@@ -268,6 +274,9 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         t0 = time.time()
         model, info, in_shape = _load_model(model_name, spec)
         fp = model_fingerprint(model)
+        for sc in score_objs.values():  # bias=true needs a head bias; shallow scores never see the model itself
+            if any(getattr(t, "bias", False) for t in getattr(sc, "factors", [sc])):
+                check_head_bias(sc, model, torch.zeros(1, *in_shape))
         needed = [id_name] + [o for i, o in spec.pairs if i == id_name]
         feats = {}
         for ds_name in needed:

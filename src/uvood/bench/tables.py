@@ -87,7 +87,7 @@ def per_pair_table(result: RunResult, table: list[tuple[str, str, str]], sources
 
 
 def table2(result: RunResult) -> tuple[str, list]:
-    """Table 2's layout: rows = pairs (and the average), columns = the nine scores."""
+    """Table 2's layout: rows = pairs (and the average), columns = its scores (the weight-only ones last)."""
     idx = _index(result)
     labels = [lab for lab, _, _ in TABLE2]
     lines = ["| ID → OOD | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
