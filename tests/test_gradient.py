@@ -26,7 +26,6 @@ from uvood.scores.gradient import (
     orientation,
 )
 from uvood.scores.reference import (
-    SIGN,
     official_gradnorm_loop,
     per_sample_label_gradients,
     reference_batchgrad,
@@ -175,11 +174,32 @@ def test_micro_batches_do_not_change_values():
 # ---------------------------------------------------------------- orientation and presets
 
 
-def test_orientation_table():
-    """Fixed signs per axis combination; the reference writes the same table out independently."""
-    for label, agg, _, weight in COMBOS:
-        assert orientation(label, agg, weight) == SIGN[(label, agg, weight)]
-    assert orientation("uniform", "norm_of_mean") == 1 and orientation("predicted", "mean_of_norm") == -1
+def test_orientation_sign_makes_confident_outputs_score_higher():
+    """orientation(label, agg, weight) against the definition "higher = more ID", from autograd, not from a table:
+    for a head z = W h, the unsigned raw score of a confident p and of a nearly flat p (same h), differentiated
+    with torch.autograd label by label; sign * (raw_confident - raw_flat) must be > 0 for every combination that
+    depends on p (not the identically zero one, nor uniform/mean_of_norm/l1, which is (2/T)(1 - 1/C) ||h||_1)."""
+    D, C = 5, 4
+    h = torch.ones(D, dtype=torch.float64)
+
+    def raw(z_target, label, agg, norm, weight):
+        W = (torch.tensor(z_target, dtype=torch.float64)[:, None] / D).repeat(1, D).requires_grad_(True)
+        logp = torch.log_softmax(W @ h, dim=0)
+        grads = [torch.autograd.grad(logp[k], W, retain_graph=True)[0] for k in range(C)]
+        p = logp.detach().exp()
+        coef = [(1 / C if label == "uniform" else float(p[k])) * (float(logp[k] / p[k]) if weight == "logp_over_p"
+                                                                 else 1.0) for k in range(C)]
+        size = (lambda g: g.abs().sum()) if norm == "l1" else (lambda g: (g * g).sum())
+        if agg == "norm_of_mean":
+            return float(size(sum(c * g for c, g in zip(coef, grads))))
+        return float(sum(c * size(g) for c, g in zip(coef, grads)))
+
+    for label, agg, norm, weight in COMBOS:
+        if (label, agg, weight) == ("predicted", "norm_of_mean", "none") or (label, agg, norm) == (
+                "uniform", "mean_of_norm", "l1"):
+            continue
+        gain = raw([6.0, 0, 0, 0], label, agg, norm, weight) - raw([0.2, 0, 0.1, 0], label, agg, norm, weight)
+        assert orientation(label, agg, weight) * gain > 0, (label, agg, norm, weight)
 
 
 def test_orientation_prefers_confident_inputs():

@@ -159,3 +159,19 @@ def test_bad_features_raise():
         uvood.score_features("msp", torch.ones(0, 2), torch.ones(0, 3))
     with pytest.raises(UvoodError, match="2-D"):
         uvood.score_features("msp", torch.ones(4, 2), torch.ones(4))
+
+
+def test_norm_times_energy_flips_per_sample_where_energy_is_negative():
+    """The caveat stated in the registry: norm(p)*energy reads a larger ||h|| as more ID only where Energy >= 0;
+    where every logit is below -log C (Energy < 0) it reads it as more OOD. Products with MSP never flip."""
+    h = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)  # same direction, twice the norm
+    for logits, energy_sign in (([4.0, 0.0, -1.0], 1), ([-9.0, -8.0, -7.0], -1)):
+        z = torch.tensor([logits, logits], dtype=torch.float64)
+        energy = torch.logsumexp(z, dim=1)
+        assert torch.sign(energy[0]) == energy_sign
+        small, big = uvood.score_features("norm(1)*energy", h, z)
+        assert (big > small) if energy_sign > 0 else (big < small)
+        small, big = uvood.score_features("norm(1)*msp", h, z)
+        assert big > small
+    assert "flips" in get_score("norm(1)*energy").__class__.__doc__
+    assert "flips its orientation" in entries()["energy"].doc

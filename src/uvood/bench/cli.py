@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -21,7 +22,6 @@ def default_out(spec, args) -> Path:
 
 
 def _cmd_bench(args) -> int:
-    from ..cache import atomic_write
     from .report import write_report
     from .runner import check_known, run
     from .spec import load_spec
@@ -34,19 +34,45 @@ def _cmd_bench(args) -> int:
     out = Path(args.out) if args.out else default_out(spec, args)
     command = "uvood " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("uvood") else \
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
-    history_path = out / "timings.json"
-    history = json.loads(history_path.read_text()) if history_path.exists() else []
     settings = {"quick": args.quick, "n": result.meta["n_per_set"], "deep_n": args.deep_n, "scores": args.scores}
     breakdown = {k: v for k, v in result.timings.items() if v >= 0.5 and k != "total"}
     cold = result.meta["feature_sets_computed"] == result.meta["feature_sets"]  # every feature set extracted
-    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": result.timings["total"], **settings,
-                    "cold": cold, "breakdown": breakdown})
+    history = append_history(out / "timings.json", {"date": time.strftime("%Y-%m-%d %H:%M"),
+                                                     "total_s": result.timings["total"], **settings, "cold": cold,
+                                                     "breakdown": breakdown})
     same = [h for h in history[:-1] if all(h.get(k) == v for k, v in settings.items())]
     earlier = [h for h in same if h.get("cold")]  # a rerun's report cites the latest cold run
     path = write_report(result, out, command, cold=None if cold or not earlier else earlier[-1])
-    atomic_write(history_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
     print(f"{spec.name}: {len(result.rows)} rows in {time.time() - t:.0f} s -> {path}")
     return 0
+
+
+def append_history(path: Path, record: dict, log=print) -> list[dict]:
+    """Append ``record`` to the run history ``path`` (a JSON list) and return the history.
+
+    Read, append and the atomic rewrite happen under the file's lock (:func:`uvood.cache.claim`), so
+    two runs finishing together both keep their record. An unreadable history is not lost and does
+    not stop the run: it is moved aside to ``timings.json.corrupt`` (one line says so) and a new one
+    is started."""
+    from ..cache import atomic_write, claim
+
+    path = Path(path)
+    with claim(path):
+        history: list = []
+        if path.exists():
+            try:
+                history = json.loads(path.read_text())
+                if not isinstance(history, list):
+                    raise ValueError("not a JSON list")
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                aside = path.with_name(path.name + ".corrupt")
+                os.replace(path, aside)
+                log(f"warning: the run history {path} is unreadable ({str(e)[:80]}); moved to {aside.name}, "
+                    "starting a new one")
+                history = []
+        history.append(record)
+        atomic_write(path, lambda f: f.write(json.dumps(history, indent=1).encode()))
+    return history
 
 
 def register(sub) -> None:

@@ -117,7 +117,7 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
     md_tables = tables.write_all(result, out)
     figs = figures.write_all(result, out)
     sel = selection.leave_one_ood_out(result)
-    (out / "selection.json").write_text(json.dumps(sel, indent=1))
+    tables.write_text(out / "selection.json", json.dumps(sel, indent=1))
     man = json.loads(write_manifest(result, out, command).read_text())
     git = man["git"]
     revision = (f"git {git['commit'][:12]}" + (" with uncommitted changes" if git["dirty"] else "")) if git else \
@@ -192,5 +192,5 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
           "`results.csv` (every pair × score, stable columns), `table1.csv`, `table2.csv`, "
           "`table3.csv`, `figure2.csv`, `selection.json`, the PNG figures. Regenerate with the command above.", ""]
     path = out / "REPORT.md"
-    path.write_text("\n".join(L))
+    tables.write_text(path, "\n".join(L))
     return path

@@ -9,6 +9,9 @@ Every cache key carries the version of the code that produced the values: the fe
 (``features.FORMAT_VERSION``), each score's registry versions (``Score.version_tag``), the deep
 label norms' (``gradient.LABEL_NORMS_VERSION``) and the metrics' (``metrics.METRICS_VERSION``).
 Bumping one recomputes exactly what it produced; the rest is read from the caches.
+
+Runs sharing a cache folder claim each item with a lock file (:func:`uvood.cache.claim`): a second
+run waits for the item another run is computing and then reads it, instead of redoing the work.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from torch import nn
 from .. import data as uvdata
 from .. import metrics, zoo
 from ..api import score_model
-from ..cache import atomic_write, load_verified, save_verified
+from ..cache import atomic_write, claim, load_verified, save_verified
 from ..data import transforms
 from ..errors import UvoodError
 from ..features import FORMAT_VERSION as FEATURES_VERSION
 from ..features import extract, model_fingerprint
 from ..model import eval_mode
 from ..scores.gradient import (
+    DEEP_BATCH_SIZE,
     LABEL_NORMS_VERSION,
     GradScore,
     check_head_bias,
@@ -174,13 +178,16 @@ def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> Inputs:
 def _feature_scores(scores: list, f, key: str, path: Path) -> dict[str, np.ndarray]:
     """Every score computed from the features ``f`` (no model), cached in one file per feature set:
     cheap ones and a few costly ones (the heatmap's fractional norms, shallow BatchGrad)."""
-    cached = load_verified(path, key, "Score cache") or {}
     keyed = {_score_key(sc): sc for sc in scores}
-    missing = [k for k in keyed if k not in cached]
-    for k in missing:
-        cached[k] = _from_features(keyed[k], f)
-    if missing:
-        save_verified(path, key, cached)
+    cached = load_verified(path, key, "Score cache") or {}
+    if any(k not in cached for k in keyed):
+        with claim(path):
+            cached = load_verified(path, key, "Score cache") or {}  # another run may have added some meanwhile
+            missing = [k for k in keyed if k not in cached]
+            for k in missing:
+                cached[k] = _from_features(keyed[k], f)
+            if missing:
+                save_verified(path, key, cached)
     return {k: cached[k] for k in keyed}
 
 
@@ -194,15 +201,35 @@ def _score_key(score) -> str:
     return f"{score.spec}@{score.version_tag}" + ("|" + _fit_state_digest(score) if score.needs_fit else "")
 
 
-def _label_norms(model, inputs: Inputs, key: str, path: Path, T: float) -> dict[str, torch.Tensor]:
+def _chunked(fn, x: torch.Tensor, chunk: int, progress: bool, desc: str) -> list:
+    """``fn`` on ``x`` in slices of ``chunk`` images, with a progress bar that counts images. The slices are the
+    batches one call would use (``chunk`` = its batch size), so the values are the same as one call's."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=x.shape[0], desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for i in range(0, x.shape[0], chunk):
+            out.append(fn(x[i:i + chunk]))
+            bar.update(min(chunk, x.shape[0] - i))
+    return out
+
+
+def _label_norms(model, inputs: Inputs, key: str, path: Path, T: float, progress: bool = False
+                 ) -> dict[str, torch.Tensor]:
     """Per-label deep gradient norms (l1, l2sq) and logits of ``x``, computed once and cached:
     every deep ``mean_of_norm`` row of Table 1 is a weighted sum of them over labels."""
     cached = load_verified(path, key, "Label-norm cache")
     if cached is None:
-        with eval_mode(model):
-            norms, logits = deep_label_norms(model, inputs.x, T=T, norms=("l1", "l2sq"))
-        cached = {"l1": norms["l1"].numpy(), "l2sq": norms["l2sq"].numpy(), "logits": logits.numpy()}
-        save_verified(path, key, cached)
+        with claim(path):
+            cached = load_verified(path, key, "Label-norm cache")  # made by another run while we waited?
+            if cached is None:
+                with eval_mode(model):
+                    parts = _chunked(lambda xb: deep_label_norms(model, xb, T=T, norms=("l1", "l2sq"),
+                                                                 batch_size=DEEP_BATCH_SIZE),
+                                     inputs.x, DEEP_BATCH_SIZE, progress, f"deep label norms, {inputs.identity}")
+                cached = {k: torch.cat([n[k] for n, _ in parts], dim=1).numpy() for k in ("l1", "l2sq")}
+                cached["logits"] = torch.cat([z for _, z in parts]).numpy()
+                save_verified(path, key, cached)
     return {k: torch.from_numpy(v) for k, v in cached.items()}
 
 
@@ -214,8 +241,13 @@ def _model_scores(score, model, inputs: Inputs, key: str, path: Path, progress: 
     cached = load_verified(path, key, "Score cache")
     if cached is not None:
         return cached["s"]
-    s = score_model(score, model, inputs.x, batch_size=64, progress=progress).numpy()
-    save_verified(path, key, {"s": s})
+    with claim(path):
+        cached = load_verified(path, key, "Score cache")  # made by another run while we waited?
+        if cached is not None:
+            return cached["s"]
+        s = torch.cat(_chunked(lambda xb: score_model(score, model, xb, batch_size=64), inputs.x, 64, progress,
+                               f"{score.spec}, {inputs.identity}")).numpy()
+        save_verified(path, key, {"s": s})
     return s
 
 
@@ -228,7 +260,10 @@ def _read_memo(path: Path) -> dict:
 
 
 def _write_memo(path: Path, memo: dict) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(memo).encode()))
+    """Merge ``memo`` into the file (another run may have added entries since we read it), atomically."""
+    with claim(path):
+        merged = {**_read_memo(path), **memo}
+        atomic_write(path, lambda f: f.write(json.dumps(merged).encode()))
 
 
 def _fit_state_digest(score) -> str:
@@ -282,10 +317,11 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         for ds_name in needed:
             inputs = _prepare(spec, ds_name, in_shape, n, data_dir)
             t = time.time()
-            f = extract(model, lambda inputs=inputs: (inputs.x, torch.as_tensor(inputs.y)), batch_size=128,
-                        cache_dir=cache, data_id=inputs.identity, transform=inputs.desc, progress=progress,
-                        desc=f"{model_name} on {ds_name}",
-                        cache_name=_slug(f"{model_name}__{inputs.identity}__{inputs.desc}"))
+            name = _slug(f"{model_name}__{inputs.identity}__{inputs.desc}")
+            with claim(cache / f"features-{name}.npz", log=log):
+                f = extract(model, lambda inputs=inputs: (inputs.x, torch.as_tensor(inputs.y)), batch_size=128,
+                            cache_dir=cache, data_id=inputs.identity, transform=inputs.desc, progress=progress,
+                            desc=f"{model_name} on {ds_name}", cache_name=name)
             timings[f"{model_name}/{ds_name}/features"] = round(time.time() - t, 2)
             feature_sets.append(inputs.loaded)
             feats[ds_name] = (f, inputs)
@@ -324,7 +360,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                                                      LABEL_NORMS_VERSION]).encode())
                     path = cache / f"labelnorms-{_slug(f'{model_name}__{x.identity}__T={sc.T}')}.npz"
                     t = time.time()
-                    ln = _label_norms(model, x, key.hexdigest(), path, sc.T)
+                    ln = _label_norms(model, x, key.hexdigest(), path, sc.T, progress)
                     timings.setdefault(f"{model_name}/{ds_name}/deep label norms", round(time.time() - t, 2))
                     raw = mean_of_norm_from_label_norms(ln[sc.norm], ln["logits"], label=sc.label, weight=sc.weight,
                                                         T=sc.T, official=sc.official)

@@ -13,6 +13,12 @@ Examples: ``msp``, ``energy(T=2)``, ``norm(0.3)``, ``norm(inf)*tv``, ``norm(0.3)
 
 Every score is oriented "higher = more in-distribution" (where a term's natural sign is the
 other way, its docstring says how it was oriented). Scores are never flipped after the fact.
+One caveat, for products only: a product is "higher = more ID" where every factor is >= 0. All
+registered terms are, except ``energy`` (T logsumexp(z / T) < 0 when every logit is below
+-T log C) and ``entropy`` (<= 0) and the gradient scores with sign -1: where such a factor is
+negative, a larger ``norm(p)`` makes ``norm(p)*energy`` *smaller*, i.e. the U factor then votes
+OOD, and the product's orientation flips for that sample (:class:`ProductScore`). The paper's
+products (Section 4.3, Figure 2) are defined this way and uvood keeps them as defined.
 
 A :class:`Score` is computed either from cached features ``(h, logits)``
 (``needs_model = False``) or from the model and its inputs (``needs_model = True``: deep
@@ -270,8 +276,11 @@ def parse(spec: str) -> list[tuple[Entry, dict[str, Any]]]:
 class ProductScore(Score):
     """U * V * ...: the product of its factors (the encoding-output composition, Section 3.1).
 
-    The product is taken as is; a factor that can be negative (e.g. Energy for very
-    negative logits) makes the product's orientation depend on the data, as in the paper.
+    The product is taken as is, as the paper defines it (Section 4.3). It is oriented "higher =
+    more ID" only where every factor is >= 0: for a sample whose Energy is negative (every logit
+    below -T log C), a larger ||h||_p makes ``norm(p)*energy`` smaller, so the orientation of the
+    U factor flips for that sample (tested in ``tests/test_scores.py``). ``norm(p)`` times
+    ``msp``, ``tv``, ``varsum`` or ``maxlogit`` of positive logits does not flip.
     """
 
     def __init__(self, factors: list[Score]):
