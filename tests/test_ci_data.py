@@ -28,27 +28,27 @@ def _pytest(tmp_path, uvood_data):
         env["UVOOD_DATA"] = str(uvood_data)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    return out.stdout + out.stderr
+    return out.returncode, out.stdout + out.stderr
 
 
 def test_without_uvood_data_the_tests_skip_with_their_reason(tmp_path):
-    out = _pytest(tmp_path, None)
-    assert "1 skipped" in out and "UVOOD_DATA is not set" in out, out
+    rc, out = _pytest(tmp_path, None)
+    assert rc == 0 and "1 skipped" in out and "UVOOD_DATA is not set" in out, out
 
 
 def test_with_uvood_data_a_missing_file_fails(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = _pytest(tmp_path, empty)
-    assert "1 failed" in out and "mnist_test.npz is not in it" in out, out
+    rc, out = _pytest(tmp_path, empty)
+    assert rc == 1 and "1 error" in out and "mnist_test.npz is not in it" in out and "skipped" not in out, out
 
 
 def test_with_uvood_data_a_corrupt_file_fails(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "mnist_test.npz").write_bytes(b"not an npz file")
-    out = _pytest(tmp_path, bad)
-    assert "1 failed" in out and "skipped" not in out, out
+    rc, out = _pytest(tmp_path, bad)
+    assert rc == 1 and "1 failed" in out and "mnist_test.npz" in out and "skipped" not in out, out
 
 
 def test_require_data_file_fails_or_skips(tmp_path, monkeypatch):
