@@ -3,6 +3,7 @@
 import csv
 import json
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +14,15 @@ from uvood import zoo
 from uvood.bench import paper
 from uvood.bench.report import write_report
 from uvood.bench.runner import run
-from uvood.bench.scoresets import GROUPS, with_depth
+from uvood.bench.scoresets import GROUPS, rows_for, with_depth
 from uvood.bench.spec import available, load_spec
 from uvood.cli import main
 from uvood.errors import UvoodError
-from uvood.scores.registry import canonical_spec
+from uvood.features import model_fingerprint
+from uvood.model import find_head
+from uvood.scores.registry import canonical_spec, entries, score_versions
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _mini_spec(tmp_path, **over):
@@ -45,6 +50,22 @@ def test_every_paper_row_maps_to_a_registry_spec():
     assert not unmatched
 
 
+def test_paper_shallow_gradient_rows_are_the_bias_included_scores():
+    """The authors' code differentiates the head's bias: their shallow values sit beside our bias=true rows, the
+    weight-only rows have none; and every shipped zoo model's head has a bias to differentiate."""
+    for spec in ("gradnorm", "exgrad", "grad(label=uniform,agg=mean_of_norm,norm=l2sq)", "batchgrad"):
+        with_bias = canonical_spec(spec[:-1] + ",bias=true)" if spec.endswith(")") else spec + "(bias=true)")
+        assert paper.lookup("small", "MNIST", "CIFAR-10", with_bias) is not None, spec
+        assert paper.lookup("small", "MNIST", "CIFAR-10", spec) is None, spec
+    assert paper.lookup("small", "MNIST", "CIFAR-10", "gradnorm(depth=deep)") is not None
+    shallow = [full for _, full, depth in rows_for(["table1", "table2", "table3"]) if depth == "shallow"]
+    assert {"gradnorm(bias=true)", "gradnorm", "exgrad(bias=true)", "exgrad", "batchgrad(bias=true)",
+            "batchgrad"} <= set(shallow)
+    for name in zoo.list_models():
+        model, info = zoo.load(name), zoo.info(name)
+        assert find_head(model, torch.rand(1, *info["input"])).bias is not None, name
+
+
 def test_unknown_benchmark_and_score_are_clear():
     with pytest.raises(UvoodError, match="Unknown benchmark 'tiny'.*small"):
         load_spec("tiny")
@@ -64,7 +85,7 @@ def test_mini_run_cells_recomputed_from_cached_features(tmp_path, data_dir):
     out = tmp_path / "out"
     write_report(result, out, "test")
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 * 9 and (out / "REPORT.md").exists() and (out / "table2.md").exists()
+    assert len(rows) == 2 * len(GROUPS["table2"]) and (out / "REPORT.md").exists() and (out / "table2.md").exists()
     assert list(rows[0])[:13] == ["benchmark", "id", "ood", "score", "depth", "auroc", "fpr95", "aupr_in",
                                   "aupr_out", "ci_low", "ci_high", "n_id", "n_ood"]
     # recompute a few cells independently: cached features -> score -> metrics
@@ -75,15 +96,95 @@ def test_mini_run_cells_recomputed_from_cached_features(tmp_path, data_dir):
                 "Fashion-MNIST" if "fashion" in path.name else "CIFAR-10")
             feats[name] = (torch.from_numpy(f["h"]), torch.from_numpy(f["logits"]))
     assert set(feats) == {"MNIST", "Fashion-MNIST", "CIFAR-10"}
+    # written out in numpy (float64) and scored with scikit-learn, sharing no code with uvood's scores or metrics
+    from scipy.special import logsumexp, softmax
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    def reference(score, h, z):
+        h, z = h.double().numpy(), z.double().numpy()
+        p = softmax(z, axis=1)
+        return {"energy": logsumexp(z, axis=1),
+                "norm(1)*varsum": np.abs(h).sum(1) * (1 - (p * (1 - p)).sum(1)),
+                "gradnorm(bias=true)": (np.abs(h).sum(1) + 1) * np.abs(1 / z.shape[1] - p).sum(1),
+                "gradnorm": np.abs(h).sum(1) * np.abs(1 / z.shape[1] - p).sum(1)}[score]
+
+    checked = 0
     for row in rows:
-        if row["score"] not in ("energy", "norm(1)*varsum", "gradnorm"):
+        if row["score"] not in ("energy", "norm(1)*varsum", "gradnorm(bias=true)", "gradnorm"):
             continue
-        s_id = uvood.score_features(row["score"], *feats["MNIST"]).numpy()
-        s_ood = uvood.score_features(row["score"], *feats[row["ood"]]).numpy()
-        assert float(row["auroc"]) == pytest.approx(uvood.metrics.auroc(s_id, s_ood), abs=1e-6)
-        assert float(row["fpr95"]) == pytest.approx(uvood.metrics.fpr95(s_id, s_ood), abs=1e-6)
+        s_id, s_ood = reference(row["score"], *feats["MNIST"]), reference(row["score"], *feats[row["ood"]])
+        labels, scores = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))], np.r_[s_id, s_ood]
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+        assert float(row["auroc"]) == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+        assert float(row["fpr95"]) == pytest.approx(fpr[np.searchsorted(tpr, 0.95 - 1e-12)], abs=1e-6)
         assert float(row["ci_low"]) <= float(row["auroc"]) <= float(row["ci_high"])
         assert int(row["n_id"]) == 80 and int(row["n_ood"]) == 80
+        checked += 1
+    assert checked == 2 * 4
+
+
+def test_run_manifest_names_models_data_versions_and_conventions(tmp_path, data_dir):
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]])
+    result = run(spec, quick=True, data_dir=data_dir, cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0,
+                 n_boot=20)
+    out = tmp_path / "out"
+    write_report(result, out, "uvood bench mini")
+    man = json.loads((out / "run.json").read_text())
+    assert man["uvood"] == uvood.__version__ and man["command"] == "uvood bench mini"
+    assert man["models"]["MNIST"]["fingerprint"] == model_fingerprint(zoo.load("mnist-mlp"))
+    assert man["data"]["MNIST"] == uvood.data.datasets.identity("mnist", "test", data_dir=data_dir, limit=80)
+    expected = {e.name: e.version for e in entries().values()}
+    for row in result.rows:
+        assert score_versions(row["score"]).items() <= expected.items()
+        tag = man["score_versions"][row["score"]]
+        assert {t.split(":")[0]: int(t.split(":")[1]) for t in tag.split("*")} == score_versions(row["score"])
+    assert man["versions"]["metrics"] == uvood.metrics.METRICS_VERSION
+    assert man["versions"]["features"] == uvood.features.FORMAT_VERSION
+    assert man["metric_conventions"]["fpr_fpr_positive"] == "id" and "average precision" in \
+        man["metric_conventions"]["aupr"]
+    assert man["settings"]["quick"] is True and man["settings"]["n_per_set"] == 80
+    assert man["git"] is None or len(man["git"]["commit"]) == 40
+    assert "[`run.json`](run.json)" in (out / "REPORT.md").read_text()
+
+
+def test_bumped_score_version_recomputes_that_score_only(tmp_path, data_dir, monkeypatch):
+    import uvood.bench.runner as runner
+
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]])
+    scores = ["msp", "energy", "norm(1)*energy", "norm(1)*msp", "gradnorm(depth=deep)", "exgrad(depth=deep)"]
+    kw = dict(scores=scores, quick=True, data_dir=data_dir, cache_dir=tmp_path / "c", progress=False,
+              log=lambda *a: 0, n_boot=20)
+    first = run(spec, **kw)
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            calls.append((name, getattr(a[0], "spec", "")))
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(runner, "_from_features", spy("features", runner._from_features))
+    monkeypatch.setattr(runner, "score_model", spy("model", runner.score_model))
+    monkeypatch.setattr(runner, "deep_label_norms", spy("label norms", runner.deep_label_norms))
+    monkeypatch.setattr(uvood.metrics, "evaluate", spy("metrics", uvood.metrics.evaluate))
+    assert [r["auroc"] for r in run(spec, **kw).rows] == [r["auroc"] for r in first.rows] and calls == []
+    # a fix of energy's and of gradnorm's formulas: those and the products with energy are recomputed, on each set
+    monkeypatch.setattr(entries()["energy"], "version", 2)
+    monkeypatch.setattr(entries()["gradnorm"], "version", 3)
+    with pytest.warns(UserWarning, match="code version"):
+        again = run(spec, **kw)
+    assert set(calls) == {("features", "energy"), ("features", "norm(1)*energy"), ("model", "gradnorm(depth=deep)")}
+    assert calls.count(("features", "energy")) == 2  # once per feature set
+    assert [r["auroc"] for r in again.rows] == [r["auroc"] for r in first.rows]
+    calls.clear()
+    monkeypatch.setattr(runner, "LABEL_NORMS_VERSION", 2)  # a fix of the deep per-label norms
+    with pytest.warns(UserWarning, match="Label-norm cache .* stale"):
+        run(spec, **kw)
+    assert set(calls) == {("label norms", "")}
+    calls.clear()
+    monkeypatch.setattr(uvood.metrics, "METRICS_VERSION", 2)  # a fix of the metrics: every row's metrics again
+    run(spec, **kw)
+    assert sorted(calls) == [("metrics", "")] * len(scores)
 
 
 def test_stale_cache_from_another_model_is_reported_and_recomputed(tmp_path, data_dir):
@@ -116,6 +217,31 @@ def test_bench_small_quick_cli(tmp_path, data_dir, capsys):
     assert len(history) == 1 and history[0]["quick"] and history[0]["breakdown"] and history[0]["cold"]
 
 
+def test_partial_or_quick_run_never_writes_over_the_reference_results(tmp_path, data_dir, monkeypatch):
+    import fnmatch
+
+    from uvood.bench.cli import default_out
+    from uvood.cli import build_parser
+
+    spec = load_spec("small")
+    assert default_out(spec, build_parser().parse_args(["bench", "small"])) == Path("results/small")
+    assert default_out(spec, build_parser().parse_args(["bench", "small", "--n", "10000"])) == Path("results/small")
+    ignored = [line.strip() for line in (REPO / ".gitignore").read_text().splitlines()]
+    for argv in (["--quick"], ["--scores", "msp"], ["--n", "20"], ["--deep-n", "100"]):
+        out = default_out(spec, build_parser().parse_args(["bench", "small", *argv]))
+        assert out != Path("results/small") and any(fnmatch.fnmatch(f"{out}/", g) for g in ignored), argv
+    # the user's command: a partial run from a checkout holding the committed results
+    reference = tmp_path / "results" / "small"
+    reference.mkdir(parents=True)
+    (reference / "results.csv").write_text("committed")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "small", "--scores", "msp", "--n", "20", "--no-progress", "--data-dir", str(data_dir),
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    assert (reference / "results.csv").read_text() == "committed" and sorted(p.name for p in reference.iterdir()) == [
+        "results.csv"]
+    assert (tmp_path / "results" / "small-partial" / "run.json").exists()
+
+
 def test_user_model_on_image_folders(tmp_path, monkeypatch):
     """The official-protocol path: ImageFolder data sets and a user's model factory."""
     from PIL import Image
@@ -139,7 +265,7 @@ def test_user_model_on_image_folders(tmp_path, monkeypatch):
     (tmp_path / "user.json").write_text(json.dumps(raw))
     result = run(load_spec(str(tmp_path / "user.json")), cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0,
                  n_boot=20)
-    assert len(result.rows) == 9 and all(r["n_id"] == 12 and r["n_ood"] == 12 for r in result.rows)
+    assert len(result.rows) == len(GROUPS["table2"]) and all(r["n_id"] == 12 and r["n_ood"] == 12 for r in result.rows)
 
 
 def test_deep_scores_on_a_subset(tmp_path, data_dir):

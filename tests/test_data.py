@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import require_data_file
 from uvood.data import datasets, formats, load, sample
 from uvood.errors import UvoodError
 
@@ -16,8 +17,7 @@ rng = np.random.default_rng(0)
 
 
 def need(folder, name):
-    if not (folder / name).is_file():
-        pytest.skip(f"{name} not found in {folder}: set UVOOD_DATA to uvood's data folder to run this test")
+    require_data_file(folder, name)  # skips without UVOOD_DATA, fails when UVOOD_DATA lacks the file
 
 
 def write_npz(path, **arrays):

@@ -26,7 +26,6 @@ from uvood.scores.gradient import (
     orientation,
 )
 from uvood.scores.reference import (
-    SIGN,
     official_gradnorm_loop,
     per_sample_label_gradients,
     reference_batchgrad,
@@ -175,11 +174,32 @@ def test_micro_batches_do_not_change_values():
 # ---------------------------------------------------------------- orientation and presets
 
 
-def test_orientation_table():
-    """Fixed signs per axis combination; the reference writes the same table out independently."""
-    for label, agg, _, weight in COMBOS:
-        assert orientation(label, agg, weight) == SIGN[(label, agg, weight)]
-    assert orientation("uniform", "norm_of_mean") == 1 and orientation("predicted", "mean_of_norm") == -1
+def test_orientation_sign_makes_confident_outputs_score_higher():
+    """orientation(label, agg, weight) against the definition "higher = more ID", from autograd, not from a table:
+    for a head z = W h, the unsigned raw score of a confident p and of a nearly flat p (same h), differentiated
+    with torch.autograd label by label; sign * (raw_confident - raw_flat) must be > 0 for every combination that
+    depends on p (not the identically zero one, nor uniform/mean_of_norm/l1, which is (2/T)(1 - 1/C) ||h||_1)."""
+    D, C = 5, 4
+    h = torch.ones(D, dtype=torch.float64)
+
+    def raw(z_target, label, agg, norm, weight):
+        W = (torch.tensor(z_target, dtype=torch.float64)[:, None] / D).repeat(1, D).requires_grad_(True)
+        logp = torch.log_softmax(W @ h, dim=0)
+        grads = [torch.autograd.grad(logp[k], W, retain_graph=True)[0] for k in range(C)]
+        p = logp.detach().exp()
+        coef = [(1 / C if label == "uniform" else float(p[k])) * (float(logp[k] / p[k]) if weight == "logp_over_p"
+                                                                 else 1.0) for k in range(C)]
+        size = (lambda g: g.abs().sum()) if norm == "l1" else (lambda g: (g * g).sum())
+        if agg == "norm_of_mean":
+            return float(size(sum(c * g for c, g in zip(coef, grads))))
+        return float(sum(c * size(g) for c, g in zip(coef, grads)))
+
+    for label, agg, norm, weight in COMBOS:
+        if (label, agg, weight) == ("predicted", "norm_of_mean", "none") or (label, agg, norm) == (
+                "uniform", "mean_of_norm", "l1"):
+            continue
+        gain = raw([6.0, 0, 0, 0], label, agg, norm, weight) - raw([0.2, 0, 0.1, 0], label, agg, norm, weight)
+        assert orientation(label, agg, weight) * gain > 0, (label, agg, norm, weight)
 
 
 def test_orientation_prefers_confident_inputs():
@@ -336,6 +356,60 @@ def test_bias_true_needs_a_head_bias():
     model, x = make("mlp", 3, bias=False)
     with pytest.raises(UvoodError, match="has no bias"):
         get_score("gradnorm(bias=true)").from_model(model, x)
+    with pytest.raises(UvoodError, match="has no bias"):
+        get_score("batchgrad(bias=true)").fit(model, x, torch.arange(x.shape[0]) % 3)
+
+
+def relu_head_model(C):
+    """A ReLU encoder whose first input (all zeros) gets h = 0 exactly, as some OOD images do under the zoo's
+    MNIST model; the others get h != 0."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, C)).double()
+    with torch.no_grad():
+        model[1].bias.fill_(-0.1)
+    x = torch.cat([torch.zeros(1, 12), 2 * torch.randn(5, 12)]).double()
+    h, z = forward_features(model, x)
+    assert (h[0] == 0).all() and (h[1:].abs().sum(1) > 0).all()
+    return model, x, h, z
+
+
+def test_degenerate_encoding_h_zero():
+    """h = 0: every weight-only shallow gradient is exactly 0 (the negated ExGrad then ranks it most ID); with the
+    head's bias (the authors' definition, h~ = [h, 1]) each closed form matches autograd in float64 there too."""
+    C, T = 5, 0.7
+    model, x, h, z = relu_head_model(C)
+    for bias in (False, True):
+        per_sample = per_sample_label_gradients(model, x, depth="shallow", T=T, bias=bias)
+        for label, agg, norm, weight in COMBOS:
+            if label == "predicted" and agg == "norm_of_mean" and weight == "none":
+                continue  # identically zero for every input (test_score_function_identity)
+            score = get_score(spec_of(label, agg, norm, weight, "shallow", T, bias))
+            got = score.from_model(model, x)
+            assert_rel(got, score_from_gradients(per_sample, label=label, agg=agg, norm=norm, weight=weight))
+            assert (got[0] != 0) if bias else (got[0] == 0), (label, agg, norm, weight, bias)
+    exgrad_w = get_score("exgrad(T=0.7)").from_model(model, x)
+    assert exgrad_w[0] == 0 and (exgrad_w[1:] < 0).all()  # the degenerate input is the "most ID" one
+    p = torch.softmax(z / T, 1)
+    torch.testing.assert_close(get_score("exgrad(T=0.7,bias=true)").from_model(model, x)[0],
+                               -(2 / T) * (1 + h[0].abs().sum()) * (p[0] * (1 - p[0])).sum())
+    # and every ||h||_p * V product is 0 there, whatever V says
+    for spec in ("norm(1)*energy", "norm(0.3)*msp", "norm(inf)*varsum"):
+        assert get_score(spec).from_model(model, x)[0] == 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_shallow_batchgrad_with_bias_matches_reference_at_h_zero(bias):
+    C = 4
+    model, x, _, _ = relu_head_model(C)
+    xtr = 2 * torch.randn(20, 12, dtype=torch.float64)
+    ytr = torch.arange(20) % C
+    score = get_score(f"batchgrad(T=0.7,seed=1,bias={str(bias).lower()})")
+    score.fit(model, xtr, ytr)
+    assert score.anchor_grad.shape == (C, 7 + bias)
+    got = score.from_model(model, x)
+    assert_rel(got, reference_batchgrad(model, x, score.anchor_x, score.anchor_y, depth="shallow", T=0.7, bias=bias))
+    fresh = get_score(f"batchgrad(T=0.7,seed=1,bias={str(bias).lower()})")
+    fresh.load_state({k: v.clone() for k, v in score.state().items()})
+    torch.testing.assert_close(fresh.from_model(model, x), got)
 
 
 def test_deep_scores_need_the_model():

@@ -77,18 +77,24 @@ def test_norm_is_safe_for_large_p_small_p_and_zero_rows():
 
 
 def test_products_are_elementwise_products():
+    """U * V against the numpy references of both factors (not against uvood's own factors)."""
     h, z = _features()
-    h, z = torch.tensor(h), torch.tensor(z)
-    for u, v in [("norm(0.3)", "energy"), ("norm(inf)", "tv"), ("norm(1)", "msp")]:
-        prod = uvood.score_features(f"{u}*{v}", h, z)
-        torch.testing.assert_close(prod, uvood.score_features(u, h, z) * uvood.score_features(v, h, z))
+    for p, v in [(0.3, "energy"), (math.inf, "tv"), (1, "msp"), (0, "varsum")]:
+        prod = uvood.score_features(f"norm({_fmt(p)})*{v}", torch.tensor(h), torch.tensor(z))
+        np.testing.assert_allclose(prod.numpy(), _np_norm(h, p) * REFERENCE[v](h, z), rtol=1e-12)
+
+
+def _fmt(p):
+    return "inf" if math.isinf(p) else str(p)
 
 
 def test_gradnorm_is_norm1_times_tv():
-    """Eq. 4: S_GN = (2/T) U V with U = ||h||_1 and V = TV."""
+    """Eq. 4: S_GN = (1/T) ||h||_1 sum_k |1/C - p^(k)| = (2/T) U V with U = ||h||_1 and V = TV, in numpy."""
     h, z = _features()
-    h, z = torch.tensor(h), torch.tensor(z)
-    torch.testing.assert_close(uvood.score_features("gradnorm", h, z), 2 * uvood.score_features("norm(1)*tv", h, z))
+    for T in (1.0, 0.7):
+        tv = 0.5 * np.abs(_np_softmax(z, T) - 1 / z.shape[1]).sum(1)
+        got = uvood.score_features(f"gradnorm(T={T})", torch.tensor(h), torch.tensor(z)).numpy()
+        np.testing.assert_allclose(got, 2 / T * np.abs(h).sum(1) * tv, rtol=1e-12)
 
 
 @pytest.mark.parametrize("T", [1.0, 0.7, 2.0])
@@ -141,9 +147,12 @@ def test_canonical_spec(spec, canon):
     assert uvood.canonical_spec(spec) == canon
 
 
-@pytest.mark.parametrize("bad", ["", "norm", "norm(1,2)", "msp(x=1)", "msp*", "energy(T=0)", "norm(-1)", "a b"])
-def test_bad_specs_raise_clear_errors(bad):
-    with pytest.raises(UvoodError):
+@pytest.mark.parametrize("bad,message", [
+    ("", "non-empty string"), ("norm", "needs its parameter 'p', e.g. norm"), ("norm(1,2)", "takes 1 positional"),
+    ("msp(x=1)", "no parameter 'x'. Valid parameters: T"), ("msp*", "expected a score name"),
+    ("energy(T=0)", "T must be > 0"), ("norm(-1)", r"needs p >= 0"), ("a b", "Unknown score 'a'")])
+def test_bad_specs_raise_clear_errors(bad, message):
+    with pytest.raises(UvoodError, match=message):
         uvood.get_score(bad)
 
 
@@ -178,3 +187,19 @@ def test_spec_values_are_typed_and_long_specs_clipped_in_errors(bad, msg):
 
 def test_huge_integer_parameter_is_a_number_not_an_overflow():
     assert uvood.get_score("energy(T=" + "9" * 5000 + ")").spec == "energy(T=inf)"
+
+
+def test_norm_times_energy_flips_per_sample_where_energy_is_negative():
+    """The caveat stated in the registry: norm(p)*energy reads a larger ||h|| as more ID only where Energy >= 0;
+    where every logit is below -log C (Energy < 0) it reads it as more OOD. Products with MSP never flip."""
+    h = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)  # same direction, twice the norm
+    for logits, energy_sign in (([4.0, 0.0, -1.0], 1), ([-9.0, -8.0, -7.0], -1)):
+        z = torch.tensor([logits, logits], dtype=torch.float64)
+        energy = torch.logsumexp(z, dim=1)
+        assert torch.sign(energy[0]) == energy_sign
+        small, big = uvood.score_features("norm(1)*energy", h, z)
+        assert (big > small) if energy_sign > 0 else (big < small)
+        small, big = uvood.score_features("norm(1)*msp", h, z)
+        assert big > small
+    assert "flips" in get_score("norm(1)*energy").__class__.__doc__
+    assert "flips its orientation" in entries()["energy"].doc

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require_data_file
 from uvood import zoo
 from uvood.errors import UvoodError
 from uvood.model import forward_features
@@ -142,8 +143,7 @@ def test_efficientnet_missing_extra_says_how_to_install(monkeypatch):
 
 def test_efficientnet_lite0_on_tinyimagenet(data_dir):
     pytest.importorskip("efficientnet_lite_pytorch", reason="optional extra: pip install -e .[imagenet]")
-    if not (data_dir / "tinyimagenet_val_jpeg.npz").is_file():
-        pytest.skip(f"tinyimagenet_val_jpeg.npz not in {data_dir}")
+    require_data_file(data_dir, "tinyimagenet_val_jpeg.npz")
     model = zoo.load("efficientnet-lite0")
     assert isinstance(model.net._fc, nn.Linear) and not model.training
     result = zoo.evaluate("efficientnet-lite0", data_dir=data_dir, limit=100)  # ~10 s on 2 cores
@@ -165,8 +165,7 @@ def test_cli_list(capsys):
 def test_tinyimagenet_labels_map_to_imagenet(data_dir):
     from uvood.zoo.efficientnet import tinyimagenet_to_imagenet
 
-    if not (data_dir / "tinyimagenet_wnids.txt").is_file():
-        pytest.skip(f"tinyimagenet_wnids.txt not in {data_dir}")
+    require_data_file(data_dir, "tinyimagenet_wnids.txt")
     mapping = tinyimagenet_to_imagenet(data_dir)
     assert mapping.shape == (200,) and len(np.unique(mapping)) == 200 and mapping.max() < 1000
 

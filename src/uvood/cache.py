@@ -4,16 +4,21 @@ A cache file is an ``.npz`` holding the arrays, the ``key`` it was made for (a h
 everything that determines its content) and a sha256 ``digest`` of the arrays. It is written
 to a temp file in the same folder and renamed, so a crash never leaves a half file. On load,
 a file that cannot be read, whose digest does not match, or whose key is another one (a stale
-cache, e.g. from another model) is reported with a warning, deleted and treated as absent.
+cache, e.g. from another model or an older version of the code: keys carry code versions) is
+reported with a warning, deleted and treated as absent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import socket
 import tempfile
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -68,9 +73,68 @@ def load_verified(path: Path, key: str, what: str = "cache") -> dict[str, np.nda
         if arrays_digest(arrays) != digest:
             raise ValueError("its checksum does not match its content")
         if stored_key != key:
-            raise ValueError("it was made for another model, data or transform (stale cache)")
+            raise ValueError("it was made for another model, data, transform or code version (stale cache)")
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
         warnings.warn(f"{what} {path} is corrupt or stale ({e}); recomputing it.", stacklevel=3)
         path.unlink(missing_ok=True)
         return None
     return arrays
+
+
+#: a lock older than this is taken over even if its owner cannot be checked (another host); deep items take minutes
+LOCK_STALE_S = 6 * 3600.0
+
+
+def _lock_is_stale(lock: Path, stale_s: float) -> bool:
+    """Its owner process is gone (same host), or it is older than ``stale_s`` seconds."""
+    try:
+        owner = json.loads(lock.read_text())
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, ValueError):
+        return False  # being written or just released: look again
+    if age > stale_s:
+        return True
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, KeyError, ValueError, TypeError):
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def claim(path, stale_s: float = LOCK_STALE_S, poll_s: float = 0.5, log: Callable[[str], object] | None = None
+          ) -> Iterator[None]:
+    """Hold the lock ``path.lock`` while the item ``path`` is computed and written.
+
+    The lock file is created with ``O_CREAT | O_EXCL`` (one owner at a time) and holds the owner's
+    pid and host. A second run that wants the same item waits until the lock is released and then
+    reads the item from the cache instead of computing it again. A lock whose owner process is gone
+    (same host; e.g. a killed run) or older than ``stale_s`` is taken over. The lock is removed on
+    any exit, Ctrl-C included. (Two runs taking over the same stale lock at the same instant may both
+    compute the item; atomic writes keep the file whole either way.)
+    """
+    lock = Path(str(path) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    told = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _lock_is_stale(lock, stale_s):
+                lock.unlink(missing_ok=True)
+                continue
+            if log is not None and not told:
+                log(f"waiting for another uvood run, which is computing {Path(path).name} ({lock})")
+                told = True
+            time.sleep(poll_s)
+            continue
+        break
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
+        yield
+    finally:
+        lock.unlink(missing_ok=True)

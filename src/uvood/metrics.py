@@ -24,6 +24,17 @@ import numpy as np
 
 from .errors import UvoodError
 
+#: bumped whenever a change alters a metric's value; enters the benchmark's metric memo key
+METRICS_VERSION = 1
+
+#: what the metrics compute, written to each benchmark run's ``run.json`` (FPR's positive class is the run's own)
+CONVENTIONS = {
+    "auroc": "Mann-Whitney U / (n_id n_ood), ties count 1/2",
+    "aupr": "average precision (step-wise sum, as sklearn average_precision_score), not the trapezoidal area",
+    "aupr_in": "ID positive", "aupr_out": "OOD positive (scores negated)",
+    "ci": "seeded percentile bootstrap of the AUROC",
+}
+
 
 def _as_scores(x, name: str) -> np.ndarray:
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -25,8 +26,18 @@ def read_history(path: Path) -> list[dict]:
     return history
 
 
+def default_out(spec, args) -> Path:
+    """Where a run writes without ``--out``: ``results/NAME`` only for the reference settings (every score,
+    the spec's n, no --quick, no --deep-n), which the committed reports use; ``results/NAME-quick`` for
+    --quick, ``results/NAME-partial`` for any other settings, so that no partial run overwrites a reference
+    report. Both are git-ignored."""
+    if args.quick:
+        return Path(f"results/{spec.name}-quick")
+    reference = not args.scores and args.n in (None, spec.n) and args.deep_n is None
+    return Path(f"results/{spec.name}" + ("" if reference else "-partial"))
+
+
 def _cmd_bench(args) -> int:
-    from ..cache import atomic_write
     from ..cli import check_out
     from .report import write_report
     from .runner import check_known, run
@@ -34,9 +45,8 @@ def _cmd_bench(args) -> int:
 
     spec = load_spec(args.benchmark)
     check_known(spec, args.scores)
-    out = check_out(args.out or (f"results/{spec.name}" + ("-quick" if args.quick else "")), folder=True)
-    history_path = out / "timings.json"
-    history = read_history(history_path)  # before any work: a bad file stops the run at once, untouched
+    out = check_out(args.out or default_out(spec, args), folder=True)
+    read_history(out / "timings.json")  # before any work: a bad file stops the run at once, untouched
     t = time.time()
     result = run(spec, scores=args.scores, quick=args.quick, n=args.n, data_dir=args.data_dir,
                  cache_dir=args.cache_dir, progress=not args.no_progress, deep_n=args.deep_n)
@@ -45,14 +55,42 @@ def _cmd_bench(args) -> int:
     settings = {"quick": args.quick, "n": result.meta["n_per_set"], "deep_n": args.deep_n, "scores": args.scores}
     breakdown = {k: v for k, v in result.timings.items() if v >= 0.5 and k != "total"}
     cold = result.meta["feature_sets_computed"] == result.meta["feature_sets"]  # every feature set extracted
-    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "total_s": result.timings["total"], **settings,
-                    "cold": cold, "breakdown": breakdown})
+    history = append_history(out / "timings.json", {"date": time.strftime("%Y-%m-%d %H:%M"),
+                                                     "total_s": result.timings["total"], **settings, "cold": cold,
+                                                     "breakdown": breakdown})
     same = [h for h in history[:-1] if all(h.get(k) == v for k, v in settings.items())]
     earlier = [h for h in same if h.get("cold")]  # a rerun's report cites the latest cold run
     path = write_report(result, out, command, cold=None if cold or not earlier else earlier[-1])
-    atomic_write(history_path, lambda f: f.write(json.dumps(history, indent=1).encode()))
     print(f"{spec.name}: {len(result.rows)} rows in {time.time() - t:.0f} s -> {path}")
     return 0
+
+
+def append_history(path: Path, record: dict, log=print) -> list[dict]:
+    """Append ``record`` to the run history ``path`` (a JSON list) and return the history.
+
+    Read, append and the atomic rewrite happen under the file's lock (:func:`uvood.cache.claim`), so
+    two runs finishing together both keep their record. An unreadable history is not lost and does
+    not stop the run: it is moved aside to ``timings.json.corrupt`` (one line says so) and a new one
+    is started."""
+    from ..cache import atomic_write, claim
+
+    path = Path(path)
+    with claim(path):
+        history: list = []
+        if path.exists():
+            try:
+                history = json.loads(path.read_text())
+                if not isinstance(history, list):
+                    raise ValueError("not a JSON list")
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                aside = path.with_name(path.name + ".corrupt")
+                os.replace(path, aside)
+                log(f"warning: the run history {path} is unreadable ({str(e)[:80]}); moved to {aside.name}, "
+                    "starting a new one")
+                history = []
+        history.append(record)
+        atomic_write(path, lambda f: f.write(json.dumps(history, indent=1).encode()))
+    return history
 
 
 def register(sub) -> None:
@@ -65,6 +103,7 @@ def register(sub) -> None:
                    "of this many images per set (CPU time); the other scores use every image")
     p.add_argument("--data-dir", help="data folder (default: $UVOOD_DATA)")
     p.add_argument("--cache-dir", help="feature/score cache (default: $UVOOD_CACHE or ~/.cache/uvood)")
-    p.add_argument("--out", help="output folder (default: results/NAME, or results/NAME-quick)")
+    p.add_argument("--out", help="output folder (default: results/NAME for the full reference run; "
+                   "results/NAME-quick with --quick; results/NAME-partial with --scores, --n or --deep-n)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ..cache import atomic_write  # noqa: E402
 from ..scores import output  # noqa: E402
 from .runner import RunResult  # noqa: E402
 from .scoresets import P_GRID, V_GRID  # noqa: E402
@@ -20,6 +21,11 @@ from .tables import heatmap_grid  # noqa: E402
 ROC_SCORES = ["msp", "tv", "varsum", "energy", "norm(0.3)*energy", "gradnorm", "exgrad", "gradnorm(depth=deep)",
               "exgrad(depth=deep)"]
 
+
+
+def _save(fig, path) -> None:
+    """PNG, written atomically (an interrupted run leaves no half figure)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 def heatmap(grid: np.ndarray, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 3.2))
@@ -35,7 +41,7 @@ def heatmap(grid: np.ndarray, title: str, path: Path) -> None:
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="AUROC")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -59,7 +65,7 @@ def simplex(path: Path, resolution: int = 160) -> None:
         fig.colorbar(sc, ax=ax, shrink=0.7)
     fig.suptitle("Figure 1: output terms on the 3-class probability simplex (vertices: p = one-hot)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -81,7 +87,7 @@ def roc_curves(result: RunResult, pair: tuple[str, str], path: Path) -> None:
     ax.set_title(f"ROC: {id_name} (ID) vs {ood_name} (OOD)", fontsize=10)
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 

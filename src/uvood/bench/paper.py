@@ -9,7 +9,7 @@ from importlib import resources
 
 from ..errors import UvoodError
 from ..scores.registry import canonical_spec
-from .scoresets import with_depth
+from .scoresets import paper_spec
 
 
 @lru_cache(maxsize=1)
@@ -23,8 +23,9 @@ PAPER_BENCH = {"small": "small", "large": "imagenet"}
 
 @cache
 def _canon(spec: str, depth: str) -> str:
+    """Our canonical spec of a paper row; shallow gradient rows include the head's bias (the authors' code)."""
     try:
-        return canonical_spec(with_depth(spec, depth))
+        return paper_spec(spec, depth)
     except UvoodError:  # a paper row our registry cannot express: never matches
         return f"<paper:{spec}:{depth}>"
 

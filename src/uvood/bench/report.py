@@ -11,8 +11,9 @@ import numpy as np
 
 from ..scores.registry import canonical_spec
 from . import figures, selection, tables
+from .manifest import MANIFEST, write_manifest
 from .runner import RunResult
-from .scoresets import TABLE1, with_depth
+from .scoresets import TABLE1, paper_spec, with_depth
 
 CAVEATS = {
     "small": [
@@ -71,7 +72,7 @@ def discussion(result: RunResult) -> list[str]:
         out.append(f"*V-only vs gradients.* Best V-only score: `{bv}` (mean AUROC {v_only[bv]:.3f}); best gradient "
                    f"score: `{bg}` ({grads[bg]:.3f}). The paper's claim that output-only scores are at least as "
                    f"good as the gradient scores on this benchmark **{verdict}** here.")
-    pairs = [(canonical_spec(with_depth(s, "deep")), canonical_spec(with_depth(s, "shallow")))
+    pairs = [(canonical_spec(with_depth(s, "deep")), paper_spec(s, "shallow"))
              for _, s, d in TABLE1 if d == "deep"]
     deep_better = [(d, _mean_auroc(result, d), _mean_auroc(result, s)) for d, s in pairs]
     deep_better = [(d, a, b) for d, a, b in deep_better if a is not None and b is not None]
@@ -116,7 +117,11 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
     md_tables = tables.write_all(result, out)
     figs = figures.write_all(result, out)
     sel = selection.leave_one_ood_out(result)
-    (out / "selection.json").write_text(json.dumps(sel, indent=1))
+    tables.write_text(out / "selection.json", json.dumps(sel, indent=1))
+    man = json.loads(write_manifest(result, out, command).read_text())
+    git = man["git"]
+    revision = (f"git {git['commit'][:12]}" + (" with uncommitted changes" if git["dirty"] else "")) if git else \
+        "no git revision"
     spec = result.spec
     quick = " (QUICK run: few images, not the reported results)" if result.quick else ""
     L = [f"# uvood benchmark `{spec.name}`{quick}",
@@ -129,10 +134,16 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
             "(CPU time; see the `n_id`/`n_ood` columns)" if result.meta.get("deep_n") else ""),
          f"- Cross-domain convention: `{spec.cross_domain}`; FPR at {int(spec.metric['tpr'] * 100)} % TPR with "
          f"positive = {spec.metric['fpr_positive']!r} (share of OOD accepted when 95 % of ID is kept)",
+         f"- Manifest: [`{MANIFEST}`]({MANIFEST}) — uvood {man['uvood']} ({revision}), model fingerprints, data "
+         "identities, score / feature / metric code versions (the cache keys), metric conventions (AUPR = average "
+         "precision, not the trapezoid) and settings",
          "- Wall time of this run (caches and computation to metric rows; imports and figures not included): "
          f"{result.timings.get('total', 0):.0f} s"
          + (f"; last cold-cache run with these settings ({cold['date']}): {cold['total_s']:.0f} s" if cold else "")
          + " (see *Where the time goes*)", "",
+         "Shallow gradient rows (Tables 1-3) differentiate the head's weight and bias, as the authors' code does "
+         "(`bias=true`, h̃ = [h, 1]); the rows marked `[W only]` differentiate the weight alone, which is 0 for an "
+         "input with h = 0 (docs/gradient_scores.md, *Degenerate encodings*).", "",
          "All scores are oriented *higher = more in-distribution* and every AUROC is reported as computed: "
          "nothing is flipped. 95 % bootstrap intervals (1,000 resamples, seed 0) are in the CSVs "
          "(`ci_low`, `ci_high`). Cells read **ours (paper)**.", "", "## Caveats", ""]
@@ -177,8 +188,9 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
         L += ["", "## Where the time goes", "",
               ("The last cold-cache run with these settings" if cold else "This run") + ", by kind of work "
               "(seconds summed over models and data sets; a rerun only reads caches):", ""] + breakdown
-    L += ["", "## Files", "", "`results.csv` (every pair × score, stable columns), `table1.csv`, `table2.csv`, "
+    L += ["", "## Files", "", f"`{MANIFEST}` (what produced these numbers), "
+          "`results.csv` (every pair × score, stable columns), `table1.csv`, `table2.csv`, "
           "`table3.csv`, `figure2.csv`, `selection.json`, the PNG figures. Regenerate with the command above.", ""]
     path = out / "REPORT.md"
-    path.write_text("\n".join(L))
+    tables.write_text(path, "\n".join(L))
     return path

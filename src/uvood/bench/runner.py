@@ -4,6 +4,14 @@ Data sets are identified without reading them (:class:`Inputs`); features are ex
 (model, data set, transform) and cached; the scores computed from features are cached in one file
 per feature set; the deep per-label norms once per data set; the other scores that need the model
 (deep gradients, BatchGrad) per score. A warm rerun reads no image and only reads caches.
+
+Every cache key carries the version of the code that produced the values: the feature format
+(``features.FORMAT_VERSION``), each score's registry versions (``Score.version_tag``), the deep
+label norms' (``gradient.LABEL_NORMS_VERSION``) and the metrics' (``metrics.METRICS_VERSION``).
+Bumping one recomputes exactly what it produced; the rest is read from the caches.
+
+Runs sharing a cache folder claim each item with a lock file (:func:`uvood.cache.claim`): a second
+run waits for the item another run is computing and then reads it, instead of redoing the work.
 """
 
 from __future__ import annotations
@@ -25,12 +33,20 @@ from torch import nn
 from .. import data as uvdata
 from .. import metrics, zoo
 from ..api import score_model
-from ..cache import atomic_write, load_verified, save_verified
+from ..cache import atomic_write, claim, load_verified, save_verified
 from ..data import transforms
 from ..errors import UvoodError
+from ..features import FORMAT_VERSION as FEATURES_VERSION
 from ..features import extract, model_fingerprint
 from ..model import eval_mode
-from ..scores.gradient import GradScore, deep_label_norms, mean_of_norm_from_label_norms
+from ..scores.gradient import (
+    DEEP_BATCH_SIZE,
+    LABEL_NORMS_VERSION,
+    GradScore,
+    check_head_bias,
+    deep_label_norms,
+    mean_of_norm_from_label_norms,
+)
 from ..scores.registry import get_score
 from ..user_model import load_user_model
 from .scoresets import depth_of, rows_for
@@ -157,29 +173,58 @@ def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> Inputs:
 def _feature_scores(scores: list, f, key: str, path: Path) -> dict[str, np.ndarray]:
     """Every score computed from the features ``f`` (no model), cached in one file per feature set:
     cheap ones and a few costly ones (the heatmap's fractional norms, shallow BatchGrad)."""
-    cached = load_verified(path, key, "Score cache") or {}
     keyed = {_score_key(sc): sc for sc in scores}
-    missing = [k for k in keyed if k not in cached]
-    for k in missing:
-        cached[k] = keyed[k].from_features(f.h, f.logits).numpy()
-    if missing:
-        save_verified(path, key, cached)
+    cached = load_verified(path, key, "Score cache") or {}
+    if any(k not in cached for k in keyed):
+        with claim(path):
+            cached = load_verified(path, key, "Score cache") or {}  # another run may have added some meanwhile
+            missing = [k for k in keyed if k not in cached]
+            for k in missing:
+                cached[k] = _from_features(keyed[k], f)
+            if missing:
+                save_verified(path, key, cached)
     return {k: cached[k] for k in keyed}
 
 
+def _from_features(score, f) -> np.ndarray:
+    """One score's values from cached features (a cache miss)."""
+    return score.from_features(f.h, f.logits).numpy()
+
+
 def _score_key(score) -> str:
-    return score.spec + ("|" + _fit_state_digest(score) if score.needs_fit else "")
+    """A score's entry in the feature-score cache: spec, code versions, fitted state."""
+    return f"{score.spec}@{score.version_tag}" + ("|" + _fit_state_digest(score) if score.needs_fit else "")
 
 
-def _label_norms(model, inputs: Inputs, key: str, path: Path, T: float) -> dict[str, torch.Tensor]:
+def _chunked(fn, x: torch.Tensor, chunk: int, progress: bool, desc: str) -> list:
+    """``fn`` on ``x`` in slices of ``chunk`` images, with a progress bar that counts images. The slices are the
+    batches one call would use (``chunk`` = its batch size), so the values are the same as one call's."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=x.shape[0], desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for i in range(0, x.shape[0], chunk):
+            out.append(fn(x[i:i + chunk]))
+            bar.update(min(chunk, x.shape[0] - i))
+    return out
+
+
+def _label_norms(model, inputs: Inputs, key: str, path: Path, T: float, progress: bool = False
+                 ) -> dict[str, torch.Tensor]:
     """Per-label deep gradient norms (l1, l2sq) and logits of ``x``, computed once and cached:
     every deep ``mean_of_norm`` row of Table 1 is a weighted sum of them over labels."""
     cached = load_verified(path, key, "Label-norm cache")
     if cached is None:
-        with eval_mode(model):
-            norms, logits = deep_label_norms(model, inputs.x, T=T, norms=("l1", "l2sq"))
-        cached = {"l1": norms["l1"].numpy(), "l2sq": norms["l2sq"].numpy(), "logits": logits.numpy()}
-        save_verified(path, key, cached)
+        with claim(path):
+            cached = load_verified(path, key, "Label-norm cache")  # made by another run while we waited?
+            if cached is None:
+                with eval_mode(model):
+                    parts = _chunked(lambda xb: deep_label_norms(model, xb, T=T, norms=("l1", "l2sq"),
+                                                                 batch_size=DEEP_BATCH_SIZE),
+                                     inputs.x, DEEP_BATCH_SIZE, progress, f"deep label norms, {inputs.identity}")
+                cached = {k: torch.cat([n[k] for n, _ in parts], dim=1).numpy() for k in ("l1", "l2sq")}
+                cached["logits"] = torch.cat([z for _, z in parts]).numpy()
+                save_verified(path, key, cached)
     return {k: torch.from_numpy(v) for k, v in cached.items()}
 
 
@@ -191,8 +236,13 @@ def _model_scores(score, model, inputs: Inputs, key: str, path: Path, progress: 
     cached = load_verified(path, key, "Score cache")
     if cached is not None:
         return cached["s"]
-    s = score_model(score, model, inputs.x, batch_size=64, progress=progress).numpy()
-    save_verified(path, key, {"s": s})
+    with claim(path):
+        cached = load_verified(path, key, "Score cache")  # made by another run while we waited?
+        if cached is not None:
+            return cached["s"]
+        s = torch.cat(_chunked(lambda xb: score_model(score, model, xb, batch_size=64), inputs.x, 64, progress,
+                               f"{score.spec}, {inputs.identity}")).numpy()
+        save_verified(path, key, {"s": s})
     return s
 
 
@@ -205,7 +255,10 @@ def _read_memo(path: Path) -> dict:
 
 
 def _write_memo(path: Path, memo: dict) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(memo).encode()))
+    """Merge ``memo`` into the file (another run may have added entries since we read it), atomically."""
+    with claim(path):
+        merged = {**_read_memo(path), **memo}
+        atomic_write(path, lambda f: f.write(json.dumps(merged).encode()))
 
 
 def _fit_state_digest(score) -> str:
@@ -251,15 +304,19 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         t0 = time.time()
         model, info, in_shape = _load_model(model_name, spec)
         fp = model_fingerprint(model)
+        for sc in score_objs.values():  # bias=true needs a head bias; shallow scores never see the model itself
+            if any(getattr(t, "bias", False) for t in getattr(sc, "factors", [sc])):
+                check_head_bias(sc, model, torch.zeros(1, *in_shape))
         needed = [id_name] + [o for i, o in spec.pairs if i == id_name]
         feats = {}
         for ds_name in needed:
             inputs = _prepare(spec, ds_name, in_shape, n, data_dir)
             t = time.time()
-            f = extract(model, lambda inputs=inputs: (inputs.x, torch.as_tensor(inputs.y)), batch_size=128,
-                        cache_dir=cache, data_id=inputs.identity, transform=inputs.desc, progress=progress,
-                        desc=f"{model_name} on {ds_name}",
-                        cache_name=_slug(f"{model_name}__{inputs.identity}__{inputs.desc}"))
+            name = _slug(f"{model_name}__{inputs.identity}__{inputs.desc}")
+            with claim(cache / f"features-{name}.npz", log=log):
+                f = extract(model, lambda inputs=inputs: (inputs.x, torch.as_tensor(inputs.y)), batch_size=128,
+                            cache_dir=cache, data_id=inputs.identity, transform=inputs.desc, progress=progress,
+                            desc=f"{model_name} on {ds_name}", cache_name=name)
             timings[f"{model_name}/{ds_name}/features"] = round(time.time() - t, 2)
             feature_sets.append(inputs.loaded)
             feats[ds_name] = (f, inputs)
@@ -267,7 +324,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         f_id = feats[id_name][0]
         acc = _accuracy(spec.datasets[id_name].get("dataset"), f_id.logits,
                         f_id.y.numpy() if f_id.y is not None else np.zeros(0), data_dir)
-        models[id_name] = {"model": model_name, "accuracy_on_id": acc, "n": len(f_id),
+        models[id_name] = {"model": model_name, "fingerprint": fp, "accuracy_on_id": acc, "n": len(f_id),
                            "cpu_fallback": info.get("cpu_fallback", False), "c": info.get("c"),
                            "test_accuracy": info.get("test_accuracy"), "device": info.get("device")}
         for _label, full, _depth in rows_spec:
@@ -281,7 +338,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                 sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
         from_features = [score_objs[full] for _, full, _ in rows_spec if not score_objs[full].needs_model]
         for ds_name, (f, inputs) in feats.items():
-            fkey = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "feature-scores"]).encode())
+            fkey = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "feature-scores",
+                                              FEATURES_VERSION]).encode())
             path = cache / f"fscores-{_slug(f'{model_name}__{inputs.identity}__{inputs.desc}')}.npz"
             t = time.time()
             values = _feature_scores(from_features, f, fkey.hexdigest(), path)
@@ -293,16 +351,18 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                     continue
                 x = inputs.subset(len(f), deep_n) if deep_n and deep_n < len(f) else inputs
                 if _shares_label_norms(sc):
-                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, "label-norms", sc.T]).encode())
+                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, "label-norms", sc.T,
+                                                     LABEL_NORMS_VERSION]).encode())
                     path = cache / f"labelnorms-{_slug(f'{model_name}__{x.identity}__T={sc.T}')}.npz"
                     t = time.time()
-                    ln = _label_norms(model, x, key.hexdigest(), path, sc.T)
+                    ln = _label_norms(model, x, key.hexdigest(), path, sc.T, progress)
                     timings.setdefault(f"{model_name}/{ds_name}/deep label norms", round(time.time() - t, 2))
                     raw = mean_of_norm_from_label_norms(ln[sc.norm], ln["logits"], label=sc.label, weight=sc.weight,
                                                         T=sc.T, official=sc.official)
                     s = (sc.sign * raw).numpy()
                 else:
-                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, sc.spec, _fit_state_digest(sc)]).encode())
+                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, sc.spec, sc.version_tag,
+                                                     _fit_state_digest(sc)]).encode())
                     path = cache / f"scores-{_slug(model_name + '__' + x.identity + '__' + sc.spec)}.npz"
                     t = time.time()
                     s = _model_scores(sc, model, x, key.hexdigest(), path, progress)
@@ -316,7 +376,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     for id_name, ood_name in spec.pairs:
         for label, full, depth in rows_spec:
             s_id, s_ood = all_scores[(id_name, id_name, full)], all_scores[(id_name, ood_name, full)]
-            digest = hashlib.sha256(s_id.tobytes() + b"|" + s_ood.tobytes() + f"{n_boot}".encode()).hexdigest()
+            digest = hashlib.sha256(s_id.tobytes() + b"|" + s_ood.tobytes()
+                                    + f"|{n_boot}|metrics:{metrics.METRICS_VERSION}".encode()).hexdigest()
             if digest not in memo:  # bootstrap intervals cost ~0.6 s per 10k x 10k pair: memoised
                 memo[digest] = metrics.evaluate(s_id, s_ood, ci=True, n_boot=n_boot, seed=0)
             m = memo[digest]
@@ -330,8 +391,12 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     timings["total"] = round(time.time() - t_start, 1)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,
-            "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n,
-            "feature_sets": len(feature_sets), "feature_sets_computed": sum(feature_sets)}
+            "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n, "quick": quick,
+            "scores": scores, "n_boot": n_boot, "feature_sets": len(feature_sets),
+            "feature_sets_computed": sum(feature_sets),
+            "versions": {"features": FEATURES_VERSION, "label_norms": LABEL_NORMS_VERSION,
+                         "metrics": metrics.METRICS_VERSION,
+                         "scores": {full: score_objs[full].version_tag for _, full, _ in rows_spec}}}
     return RunResult(spec, rows, all_scores, models, datasets, timings, quick, meta)
 
 

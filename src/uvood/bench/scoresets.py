@@ -14,23 +14,31 @@ from ..scores.registry import canonical_spec
 P_GRID = ("0", "0.1", "0.3", "0.5", "0.8", "1", "2", "3", "4", "5", "6", "inf")
 V_GRID = ("energy", "tv", "msp", "varsum")
 
+# The paper's shallow gradient rows use the authors' definition: the head's weight AND bias are differentiated
+# (h~ = [h, 1], ``bias=true``). The weight-only variant (``bias=false``, W alone) is kept beside the main ones:
+# it is 0 for an input with h = 0 (ReLU features), which the negated ExGrad ranks as the most ID possible
+# (docs/gradient_scores.md, "Degenerate encodings"). Paper values are looked up for the bias=true rows only.
+W_ONLY = " [W only]"
+
 # Table 1 / Appendix A: (expression as in the paper, base spec, depth), in the paper's row order
 TABLE1 = [
     ("||E_{Y~p}[grad log p(Y)]||_2^2", "grad(label=predicted,agg=norm_of_mean,norm=l2sq)", "deep"),
-    ("||E_{Y~p}[grad log p(Y)]||_2^2", "grad(label=predicted,agg=norm_of_mean,norm=l2sq)", "shallow"),
+    ("||E_{Y~p}[grad log p(Y)]||_2^2", "grad(label=predicted,agg=norm_of_mean,norm=l2sq,bias=true)", "shallow"),
     ("E_{Y~U}[||grad log p(Y)||_1]", "grad(label=uniform,agg=mean_of_norm,norm=l1)", "deep"),
-    ("E_{Y~U}[||grad log p(Y)||_1]", "grad(label=uniform,agg=mean_of_norm,norm=l1)", "shallow"),
+    ("E_{Y~U}[||grad log p(Y)||_1]", "grad(label=uniform,agg=mean_of_norm,norm=l1,bias=true)", "shallow"),
     ("E_{Y~U}[||grad log p(Y)||_2^2]", "grad(label=uniform,agg=mean_of_norm,norm=l2sq)", "deep"),
-    ("E_{Y~U}[||grad log p(Y)||_2^2]", "grad(label=uniform,agg=mean_of_norm,norm=l2sq)", "shallow"),
+    ("E_{Y~U}[||grad log p(Y)||_2^2]", "grad(label=uniform,agg=mean_of_norm,norm=l2sq,bias=true)", "shallow"),
     ("||grad E_{Y~U}[log p(Y)]||_1 (GradNorm)", "gradnorm", "deep"),
-    ("||grad E_{Y~U}[log p(Y)]||_1 (GradNorm)", "gradnorm", "shallow"),
-    ("E_{Y~p}[log p/p ||grad log p(Y)||_2^2]", "grad(label=predicted,agg=mean_of_norm,norm=l2sq,weight=logp_over_p)",
-     "shallow"),
-    ("E_{Y~p}[||grad log p(Y)||_2^2]", "grad(label=predicted,agg=mean_of_norm,norm=l2sq)", "shallow"),
+    ("||grad E_{Y~U}[log p(Y)]||_1 (GradNorm)", "gradnorm(bias=true)", "shallow"),
+    ("||grad E_{Y~U}[log p(Y)]||_1 (GradNorm)" + W_ONLY, "gradnorm", "shallow"),
+    ("E_{Y~p}[log p/p ||grad log p(Y)||_2^2]",
+     "grad(label=predicted,agg=mean_of_norm,norm=l2sq,weight=logp_over_p,bias=true)", "shallow"),
+    ("E_{Y~p}[||grad log p(Y)||_2^2]", "grad(label=predicted,agg=mean_of_norm,norm=l2sq,bias=true)", "shallow"),
     ("E_{Y~p}[||grad log p(Y)||_2^2]", "grad(label=predicted,agg=mean_of_norm,norm=l2sq)", "deep"),
     ("E_{Y~p}[log p/p ||grad log p(Y)||_2^2]", "grad(label=predicted,agg=mean_of_norm,norm=l2sq,weight=logp_over_p)",
      "deep"),
-    ("E_{Y~p}[||grad log p(Y)||_1] (ExGrad)", "exgrad", "shallow"),
+    ("E_{Y~p}[||grad log p(Y)||_1] (ExGrad)", "exgrad(bias=true)", "shallow"),
+    ("E_{Y~p}[||grad log p(Y)||_1] (ExGrad)" + W_ONLY, "exgrad", "shallow"),
     ("E_{Y~p}[||grad log p(Y)||_1] (ExGrad)", "exgrad", "deep"),
     ("1 - sum_k p_k(1-p_k) (ExGrad V term, as VarSum)", "varsum", "none"),
     ("sum_k |1/C - p_k| (GradNorm V term, as TV)", "tv", "none"),
@@ -40,10 +48,12 @@ TABLE2 = [
     ("MSP", "msp", "none"), ("Energy", "energy", "none"), ("VarSum", "varsum", "none"), ("TV", "tv", "none"),
     ("||h||_1 MSP", "norm(1)*msp", "none"), ("||h||_1 Energy", "norm(1)*energy", "none"),
     ("||h||_1 VarSum", "norm(1)*varsum", "none"),
-    ("GradNorm", "gradnorm", "shallow"), ("ExGrad", "exgrad", "shallow"),
+    ("GradNorm", "gradnorm(bias=true)", "shallow"), ("ExGrad", "exgrad(bias=true)", "shallow"),
+    ("GradNorm" + W_ONLY, "gradnorm", "shallow"), ("ExGrad" + W_ONLY, "exgrad", "shallow"),
 ]
 
-TABLE3 = [("Deep BatchGrad", "batchgrad", "deep"), ("Shallow BatchGrad", "batchgrad", "shallow")]
+TABLE3 = [("Deep BatchGrad", "batchgrad", "deep"), ("Shallow BatchGrad", "batchgrad(bias=true)", "shallow"),
+          ("Shallow BatchGrad" + W_ONLY, "batchgrad", "shallow")]
 
 FIGURE2 = [(f"||h||_{p} {v}", f"norm({p})*{v}", "none") for v in V_GRID for p in P_GRID]
 
@@ -57,6 +67,15 @@ def with_depth(spec: str, depth: str) -> str:
     if spec.endswith(")"):
         return spec[:-1] + f",depth={depth})"
     return f"{spec}(depth={depth})"
+
+
+def paper_spec(spec: str, depth: str) -> str:
+    """The canonical spec of a paper row (spec and depth as in ``paper_values.csv``): a shallow gradient row
+    is the authors' definition, with the head's bias (``bias=true``)."""
+    full = canonical_spec(with_depth(spec, depth))
+    if depth == "shallow" and depth_of(full) == "shallow":
+        full = canonical_spec(full[:-1] + ",bias=true)" if full.endswith(")") else f"{full}(bias=true)")
+    return full
 
 
 def depth_of(spec: str) -> str:

@@ -8,10 +8,12 @@ in for the paper's, the paper's pair.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
 
+from ..cache import atomic_write
 from ..scores.registry import canonical_spec
 from . import paper
 from .runner import COLUMNS, RunResult
@@ -41,12 +43,18 @@ def _pair_header(result: RunResult, id_name: str, ood_name: str) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
+    """The rows' :data:`COLUMNS` as CSV (floats to 6 decimals), written atomically."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
+    write_text(path, buf.getvalue())
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file written atomically (:func:`uvood.cache.atomic_write`): Ctrl-C never leaves half a table."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _paper_value(result, id_name, ood_name, spec, sources=()) -> float | None:
@@ -87,7 +95,7 @@ def per_pair_table(result: RunResult, table: list[tuple[str, str, str]], sources
 
 
 def table2(result: RunResult) -> tuple[str, list]:
-    """Table 2's layout: rows = pairs (and the average), columns = the nine scores."""
+    """Table 2's layout: rows = pairs (and the average), columns = its scores (the weight-only ones last)."""
     idx = _index(result)
     labels = [lab for lab, _, _ in TABLE2]
     lines = ["| ID → OOD | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
@@ -152,5 +160,5 @@ def write_all(result: RunResult, out: Path) -> dict[str, str]:
     for name in result.spec.groups:
         md[name], rows = BUILDERS[name](result)
         write_csv(rows, out / f"{name}.csv")
-        (out / f"{name}.md").write_text(md[name])
+        write_text(out / f"{name}.md", md[name])
     return md

@@ -84,6 +84,10 @@ WEIGHTS = ("none", "logp_over_p")
 DEPTHS = ("shallow", "deep")
 BOOLS = (False, True)
 
+#: version of the deep per-label norms (:func:`deep_label_norms` and the engine under it): bump it when a
+#: change alters their values; it enters the benchmark's label-norm cache key
+LABEL_NORMS_VERSION = 1
+
 #: samples per forward/backward micro-batch of the deep engine (memory bound; no effect on values)
 DEEP_BATCH_SIZE = 128
 
@@ -232,6 +236,16 @@ def grad_deep(model, x: torch.Tensor, *, label: str = "uniform", agg: str = "nor
     return mean_of_norm_from_label_norms(norms, logits, label=label, weight=weight, T=T, official=official)
 
 
+def check_head_bias(score: Score, model, x: torch.Tensor, head=None) -> None:
+    """Refuse ``bias=true`` on a model whose head has no bias (there is no b to differentiate)."""
+    from ..model import find_head
+
+    module = find_head(model, x[:1], head)
+    if getattr(module, "bias", None) is None:
+        raise UvoodError(f"Score {score.spec!r} differentiates the head's bias, but the head "
+                         f"{type(module).__name__} has no bias. Drop bias=true.")
+
+
 class GradScore(Score):
     """sign * || gradient || for one combination of axes (module docstring; Eq. 1-5)."""
 
@@ -254,14 +268,11 @@ class GradScore(Score):
         return self.sign * grad_shallow(h, logits, bias=self.bias, **self._axes())
 
     def from_model(self, model, x, head=None):
-        from ..model import eval_mode, find_head
+        from ..model import eval_mode
 
         if self.depth == "shallow":
             if self.bias:
-                module = find_head(model, x[:1], head)
-                if getattr(module, "bias", None) is None:
-                    raise UvoodError(f"Score {self.spec!r} differentiates the head's bias, but the head "
-                                     f"{type(module).__name__} has no bias. Drop bias=true.")
+                check_head_bias(self, model, x, head)
             return super().from_model(model, x, head)
         with eval_mode(model):
             return self.sign * grad_deep(model, x, head=head, batch_size=self.batch_size, **self._axes())
@@ -270,22 +281,31 @@ class GradScore(Score):
 # ---------------------------------------------------------------- BatchGrad (Eq. 6)
 
 
-def batchgrad_shallow(h: torch.Tensor, logits: torch.Tensor, anchor_grad: torch.Tensor, T: float = 1.0
-                      ) -> torch.Tensor:
-    """Shallow BatchGrad (Eq. 6) on the head's weight W, oriented higher = more ID (sign -1):
+def augment(h: torch.Tensor, bias: bool) -> torch.Tensor:
+    """h~ (N x D, float64, flattened): h, or [h, 1] when the head's bias is differentiated too."""
+    hh = h.detach().to(torch.float64).reshape(h.shape[0], -1)
+    return torch.cat([hh, hh.new_ones(hh.shape[0], 1)], dim=1) if bias else hh
 
-        -sum_k p^(k) || (e_k - p) h^T / T + G ||_1,   G = sum_i grad_W log p^(y_i)(x_i)
 
-    with G (C x D) the anchor gradient of :meth:`BatchGradScore.fit`. The sum inside the norm
-    is not rank one, so the C x D gradients are formed, in chunks.
+def batchgrad_shallow(h: torch.Tensor, logits: torch.Tensor, anchor_grad: torch.Tensor, T: float = 1.0,
+                      bias: bool = False) -> torch.Tensor:
+    """Shallow BatchGrad (Eq. 6) on the head's weight W (and bias b with ``bias``), oriented
+    higher = more ID (sign -1):
+
+        -sum_k p^(k) || (e_k - p) h~^T / T + G ||_1,   G = sum_i grad_[W b] log p^(y_i)(x_i)
+
+    with h~ = h, or [h, 1] with ``bias``, and G (C x D, or C x (D+1)) the anchor gradient of
+    :meth:`BatchGradScore.fit`. The sum inside the norm is not rank one, so the C x D gradients
+    are formed, in chunks.
     """
     p = softmax(logits, T)
-    hh = h.detach().to(torch.float64).reshape(h.shape[0], -1)
+    hh = augment(h, bias)
     G = anchor_grad.to(torch.float64)
     n, C = p.shape
     if G.shape != (C, hh.shape[1]):
         raise UvoodError(f"The BatchGrad anchor gradient is {tuple(G.shape)} but the features give "
-                         f"C x D = {C} x {hh.shape[1]}: fit the score on the same model.")
+                         f"C x D = {C} x {hh.shape[1]}" + (" (h augmented with a 1 for the bias)" if bias else "")
+                         + ": fit the score on the same model, with the same bias setting.")
     eye = torch.eye(C, dtype=torch.float64, device=p.device)
     hh, G = hh.to(p.device), G.to(p.device)
     per = C * hh.shape[1]
@@ -309,18 +329,19 @@ class BatchGradScore(Score):
 
     with one ID training point (x_i, y_i) per class i, drawn by :meth:`fit`. The anchor gradient
     G = grad_theta sum_i log p^(y_i)(x_i) is a constant per model: computed once and added to
-    every per-sample gradient. shallow: theta = the head's weight (closed form from (h, logits),
-    G stored by fit); deep: every parameter with requires_grad (engine; G computed from the
-    stored anchors the first time a model is scored, and again when its parameters change).
+    every per-sample gradient. shallow: theta = the head's weight (with ``bias=true`` also its
+    bias, as the authors' code does; closed form from (h, logits), G stored by fit); deep: every
+    parameter with requires_grad (engine; G computed from the stored anchors the first time a
+    model is scored, and again when its parameters change).
     """
 
     needs_fit = True
 
-    def __init__(self, depth="shallow", T=1.0, seed=0):
-        check_axes("predicted", "mean_of_norm", "l1", "none", depth, T, False, False)
+    def __init__(self, depth="shallow", T=1.0, seed=0, bias=False):
+        check_axes("predicted", "mean_of_norm", "l1", "none", depth, T, bias, False)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise UvoodError(f"batchgrad seed must be an integer >= 0, got {seed!r}.")
-        self.depth, self.T, self.seed = depth, float(T), seed
+        self.depth, self.T, self.seed, self.bias = depth, float(T), seed, bool(bias)
         self.needs_model = depth == "deep"
         self.batch_size = DEEP_BATCH_SIZE
         self.anchor_x: torch.Tensor | None = None
@@ -361,11 +382,13 @@ class BatchGradScore(Score):
         self.anchor_y = torch.arange(z.shape[1])
         self._cache = None
         if self.depth == "shallow":
+            if self.bias:
+                check_head_bias(self, model, x, head)
             with torch.no_grad(), eval_mode(model):
                 h, z = forward_features(model, self.anchor_x, head)
             p = softmax(z, self.T)
             v = (torch.eye(z.shape[1], dtype=torch.float64, device=p.device)[self.anchor_y.to(p.device)] - p) / self.T
-            self.anchor_grad = v.T @ h.detach().to(torch.float64).reshape(h.shape[0], -1)
+            self.anchor_grad = v.T @ augment(h, self.bias).to(p.device)
 
     def state(self):
         if self.anchor_x is None:
@@ -393,7 +416,7 @@ class BatchGradScore(Score):
         if self.depth == "deep":
             return super().from_features(h, logits)
         self._check_fitted()
-        return batchgrad_shallow(h, logits, self.anchor_grad, self.T)
+        return batchgrad_shallow(h, logits, self.anchor_grad, self.T, self.bias)
 
     def _anchor_gradient(self, model, head, dtype, device):
         """G = grad_theta sum_i log p^(y_i)(x_i) over all parameters with requires_grad (cached)."""
@@ -417,6 +440,8 @@ class BatchGradScore(Score):
 
         self._check_fitted()
         if self.depth == "shallow":
+            if self.bias:
+                check_head_bias(self, model, x, head)
             return super().from_model(model, x, head)
         T = self.T
         with eval_mode(model):
@@ -464,5 +489,5 @@ register("gradnorm", _gradnorm, params={"depth": "shallow", "T": 1.0, "bias": Fa
          kind="gradient", doc=_gradnorm.__doc__, choices={"depth": DEPTHS, "bias": BOOLS, "official": BOOLS})
 register("exgrad", _exgrad, params={"depth": "shallow", "T": 1.0, "bias": False}, kind="gradient",
          doc=_exgrad.__doc__, choices={"depth": DEPTHS, "bias": BOOLS})
-register("batchgrad", BatchGradScore, params={"depth": "shallow", "T": 1.0, "seed": 0}, kind="gradient",
-         doc=BatchGradScore.__doc__, choices={"depth": DEPTHS})
+register("batchgrad", BatchGradScore, params={"depth": "shallow", "T": 1.0, "seed": 0, "bias": False},
+         kind="gradient", doc=BatchGradScore.__doc__, choices={"depth": DEPTHS, "bias": BOOLS})

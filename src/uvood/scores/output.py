@@ -27,7 +27,9 @@ def msp(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
 def energy(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """Negative free energy: S_Energy = T * logsumexp(z / T) (Liu et al. 2020; paper Section 4.2).
 
-    This is the negative of Liu et al.'s energy, so that higher = more ID. It can be negative.
+    This is the negative of Liu et al.'s energy, so that higher = more ID. It can be negative
+    (when every logit is below -T log C); then ``norm(p)*energy`` flips its orientation for that
+    sample: a larger ||h||_p gives a smaller product (see ``ProductScore``).
     """
     return T * torch.logsumexp(_f64(logits) / T, dim=1)
 

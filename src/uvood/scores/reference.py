@@ -108,11 +108,11 @@ def reference_grad_score(model, x, *, label="uniform", agg="norm_of_mean", norm=
     return score_from_gradients(per_sample, label=label, agg=agg, norm=norm, weight=weight, official=official)
 
 
-def reference_batchgrad(model, x, anchor_x, anchor_y, *, depth="shallow", T=1.0, head=None,
+def reference_batchgrad(model, x, anchor_x, anchor_y, *, depth="shallow", T=1.0, bias=False, head=None,
                         dtype=torch.float64) -> torch.Tensor:
     """-E_{Y~p}[|| grad (log p^(Y)(x) + sum_i log p^(y_i)(x_i)) ||_1] (Eq. 6), textbook style."""
     m, hm = float_copy(model, x, head, dtype)
-    params = _params(m, hm, depth, False)
+    params = _params(m, hm, depth, bias)
     anchor = [torch.zeros_like(p) for p in params]
     for i in range(anchor_x.shape[0]):
         for p in params:

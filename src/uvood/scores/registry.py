@@ -13,10 +13,21 @@ Examples: ``msp``, ``energy(T=2)``, ``norm(0.3)``, ``norm(inf)*tv``, ``norm(0.3)
 
 Every score is oriented "higher = more in-distribution" (where a term's natural sign is the
 other way, its docstring says how it was oriented). Scores are never flipped after the fact.
+One caveat, for products only: a product is "higher = more ID" where every factor is >= 0. All
+registered terms are, except ``energy`` (T logsumexp(z / T) < 0 when every logit is below
+-T log C) and ``entropy`` (<= 0) and the gradient scores with sign -1: where such a factor is
+negative, a larger ``norm(p)`` makes ``norm(p)*energy`` *smaller*, i.e. the U factor then votes
+OOD, and the product's orientation flips for that sample (:class:`ProductScore`). The paper's
+products (Section 4.3, Figure 2) are defined this way and uvood keeps them as defined.
 
 A :class:`Score` is computed either from cached features ``(h, logits)``
 (``needs_model = False``) or from the model and its inputs (``needs_model = True``: deep
 gradients, BatchGrad). Modules register their terms with :func:`register`.
+
+Versions: every registered name carries an integer ``version`` (``register(..., version=)``),
+to be bumped whenever a change alters the values it computes. A built score's
+:attr:`Score.version_tag` (``"energy:1"``, ``"norm:1*energy:1"``) enters every cache key of
+its values, so a formula fix is never hidden by a warm cache.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ class Score:
     needs_model: bool = False
     #: True when the score must see in-distribution data first (``fit``), e.g. BatchGrad anchors
     needs_fit: bool = False
+    #: the registry versions of its terms, e.g. ``"norm:1*energy:1"`` (set by :func:`get_score`)
+    version_tag: str = ""
 
     def from_features(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         raise UvoodError(
@@ -83,6 +96,8 @@ class Entry:
     kind: str = "output"  # output | encoding | gradient
     doc: str = ""
     choices: dict[str, tuple] = field(default_factory=dict)
+    #: bumped whenever a change alters the values this name computes (it enters every cache key)
+    version: int = 1
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -97,15 +112,19 @@ def register(
     kind: str = "output",
     doc: str = "",
     choices: dict[str, tuple] | None = None,
+    version: int = 1,
 ) -> None:
     """Register ``name``; ``factory(**params)`` must return a :class:`Score`.
 
     ``choices`` restricts string-valued parameters to a set of values (checked at parse time).
+    ``version``: bump it when a change alters the values ``name`` computes (module docstring).
     """
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
         raise ValueError(f"invalid score name {name!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"score version must be an int >= 1, got {version!r}")
     _REGISTRY[name] = Entry(name, factory, dict(params or {}), positional, kind,
-                            doc or (factory.__doc__ or ""), dict(choices or {}))
+                            doc or (factory.__doc__ or ""), dict(choices or {}), version)
 
 
 def entries() -> dict[str, Entry]:
@@ -279,8 +298,11 @@ def parse(spec: str) -> list[tuple[Entry, dict[str, Any]]]:
 class ProductScore(Score):
     """U * V * ...: the product of its factors (the encoding-output composition, Section 3.1).
 
-    The product is taken as is; a factor that can be negative (e.g. Energy for very
-    negative logits) makes the product's orientation depend on the data, as in the paper.
+    The product is taken as is, as the paper defines it (Section 4.3). It is oriented "higher =
+    more ID" only where every factor is >= 0: for a sample whose Energy is negative (every logit
+    below -T log C), a larger ||h||_p makes ``norm(p)*energy`` smaller, so the orientation of the
+    U factor flips for that sample (tested in ``tests/test_scores.py``). ``norm(p)`` times
+    ``msp``, ``tv``, ``varsum`` or ``maxlogit`` of positive logits does not flip.
     """
 
     def __init__(self, factors: list[Score]):
@@ -322,12 +344,20 @@ def get_score(spec: str | Score) -> Score:
     for entry, values in parse(spec):
         score = entry.factory(**{**entry.params, **values})
         score.spec = _canonical(entry, values)
+        score.version_tag = f"{entry.name}:{entry.version}"
         factors.append(score)
     if len(factors) == 1:
         return factors[0]
     product = ProductScore(factors)
     product.spec = "*".join(f.spec for f in factors)
+    product.version_tag = "*".join(f.version_tag for f in factors)
     return product
+
+
+def score_versions(spec: str | Score) -> dict[str, int]:
+    """``{name: version}`` of the registered terms a score is made of (for run manifests)."""
+    s = get_score(spec)
+    return {name: int(v) for name, v in (t.split(":") for t in s.version_tag.split("*") if t)}
 
 
 def canonical_spec(spec: str) -> str:

@@ -1,0 +1,78 @@
+"""Orientation end to end: every registered score that needs no fitting, on real MNIST (ID) vs Fashion-MNIST (OOD)
+from the bundled sample, under the zoo's MNIST model, has AUROC > 0.5 ("higher = more in-distribution").
+
+The scores are generated from the registry (every combination of each entry's choices), so a new score or a new
+axis is covered without editing this file. Only the scores documented as identically zero are exempt, by name.
+"""
+
+import itertools
+
+import pytest
+
+import uvood
+from uvood import zoo
+from uvood.bench.scoresets import GROUPS
+from uvood.data import datasets, transforms
+from uvood.errors import UvoodError
+from uvood.scores.registry import _format_value, entries
+
+#: a value for each required positional parameter (a new entry with one must be added here)
+EXAMPLE_ARGS = {"norm": {"p": 1}}
+
+#: ||E_{Y~p}[grad log p(Y)]|| = 0 for every input (score-function identity, docs/gradient_scores.md): its AUROC
+#: measures round-off, so it has no orientation to test
+IDENTICALLY_ZERO = {
+    "grad(label=predicted)", "grad(label=predicted,bias=true)", "grad(label=predicted,norm=l2sq)",
+    "grad(label=predicted,norm=l2sq,bias=true)", "grad(label=predicted,depth=deep)",
+    "grad(label=predicted,norm=l2sq,depth=deep)",
+}
+
+#: deep scores (one backward per label and image) on the first images of each sample only
+DEEP_N = 64
+
+
+def registry_specs() -> list[str]:
+    """Canonical specs of every combination of every entry's choices, plus the paper's products; no fitted ones."""
+    out = set()
+    for e in entries().values():
+        missing = [k for k in e.positional if e.params.get(k) is None and k not in EXAMPLE_ARGS.get(e.name, {})]
+        assert not missing, f"add an example value for {e.name}'s {missing} to EXAMPLE_ARGS"
+        keys = list(e.choices)
+        for combo in itertools.product(*(e.choices[k] for k in keys)):
+            args = {**EXAMPLE_ARGS.get(e.name, {}), **dict(zip(keys, combo))}
+            text = e.name + ("(" + ",".join(f"{k}={_format_value(v)}" for k, v in args.items()) + ")" if args else "")
+            try:
+                score = uvood.get_score(text)
+            except UvoodError:  # an invalid combination of axes (e.g. bias=true with depth=deep)
+                continue
+            if not score.needs_fit:
+                out.add(score.spec)
+    out |= {s for _, s, d in GROUPS["table2"] + GROUPS["figure2"] if d == "none"}
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def mnist_vs_fashion():
+    model = zoo.load("mnist-mlp")
+    x_id, x_ood = (transforms.to_model_format(datasets.sample(n).x, channels=1, size=28)
+                   for n in ("mnist", "fashionmnist"))
+    return model, x_id, x_ood, uvood.extract(model, x_id, progress=False), uvood.extract(model, x_ood, progress=False)
+
+
+def test_every_unfitted_score_ranks_real_id_above_ood(mnist_vs_fashion):
+    model, x_id, x_ood, f_id, f_ood = mnist_vs_fashion
+    specs = registry_specs()
+    assert IDENTICALLY_ZERO <= set(specs)  # the exemptions name real scores
+    assert {"msp", "energy", "gradnorm", "exgrad(depth=deep)", "gradnorm(bias=true)"} <= set(specs)
+    below = {}
+    for spec in specs:
+        if spec in IDENTICALLY_ZERO:
+            continue
+        if uvood.get_score(spec).needs_model:
+            s_id, s_ood = (uvood.score_model(spec, model, x[:DEEP_N]) for x in (x_id, x_ood))
+        else:
+            s_id, s_ood = (uvood.score_features(spec, f.h, f.logits) for f in (f_id, f_ood))
+        auroc = uvood.metrics.auroc(s_id, s_ood)
+        if not auroc > 0.5:
+            below[spec] = round(auroc, 3)
+    assert not below, f"scores ranking OOD above ID (check their orientation): {below}"
