@@ -105,3 +105,14 @@ def test_verdict_rules():
     assert claims.verdict(-0.01, 0.02, "agree") == "holds" and claims.verdict(0.01, 0.02, "agree") == "fails"
     assert claims._overall([]) == "no data"
     assert claims._overall([{"verdict": "holds"}, {"verdict": "fails"}]) == "partly"
+
+
+def test_claims_json_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch):
+    table = {"msp": score(0, 0.3), "norm(1)*msp": score(10, 1.5), "norm(0.3)*energy": score(20, 1.0)}
+    result = make_result({"M": table})
+    first = claims.evaluate_cached(result, tmp_path / "claims.json", n_boot=100)
+    calls = []
+    monkeypatch.setattr(claims, "evaluate", lambda *a, **k: calls.append(1) or {})
+    assert claims.evaluate_cached(result, tmp_path / "claims.json", n_boot=100) == first and calls == []
+    result.scores[("M", "MNIST", "msp")] = result.scores[("M", "MNIST", "msp")] + 1e-9  # other numbers: recomputed
+    assert claims.evaluate_cached(result, tmp_path / "claims.json", n_boot=100) == {} and calls == [1]

@@ -28,9 +28,14 @@ agreement claim), and ``not resolved`` otherwise. Nothing is flipped.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 
 from .. import metrics
+from ..cache import atomic_write
 from ..data.datasets import subset_indices
 from ..scores.registry import canonical_spec
 from . import selection
@@ -42,6 +47,7 @@ PAPER_CELL = selection.PAPER_CHOICE  # norm(0.3)*energy
 GRADNORMS = {"shallow": canonical_spec(with_depth("gradnorm", "shallow")),
              "deep": canonical_spec(with_depth("gradnorm", "deep"))}
 ALPHA = 0.05
+VERSION = 1  # of the claims' definitions: part of the inputs digest of a saved claims.json
 
 
 class Bootstrap:
@@ -177,6 +183,37 @@ def evaluate(result, n_boot: int = 1000, seed: int = 0) -> dict:
                         "b": claim_b(boot, id_name, oods), "c": claim_c(boot, id_name, oods),
                         "d": claim_d(result, boot, id_name)}
     return out
+
+
+def inputs_digest(result, n_boot: int = 1000, seed: int = 0) -> str:
+    """sha256 of everything :func:`evaluate` reads (the scores, pairs, AUROC rows, n_boot, seed)."""
+    d = hashlib.sha256(json.dumps([VERSION, n_boot, seed, result.spec.pairs, sorted(result.spec.models.items()),
+                                   sorted((r["id"], r["ood"], r["score"], r["auroc"]) for r in result.rows)]).encode())
+    for key in sorted(result.scores):
+        d.update(json.dumps(key).encode())
+        d.update(np.ascontiguousarray(result.scores[key], np.float64).tobytes())
+    return d.hexdigest()
+
+
+def evaluate_cached(result, path: Path, n_boot: int = 1000, seed: int = 0) -> dict:
+    """:func:`evaluate`, reusing ``path`` (a claims.json written by this function) when it was made from the
+    same inputs (:func:`inputs_digest`); else computed and written atomically. The bootstrap of the 48-cell
+    grid is the costly part (tens of seconds); a warm rerun gets the same numbers from the file."""
+    digest = inputs_digest(result, n_boot, seed)
+    try:
+        saved = json.loads(Path(path).read_text())
+        if saved.get("digest") == digest:
+            return saved["claims"]
+    except (OSError, ValueError, AttributeError):
+        pass  # absent or unreadable: recompute
+    found = evaluate(result, n_boot, seed)
+    text = json.dumps({"digest": digest, "n_boot": n_boot, "seed": seed, "claims": found}, indent=1, default=_plain)
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
+    return json.loads(text)["claims"]
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
 
 
 def _overall(items: list[dict]) -> str:

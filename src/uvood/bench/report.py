@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache import atomic_write
 from ..scores.registry import canonical_spec
 from . import claims, figures, selection, tables
 from .runner import RunResult
@@ -171,8 +170,7 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
     # the cold run's breakdown (this run's own when it is the first with these settings)
     source = {**cold.get("breakdown", {}), "total": cold["total_s"]} if cold else result.timings
     if "claims" in spec.groups:
-        found = claims.evaluate(result)
-        atomic_write(out / "claims.json", lambda f: f.write(json.dumps(found, indent=1, default=str).encode()))
+        found = claims.evaluate_cached(result, out / "claims.json")
         L += ["", "## The paper's ImageNet claims, tested", "", claims.describe(), "", claims.markdown(found, source)]
     L += ["", "## Honest selection of (p, V)", "", " ".join(selection.__doc__.strip().split("\n")[2:]), "",
           selection.markdown(sel), "## Figure 1: V terms on the simplex", "", "![simplex](figure1_simplex.png)", "",
