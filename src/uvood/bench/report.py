@@ -122,7 +122,7 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
     out = Path(out)
     md_tables = tables.write_all(result, out)
     figs = figures.write_all(result, out)
-    sel = selection.leave_one_ood_out(result)
+    sel = [r for _, pairs in tables.average_groups(result) for r in selection.leave_one_ood_out(result, pairs=pairs)]
     (out / "selection.json").write_text(json.dumps(sel, indent=1))
     spec = result.spec
     quick = " (QUICK run: few images, not the reported results)" if result.quick else ""
