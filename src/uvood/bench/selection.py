@@ -17,12 +17,16 @@ from .scoresets import FIGURE2
 PAPER_CHOICE = "norm(0.3)*energy"
 
 
-def leave_one_ood_out(result: RunResult, candidates: list[str] | None = None) -> list[dict]:
+def leave_one_ood_out(result: RunResult, candidates: list[str] | None = None,
+                      pairs: list[tuple[str, str]] | None = None) -> list[dict]:
+    """Per test pair, the candidate with the best mean AUROC on the other OOD sets' pairs (among
+    ``pairs``, default the spec's; e.g. one model's pairs only), beside the oracle."""
     cands = candidates or [s for _, s, _ in FIGURE2]
     auroc = {(r["id"], r["ood"], r["score"]): r["auroc"] for r in result.rows}
+    pairs = result.spec.pairs if pairs is None else pairs
     out = []
-    for id_name, ood_name in result.spec.pairs:
-        train = [(a, b) for a, b in result.spec.pairs if b != ood_name]
+    for id_name, ood_name in pairs:
+        train = [(a, b) for a, b in pairs if b != ood_name]
         usable = [s for s in cands if (id_name, ood_name, s) in auroc]
         if not train or not usable:
             continue

@@ -28,6 +28,8 @@ class BenchSpec:
     paper_names: dict[str, str] = field(default_factory=dict)
     stand_ins: dict[str, str] = field(default_factory=dict)
     input: tuple[int, int, int] | None = None  # [C, H, W] of a user-supplied model ("module:factory")
+    deep_n: int | None = None  # scores that need the model on an evenly spaced subset of this many per set
+    quick_deep_n: int | None = None  # the same with --quick
 
     def paper_name(self, name: str) -> str:
         """The paper's name for one of our data sets (e.g. Fashion-MNIST stands in for SVHN)."""

@@ -23,6 +23,7 @@ import numpy as np
 from ..cache import atomic_write
 from ..errors import UvoodError
 from . import formats
+from .transforms import resize_center_crop
 
 SHARED_HOW = ("it is one of uvood's prepared data files; copy the data folder (see its README.md) and set "
               "--data-dir or UVOOD_DATA to it")
@@ -43,6 +44,7 @@ class DatasetInfo:
     how_to_get: str = SHARED_HOW
     unlabelled: tuple[str, ...] = ()
     notes: str = ""
+    label_space: str = ""  # "imagenet-1k": labels index a 1,000-class ImageNet classifier's outputs directly
 
 
 DIGITS = tuple(str(i) for i in range(10))
@@ -77,6 +79,14 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
                 classes=("banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
                          "crosshatched", "crystalline"),
                 notes="variable image size: decoded lazily, or resized with size=S (shorter side, centre crop)."),
+    DatasetInfo("imagenet1k", "ImageNet-1k photos",
+                {"sample": "imagenet1k_sample_jpeg.npz", "photos750": "imagenet1k_photos750_jpeg.npz"},
+                {"sample": "079b807e6c8b6fa98855b5945cdb14c595a2aea59ecb39afe7ae60be9b1521c8",
+                 "photos750": "52fd34ba1e1788829d00085382e57114e68e9dbc221416483945aee2d065fa9a"},
+                "jpeg", 1000, (256, 256, 3), label_space="imagenet-1k",
+                notes="sample: one photo per class (ID test set; ImageNet split unknown, possibly training "
+                      "images); photos750: 5 other photos for each of 150 classes (for fitting ID statistics). "
+                      "y = ImageNet-1k index (imagenet_class_index.json)."),
     DatasetInfo("svhn", "SVHN (official .mat)", {"train": "train_32x32.mat", "test": "test_32x32.mat"},
                 {}, "svhn-mat", 10, (32, 32, 3), DIGITS,
                 how_to_get="download it with `uvood data download svhn` (official site, md5-checked) into the "
@@ -155,6 +165,15 @@ def locate(name: str, split: str, data_dir_=None, verify: bool = True) -> tuple[
     return path, sha
 
 
+def check_model_classes(name: str, num_classes: int, model: str = "the model") -> None:
+    """A data set whose labels are ImageNet-1k indices needs a classifier with 1,000 outputs."""
+    ds = info(name)
+    if ds.label_space == "imagenet-1k" and num_classes != 1000:
+        raise UvoodError(f"{ds.display} is labelled with ImageNet-1k indices and needs an ImageNet-1k classifier "
+                         f"(1,000 outputs), but {model} has {num_classes}. Use an ImageNet-1k model (e.g. "
+                         "efficientnet-lite0 or efficientnet-lite2) or an ID set of your model's classes.")
+
+
 @dataclass
 class ImageSet:
     """Images of one split: ``x`` uint8 N x H x W x C (for variable-size images without
@@ -189,14 +208,7 @@ def subset_indices(n: int, limit: int | None) -> np.ndarray | None:
 
 def _resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Shorter side to ``size`` (bilinear, antialiased), then the central ``size`` x ``size`` crop."""
-    from PIL import Image
-
-    im = Image.fromarray(image)
-    scale = size / min(im.size)
-    w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
-    im = im.resize((w, h), Image.BILINEAR)
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+    return resize_center_crop(image, size, size)
 
 
 def _decode_cached(archive: formats.JpegArchive, idx, hwc, cache_dir, key: str) -> np.ndarray:

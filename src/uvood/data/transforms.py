@@ -14,6 +14,10 @@ Input images follow the one layout rule, :data:`uvood.validation.LAYOUT_RULE`: N
   antialias=True, align_corners=False)``) to ``size`` x ``size``, then channel conversion:
   grey -> RGB repeats, RGB -> grey is the ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B``.
 
+``imagenet_eval(images, size)`` is the standard ImageNet evaluation transform: shorter side
+to ``round(size / 0.875)`` (bilinear, antialiased), central ``size`` x ``size`` crop, grey
+copied to RGB (the model normalises inside itself).
+
 The transform used is part of every result; :func:`describe` gives its stable name.
 """
 
@@ -118,3 +122,43 @@ def imagenet_input(images, size: int = 224, batch: int = 256) -> torch.Tensor:
     """The 64 px -> 224 px ImageNet pipeline: RGB, bilinear antialiased resize to ``size``,
     float32 N x 3 x size x size in [0, 1] (the model normalises inside itself)."""
     return to_model_format(images, 3, size, "resize", batch=batch)
+
+
+CROP_FRACTION = 0.875  # the ImageNet evaluation convention: 224 / 256
+
+
+def resize_center_crop(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """uint8 H x W x C image: shorter side to ``resize`` px (PIL bilinear, antialiased; the longer
+    side to ``int(resize * long / short)``), then the central ``crop`` x ``crop`` window (offsets
+    ``round((side - crop) / 2)``), as torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL
+    image; grey stays grey."""
+    from PIL import Image
+
+    if crop > resize:
+        raise UvoodError(f"the crop ({crop} px) must not exceed the resized shorter side ({resize} px).")
+    image = np.asarray(image)
+    im = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+    short, long = sorted(im.size)
+    new_long = max(resize, int(resize * long / short))  # torchvision's Resize(int) rounds the long side down
+    w, h = (resize, new_long) if im.size[0] <= im.size[1] else (new_long, resize)
+    if (w, h) != im.size:
+        im = im.resize((w, h), Image.BILINEAR)
+    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))  # torchvision's CenterCrop
+    out = np.asarray(im.crop((left, top, left + crop, top + crop)))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def imagenet_eval(images, size: int, crop_fraction: float = CROP_FRACTION) -> torch.Tensor:
+    """The standard ImageNet evaluation transform at a model's resolution ``size``: each uint8
+    image (any size, grey or RGB; an array, a sequence or a lazy archive) has its shorter side
+    resized to ``R = round(size / crop_fraction)`` (224 -> 256, 260 -> 297), then the central
+    ``size`` x ``size`` crop is kept; grey is copied to 3 channels. Returns float32
+    N x 3 x size x size in [0, 1]; the model normalises inside itself."""
+    if not 0 < crop_fraction <= 1:
+        raise UvoodError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
+    resize = round(size / crop_fraction)
+    out = torch.zeros(len(images), 3, size, size)
+    for i in range(len(images)):
+        crop = torch.from_numpy(np.array(resize_center_crop(images[i], resize, size)))
+        out[i] = _convert_channels(crop.permute(2, 0, 1)[None].float().div_(255.0), 3, "resize")[0]
+    return out

