@@ -136,6 +136,16 @@ def test_shaping_then_product_sees_the_shaped_features(feats):
     assert compose("react(90)>energy").spec == "react(90)" == get_score("react(90)").spec
 
 
+def test_fitted_factor_after_shaping_is_fitted_on_shaped_features(feats):
+    s = fitted("scale(70)>norm(2)*mahalanobis", feats)
+    ref = get_score("scale(70)").fit_features(feats["h"], feats["z"], weight=feats["w"], bias=feats["b"])
+    h_fit, z_fit = ref.shaped(feats["h"])
+    maha = get_score("mahalanobis").fit_features(h_fit, z_fit, feats["y"])
+    ht, zt = ref.shaped(feats["ht"])
+    torch.testing.assert_close(s.from_features(feats["ht"], feats["zt"]), ht.norm(dim=1) * maha.from_features(ht, zt),
+                               rtol=1e-10, atol=0)
+
+
 def test_chained_shapers_fit_on_shaped_features(feats):
     """react > dice: DICE's mean activation is taken on the clipped h; ASH then SCALE compose."""
     s = fitted("react(80)>dice(50)>msp", feats)
@@ -168,7 +178,7 @@ def test_ash_variants_match_definitions(feats):
 
 @pytest.mark.parametrize("spec", ["mahalanobis", "mahalanobis(normalize=true)", "rmds", "knn(5)", "vim(d=8)",
                                   "neco(d=5)", "fdbd", "react(90)", "ash_s", "scale", "dice(70)",
-                                  "react(80)>dice(50)>mahalanobis"])
+                                  "react(80)>dice(50)>mahalanobis", "ash_p(50)>norm(1)*knn(3)"])
 def test_state_round_trip(feats, spec):
     s = fitted(spec, feats)
     fresh = compose(spec) if ">" in spec else get_score(spec)
