@@ -32,8 +32,8 @@ from .registry import Score, register
 #: samples per forward pass when fitting (memory bound; no effect on values)
 FIT_BATCH_SIZE = 256
 
-#: rows per block of the KNN similarity matrix (memory bound; no effect on values)
-KNN_CHUNK = 1024
+#: entries per block of the KNN similarity matrix, queries x references (memory bound; no effect on values)
+KNN_BLOCK = 2**24
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -268,7 +268,8 @@ class KNNScore(FittedScore):
 
     z_(k) the k-th nearest of the normalised ID training features. Default k = 50 (the paper's
     choice for CIFAR-10; 1000 for ImageNet, where it also subsamples the training set). Computed
-    as sqrt(2 - 2 max_k z^T z_j) in float64, the similarity matrix in blocks of ``KNN_CHUNK`` rows.
+    as sqrt(2 - 2 s_(k)), s_(k) the k-th largest similarity z^T z_j, in float64, the similarity matrix in
+    blocks of ``KNN_BLOCK`` entries.
 
     pytorch-ood (``KNN``, sklearn ``NearestNeighbors``): outlier score ||z - z_(k)||, ``uvood = -pood``.
     """
@@ -291,10 +292,10 @@ class KNNScore(FittedScore):
     def _score(self, h, logits):
         z = l2_normalise(h)
         out = torch.empty(z.shape[0], dtype=torch.float64)
-        for lo in range(0, z.shape[0], KNN_CHUNK):
-            sim = z[lo:lo + KNN_CHUNK] @ self.bank.T
-            kth = torch.topk(sim, self.k, dim=1).values[:, -1]
-            out[lo:lo + KNN_CHUNK] = (2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
+        rows = max(1, KNN_BLOCK // self.bank.shape[0])
+        for lo in range(0, z.shape[0], rows):
+            kth = torch.topk(z[lo:lo + rows] @ self.bank.T, self.k, dim=1).values[:, -1]
+            out[lo:lo + rows] = (2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
         return -out
 
 
@@ -404,16 +405,17 @@ class FDBDScore(FittedScore):
     """
 
     needs_head = True
-    _keys = ("mu", "weight")
+    _keys = ("mu", "denom")
     method = "fDBD"
 
     def _fit(self, h, logits, y, weight, bias):
-        self.mu, self.weight = h.mean(0), weight
+        sq = (weight * weight).sum(1)
+        denom = (sq[:, None] + sq[None, :] - 2.0 * weight @ weight.T).clamp_min(0.0).sqrt()  # ||w_j - w_c||
+        self.mu, self.denom = h.mean(0), denom.fill_diagonal_(1.0)  # the diagonal is never used (c != yhat)
 
     def _score(self, h, logits):
         zmax, pred = logits.max(dim=1)
-        w = self.weight
-        denom = (w[pred][:, None, :] - w[None, :, :]).norm(dim=2)  # N x C, ||w_yhat - w_c||
+        denom = self.denom[pred]
         ratio = (zmax[:, None] - logits).abs() / torch.where(denom > 0, denom, torch.ones_like(denom))
         dist = (h - self.mu).norm(dim=1).clamp_min(1e-300)
         return ratio.sum(1) / ((logits.shape[1] - 1) * dist)
