@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 import uvood
 from uvood.errors import UvoodError
 from uvood.scores import get_score
-from uvood.scores.fitted import vim_dim
+from uvood.scores.fitted import kth_similarity, vim_dim
 from uvood.scores.shaping import compose
 
 D, C, N = 24, 5, 400
@@ -97,6 +97,21 @@ def test_fdbd_and_knn_match_loops(feats):
     q = feats["ht"] / feats["ht"].norm(dim=1, keepdim=True)
     ref = [-float(sorted((r - bank).norm(dim=1).tolist())[4]) for r in q]
     np.testing.assert_allclose(fitted("knn(5)", feats).from_features(feats["ht"], feats["zt"]).numpy(), ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-9])
+def test_knn_kth_similarity_equals_float64_brute_force(spread):
+    """Float32 candidates + float64 values equal the float64 k-th similarity, also when the neighbours are
+    near-ties that float32 cannot order (spread 1e-9: every row needs the exact fallback)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 32, generator=g, dtype=torch.float64)
+    bank = base + spread * torch.randn(500, 32, generator=g, dtype=torch.float64)
+    bank = bank / bank.norm(dim=1, keepdim=True)
+    q = base + torch.randn(70, 32, generator=g, dtype=torch.float64) * 0.5
+    q = q / q.norm(dim=1, keepdim=True)
+    for k in (1, 10, 300):
+        ref = torch.topk(q @ bank.T, k, dim=1).values[:, -1]
+        torch.testing.assert_close(kth_similarity(q, bank, k), ref, rtol=1e-13, atol=1e-15)
 
 
 def test_odin_batched_equals_per_sample_backward_loop():

@@ -32,7 +32,8 @@ from .registry import Score, register
 #: samples per forward pass when fitting (memory bound; no effect on values)
 FIT_BATCH_SIZE = 256
 
-#: entries per block of the KNN similarity matrix, queries x references (memory bound; no effect on values)
+#: entries per block of the KNN similarity matrix (queries x references) and of its float64 refinement
+#: (queries x candidates x D); memory bound, no effect on values
 KNN_BLOCK = 2**24
 
 
@@ -261,6 +262,35 @@ class RMDSScore(FittedScore):
 # ---------------------------------------------------------------- KNN
 
 
+def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, bank32: torch.Tensor | None = None) -> torch.Tensor:
+    """The k-th largest similarity q_i^T b_j over the rows b_j of ``bank``, exactly as in float64, fast.
+
+    Both are float64 with unit rows. A float32 matmul picks m = min(n, 2k + 8) candidates per query
+    (blocks of ``KNN_BLOCK`` entries, ``torch.topk``); their similarities are recomputed in float64
+    and the k-th of them is returned where it is certified: a float32 similarity of unit vectors is
+    within err = (D + 4) 2^-24 of the exact one, so when the m-th float32 value + err <= the exact k-th,
+    no other row can exceed it. The rows not certified (near-ties over 2k neighbours) are recomputed
+    against the whole bank in float64.
+    """
+    n, d = bank.shape
+    bank32 = bank.float() if bank32 is None else bank32
+    m = min(n, 2 * k + 8)
+    err = (d + 4) * 2.0**-24 * 1.01
+    out = torch.empty(q.shape[0], dtype=torch.float64)
+    rows = max(1, min(KNN_BLOCK // n, KNN_BLOCK // (m * d)))
+    for lo in range(0, q.shape[0], rows):
+        qb = q[lo:lo + rows]
+        top32, idx = torch.topk(qb.float() @ bank32.T, m, dim=1)
+        exact = torch.einsum("rd,rmd->rm", qb, bank[idx])
+        kth = torch.topk(exact, k, dim=1).values[:, -1]
+        if m < n:
+            bad = torch.nonzero(top32[:, -1].double() + err > kth).reshape(-1)
+            if bad.numel():
+                kth[bad] = torch.topk(qb[bad] @ bank.T, k, dim=1).values[:, -1]
+        out[lo:lo + rows] = kth
+    return out
+
+
 class KNNScore(FittedScore):
     """Deep nearest neighbours (Sun et al., ICML 2022, Eq. 1-2), oriented higher = more ID:
 
@@ -268,8 +298,8 @@ class KNNScore(FittedScore):
 
     z_(k) the k-th nearest of the normalised ID training features. Default k = 50 (the paper's
     choice for CIFAR-10; 1000 for ImageNet, where it also subsamples the training set). Computed
-    as sqrt(2 - 2 s_(k)), s_(k) the k-th largest similarity z^T z_j, in float64, the similarity matrix in
-    blocks of ``KNN_BLOCK`` entries.
+    as sqrt(2 - 2 s_(k)), s_(k) the k-th largest similarity z^T z_j (:func:`kth_similarity`: float32
+    candidates, float64 values).
 
     pytorch-ood (``KNN``, sklearn ``NearestNeighbors``): outlier score ||z - z_(k)||, ``uvood = -pood``.
     """
@@ -281,6 +311,7 @@ class KNNScore(FittedScore):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UvoodError(f"knn(k) needs an integer k >= 1, got {k!r}. Example: knn(k=50).")
         self.k = k
+        self._bank32 = None
         super().__init__()
 
     def _fit(self, h, logits, y, weight, bias):
@@ -288,15 +319,17 @@ class KNNScore(FittedScore):
             raise UvoodError(f"KNN: k = {self.k} but only {h.shape[0]} ID samples to fit on; use a smaller k "
                              "or more ID data.")
         self.bank = l2_normalise(h)
+        self._bank32 = None
 
     def _score(self, h, logits):
-        z = l2_normalise(h)
-        out = torch.empty(z.shape[0], dtype=torch.float64)
-        rows = max(1, KNN_BLOCK // self.bank.shape[0])
-        for lo in range(0, z.shape[0], rows):
-            kth = torch.topk(z[lo:lo + rows] @ self.bank.T, self.k, dim=1).values[:, -1]
-            out[lo:lo + rows] = (2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
-        return -out
+        if self._bank32 is None or self._bank32.shape != self.bank.shape:
+            self._bank32 = self.bank.float()
+        kth = kth_similarity(l2_normalise(h), self.bank, self.k, self._bank32)
+        return -(2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
+
+    def load_state(self, state):
+        super().load_state(state)
+        self._bank32 = None
 
 
 # ---------------------------------------------------------------- ViM, NECO
