@@ -99,13 +99,15 @@ def test_fdbd_and_knn_match_loops(feats):
     np.testing.assert_allclose(fitted("knn(5)", feats).from_features(feats["ht"], feats["zt"]).numpy(), ref, rtol=1e-9)
 
 
-@pytest.mark.parametrize("spread", [1.0, 1e-9])
-def test_knn_kth_similarity_equals_float64_brute_force(spread):
-    """Float32 candidates + float64 values equal the float64 k-th similarity, also when the neighbours are
-    near-ties that float32 cannot order (spread 1e-9: every row needs the exact fallback)."""
+@pytest.mark.parametrize("spread,copies", [(1.0, 1), (1.0, 4), (1e-9, 1)])
+def test_knn_kth_similarity_equals_float64_brute_force(spread, copies):
+    """Float32 candidates + float64 values equal the float64 k-th similarity, also when neighbours are
+    near-ties that float32 cannot order: ``copies`` near-duplicates of each reference (ties inside the
+    band), or a spread of 1e-9 (every query needs the exact fallback)."""
     g = torch.Generator().manual_seed(3)
     base = torch.randn(1, 32, generator=g, dtype=torch.float64)
-    bank = base + spread * torch.randn(500, 32, generator=g, dtype=torch.float64)
+    bank = base + spread * torch.randn(500 // copies, 32, generator=g, dtype=torch.float64)
+    bank = bank.repeat(copies, 1) + 1e-10 * torch.randn(bank.shape[0] * copies, 32, generator=g, dtype=torch.float64)
     bank = bank / bank.norm(dim=1, keepdim=True)
     q = base + torch.randn(70, 32, generator=g, dtype=torch.float64) * 0.5
     q = q / q.norm(dim=1, keepdim=True)

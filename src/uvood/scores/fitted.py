@@ -23,6 +23,8 @@ Conventions and how they differ from pytorch-ood 0.4.0 (the parity tests check b
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import UvoodError
@@ -32,8 +34,7 @@ from .registry import Score, register
 #: samples per forward pass when fitting (memory bound; no effect on values)
 FIT_BATCH_SIZE = 256
 
-#: entries per block of the KNN similarity matrix (queries x references) and of its float64 refinement
-#: (queries x candidates x D); memory bound, no effect on values
+#: entries per block of the KNN similarity matrix, queries x references (memory bound; no effect on values)
 KNN_BLOCK = 2**24
 
 
@@ -265,11 +266,14 @@ class RMDSScore(FittedScore):
 def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, bank32: torch.Tensor | None = None) -> torch.Tensor:
     """The k-th largest similarity q_i^T b_j over the rows b_j of ``bank``, exactly as in float64, fast.
 
-    Both are float64 with unit rows. A float32 matmul picks m = min(n, 2k + 8) candidates per query
-    (blocks of ``KNN_BLOCK`` entries, ``torch.topk``); their similarities are recomputed in float64
-    and the k-th of them is returned where it is certified: a float32 similarity of unit vectors is
-    within err = (D + 4) 2^-24 of the exact one, so when the m-th float32 value + err <= the exact k-th,
-    no other row can exceed it. The rows not certified (near-ties over 2k neighbours) are recomputed
+    Both are float64 with unit rows. A float32 matmul in blocks of ``KNN_BLOCK`` entries ranks the
+    m = min(n, 2k + 8) largest similarities s_1 >= ... >= s_m per query (``torch.topk``). A float32
+    similarity of unit vectors is within err = (D + 4) 2^-24 of the exact one, so with s_k the float32
+    k-th value, the exact k-th value t lies in [s_k - err, s_k + err] (at most k - 1 exact values can
+    exceed s_k + err, at least k reach s_k - err). Candidates with s_j > s_k + 2 err are therefore above
+    t, those below s_k - 2 err below it; t is the (k - A)-th largest exact value of the candidates in the
+    band |s_j - s_k| <= 2 err (A = how many are above the band), recomputed in float64. This holds when
+    the band ends before s_m (or m = n); the other queries (near-ties over 2k neighbours) are recomputed
     against the whole bank in float64.
     """
     n, d = bank.shape
@@ -277,14 +281,21 @@ def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, bank32: torch.Te
     m = min(n, 2 * k + 8)
     err = (d + 4) * 2.0**-24 * 1.01
     out = torch.empty(q.shape[0], dtype=torch.float64)
-    rows = max(1, min(KNN_BLOCK // n, KNN_BLOCK // (m * d)))
+    rows = max(1, KNN_BLOCK // n)
     for lo in range(0, q.shape[0], rows):
         qb = q[lo:lo + rows]
-        top32, idx = torch.topk(qb.float() @ bank32.T, m, dim=1)
-        exact = torch.einsum("rd,rmd->rm", qb, bank[idx])
-        kth = torch.topk(exact, k, dim=1).values[:, -1]
+        top, idx = torch.topk(qb.float() @ bank32.T, m, dim=1)
+        top = top.double()
+        sk = top[:, k - 1:k]
+        above = (top > sk + 2 * err).sum(1)
+        band = ((top - sk).abs() <= 2 * err).sum(1)
+        width = int(band.max())
+        pos = (above[:, None] + torch.arange(width)[None, :]).clamp_max(m - 1)
+        cand = torch.einsum("rd,rwd->rw", qb, bank[idx.gather(1, pos)])
+        cand = cand.masked_fill(torch.arange(width)[None, :] >= band[:, None], -math.inf)
+        kth = cand.sort(dim=1, descending=True).values.gather(1, (k - 1 - above)[:, None]).squeeze(1)
         if m < n:
-            bad = torch.nonzero(top32[:, -1].double() + err > kth).reshape(-1)
+            bad = torch.nonzero(above + band >= m).reshape(-1)
             if bad.numel():
                 kth[bad] = torch.topk(qb[bad] @ bank.T, k, dim=1).values[:, -1]
         out[lo:lo + rows] = kth
