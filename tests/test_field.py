@@ -208,7 +208,7 @@ def test_detector_fits_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 40), torch.nn.ReLU(), torch.nn.Linear(40, 3))
     x, y = torch.rand(200, 1, 4, 4), torch.arange(200) % 3
-    for spec in ("mahalanobis", "knn(10)", "react(90)"):
+    for spec in ("mahalanobis", "knn(10)", "react(90)", "odin(T=10)", "gen"):
         det = uvood.Detector(model, score=spec).fit((x, y))
         det.save(tmp_path / "d.pt")
         back = uvood.Detector.load(tmp_path / "d.pt", model)

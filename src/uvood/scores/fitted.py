@@ -35,7 +35,7 @@ from .registry import Score, register
 FIT_BATCH_SIZE = 256
 
 #: entries per block of the KNN similarity matrix, queries x references (memory bound; no effect on values)
-KNN_BLOCK = 2**24
+KNN_BLOCK = 2**25
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
