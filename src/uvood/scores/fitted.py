@@ -347,8 +347,8 @@ class KNNScore(FittedScore):
 
 
 def vim_dim(d_features: int) -> int:
-    """ViM's default principal dimension: 1000 for D >= 2048 and 512 for D >= 768 (the official
-    code's choices), else D // 2 (uvood's rule for small encoders)."""
+    """ViM's default principal dimension d. The official code takes 1000 for D >= 2048, else 512;
+    uvood keeps that for D >= 768 and takes D // 2 below, where 512 would leave little or no residual space."""
     if d_features >= 2048:
         return 1000
     if d_features >= 768:
