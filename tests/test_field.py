@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 import uvood
 from uvood.errors import UvoodError
 from uvood.scores import get_score
-from uvood.scores.fitted import kth_similarity, vim_dim
+from uvood.scores.fitted import fit_on_features, kth_similarity, vim_dim
 from uvood.scores.shaping import compose
 
 D, C, N = 24, 5, 400
@@ -161,6 +161,16 @@ def test_fitted_factor_after_shaping_is_fitted_on_shaped_features(feats):
     ht, zt = ref.shaped(feats["ht"])
     torch.testing.assert_close(s.from_features(feats["ht"], feats["zt"]), ht.norm(dim=1) * maha.from_features(ht, zt),
                                rtol=1e-10, atol=0)
+
+
+def test_fit_on_features_fits_every_fitted_factor_of_a_product(feats):
+    s = fit_on_features(get_score("knn(5)*norm(1)*fdbd"), feats["h"], feats["z"], feats["y"], feats["w"], feats["b"])
+    knn, fdbd = fitted("knn(5)", feats), fitted("fdbd", feats)
+    ht, zt = feats["ht"], feats["zt"]
+    torch.testing.assert_close(s.from_features(ht, zt), knn.from_features(ht, zt) * ht.abs().sum(1)
+                               * fdbd.from_features(ht, zt), rtol=1e-12, atol=0)
+    with pytest.raises(UvoodError, match="fitted on the model and its inputs"):
+        fit_on_features(get_score("batchgrad*knn(5)"), feats["h"], feats["z"], feats["y"])
 
 
 def test_chained_shapers_fit_on_shaped_features(feats):

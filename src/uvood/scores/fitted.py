@@ -194,6 +194,24 @@ class FittedScore(Score):
         self.shape = state["shape"].long()
 
 
+def factors(score: Score) -> list[Score]:
+    """The factors of a product U * V * ... (the score itself when it is not a product)."""
+    return list(getattr(score, "factors", [score]))
+
+
+def fit_on_features(score: Score, h, logits, y=None, weight=None, bias=None) -> Score:
+    """Fit every :class:`FittedScore` factor of ``score`` (a spec's score, product or not) on cached ID
+    features, e.g. in the benchmark; a factor that can only be fitted on the model (BatchGrad) is refused."""
+    for f in factors(score):
+        if f.needs_fit and not isinstance(f, FittedScore):
+            raise UvoodError(f"Score {f.spec!r} is fitted on the model and its inputs, not on cached features: "
+                             "use score.fit(model, x, y).")
+    for f in factors(score):
+        if isinstance(f, FittedScore):
+            f.fit_features(h, logits, y, weight=weight, bias=bias)
+    return score
+
+
 # ---------------------------------------------------------------- Mahalanobis, Mahalanobis++, RMDS
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import UvoodError
-from .fitted import FittedScore
+from .fitted import FittedScore, factors, fit_on_features
 from .registry import Score, get_score, register
 
 DEFAULT_THEN = "energy"
@@ -155,11 +155,6 @@ class DICE(Shaper):
         return weight * self.mask
 
 
-def _factors(score: Score) -> list[Score]:
-    """The factors of a product U * V * ... (the score itself when it is not a product)."""
-    return list(getattr(score, "factors", [score]))
-
-
 class ShapedScore(FittedScore):
     """Shapers applied in order, then ``inner`` on (h', z' = W' h' + b) (module docstring)."""
 
@@ -171,7 +166,7 @@ class ShapedScore(FittedScore):
             raise UvoodError(f"Score {inner.spec!r} needs the model itself (gradients or input perturbation) and "
                              "cannot follow a shaping term, which acts on the cached (h, logits). Use an output, "
                              "encoding, shallow gradient or fitted score after '>'.")
-        if any(f.needs_fit and not isinstance(f, FittedScore) for f in _factors(inner)):
+        if any(f.needs_fit and not isinstance(f, FittedScore) for f in factors(inner)):
             raise UvoodError(f"Score {inner.spec!r} cannot follow a shaping term: it is fitted on the model, "
                              "not on features.")
         self.shapers, self.inner = shapers, inner
@@ -191,9 +186,7 @@ class ShapedScore(FittedScore):
         for s in self.shapers:
             s.fit(h, w)
             h, w = s.shape_h(h), s.shape_w(w)
-        for f in _factors(self.inner):
-            if isinstance(f, FittedScore):
-                f.fit_features(h, h @ w.T + bias, y, weight=w, bias=bias)
+        fit_on_features(self.inner, h, h @ w.T + bias, y, weight=w, bias=bias)
 
     def _score(self, h, logits):
         return self.inner.from_features(*self.shaped(h))
