@@ -76,3 +76,45 @@ def test_every_unfitted_score_ranks_real_id_above_ood(mnist_vs_fashion):
         if not auroc > 0.5:
             below[spec] = round(auroc, 3)
     assert not below, f"scores ranking OOD above ID (check their orientation): {below}"
+
+
+def fitted_specs() -> list[str]:
+    """Canonical specs of every registered score that must be fitted on ID data (each entry's choices as above),
+    plus one shaping chain into a fitted score."""
+    out = set()
+    for e in entries().values():
+        keys = list(e.choices)
+        for combo in itertools.product(*(e.choices[k] for k in keys)):
+            args = {**EXAMPLE_ARGS.get(e.name, {}), **dict(zip(keys, combo))}
+            text = e.name + ("(" + ",".join(f"{k}={_format_value(v)}" for k, v in args.items()) + ")" if args else "")
+            try:
+                score = uvood.get_score(text)
+            except UvoodError:
+                continue
+            if score.needs_fit:
+                out.add(score.spec)
+    return sorted(out | {"react(90)>mahalanobis", "react(90)>norm(1)*energy"})
+
+
+def test_every_fitted_score_ranks_real_id_above_ood(mnist_vs_fashion, data_dir):
+    """The fitted scores (BatchGrad, the field's feature-statistics and shaping methods), fitted on 2,000 real MNIST
+    training images, rank the bundled MNIST test sample above the Fashion-MNIST one."""
+    import torch
+
+    model, x_id, x_ood, f_id, f_ood = mnist_vs_fashion
+    train = datasets.load("mnist", "train", data_dir=data_dir, limit=2000)
+    x_train, y_train = transforms.to_model_format(train.x, channels=1, size=28), torch.as_tensor(train.y)
+    specs = fitted_specs()
+    assert {"batchgrad", "mahalanobis", "knn", "vim", "react", "react(90)>mahalanobis"} <= set(specs)
+    below = {}
+    for spec in specs:
+        score = uvood.get_score(spec)
+        score.fit(model, x_train, y_train, seed=0)
+        if score.needs_model:
+            s_id, s_ood = (uvood.score_model(score, model, x[:DEEP_N], progress=False) for x in (x_id, x_ood))
+        else:
+            s_id, s_ood = (uvood.score_features(score, f.h, f.logits) for f in (f_id, f_ood))
+        auroc = uvood.metrics.auroc(s_id, s_ood)
+        if not auroc > 0.5:
+            below[spec] = round(auroc, 3)
+    assert not below, f"fitted scores ranking OOD above ID (check their orientation): {below}"

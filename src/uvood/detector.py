@@ -81,12 +81,13 @@ META_FIELDS = {
     "dtype": (lambda v: v is None or v in ("float32", "float64"), "null (the model's own), 'float32' or 'float64'"),
 }
 
-#: fitted-state tensor (BatchGrad's anchors) -> (its shape given C classes, the input shape and D
-#: features, whether it holds floats); a fitted score stores no other tensor
+#: BatchGrad's fitted-state tensors -> (their shape given C classes, the input shape and D features,
+#: whether they hold floats). Other fitted scores (uvood.scores.fitted, shaping) check their own tensors in
+#: ``load_state``; every file's state must be exactly the tensors its score keeps once loaded.
 STATE_SHAPES = {
     "anchor_x": (lambda c, shape, d: (c, *shape), True),
     "anchor_y": (lambda c, shape, d: (c,), False),
-    "anchor_grad": (lambda c, shape, d: (c, d), True),
+    "anchor_grad": (lambda c, shape, d: (c, d), True),  # (c, d + 1) with bias=true: see Detector.load
 }
 
 
@@ -154,11 +155,11 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise bad("its 'state' is not a dict of named tensors")
     for key, t in state.items():
         leaf = key.rsplit(".", 1)[-1]
-        if leaf not in STATE_SHAPES:
-            raise bad(f"unknown state tensor {key!r} (a fitted score stores only {sorted(STATE_SHAPES)})")
-        floats = STATE_SHAPES[leaf][1]
-        if t.is_floating_point() != floats or t.is_complex():
-            raise bad(f"state tensor {key!r} has dtype {t.dtype}, expected {'float' if floats else 'int'}")
+        if t.is_complex():
+            raise bad(f"state tensor {key!r} has dtype {t.dtype}, expected a real tensor")
+        if leaf in STATE_SHAPES and t.is_floating_point() != STATE_SHAPES[leaf][1]:
+            raise bad(f"state tensor {key!r} has dtype {t.dtype}, expected "
+                      f"{'float' if STATE_SHAPES[leaf][1] else 'int'}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise bad(f"state tensor {key!r} holds NaN or infinite values")
     lo, hi = meta["id_score_range"]
@@ -320,8 +321,15 @@ class Detector:
         if logits.shape[1] != det.num_classes:
             raise UvoodError(f"The detector was fitted for {det.num_classes} classes but the model has "
                              f"{logits.shape[1]}: load it onto the model it was fitted with.")
-        dims = (det.num_classes, det.input_shape, h.reshape(1, -1).shape[1])
+        # shallow BatchGrad with bias=true differentiates [W, b]: its anchor gradient has D + 1 columns
+        from .scores.gradient import BatchGradScore
+
+        factors = getattr(det.score_fn, "factors", [det.score_fn])
+        with_bias = any(isinstance(f, BatchGradScore) and f.bias for f in factors)
+        dims = (det.num_classes, det.input_shape, h.reshape(1, -1).shape[1] + int(with_bias))
         for key, t in state.items():
+            if key.rsplit(".", 1)[-1] not in STATE_SHAPES:
+                continue  # another fitted score's tensor: its load_state checks it, the key set is checked below
             expected = STATE_SHAPES[key.rsplit(".", 1)[-1]][0](*dims)
             if tuple(t.shape) != expected:
                 raise UvoodError(f"{path} is not a valid uvood detector file: state tensor {key!r} has shape "

@@ -337,9 +337,16 @@ class ProductScore(Score):
 
 
 def get_score(spec: str | Score) -> Score:
-    """Build the :class:`Score` for a spec string (or return a Score unchanged)."""
+    """Build the :class:`Score` for a spec string (or return a Score unchanged).
+
+    A chain ``shaper > ... > spec`` (activation shaping, then a score: ``react(90)>energy``) is built by
+    :func:`uvood.scores.shaping.compose`."""
     if isinstance(spec, Score):
         return spec
+    if isinstance(spec, str) and ">" in spec:
+        from .shaping import compose
+
+        return compose(spec)
     factors = []
     for entry, values in parse(spec):
         score = entry.factory(**{**entry.params, **values})

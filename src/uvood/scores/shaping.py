@@ -240,6 +240,7 @@ def compose(spec: str) -> ShapedScore:
         raise UvoodError(f"Cannot parse score spec {spec!r}: '>' must follow a shaping term, e.g. 'react(90)>msp'.")
     out = ShapedScore(shapers, inner)
     out.spec = ">".join(names + ([] if inner.spec == DEFAULT_THEN else [inner.spec]))
+    out.version_tag = ">".join([get_score(n).version_tag for n in names] + [inner.version_tag])
     return out
 
 
