@@ -90,7 +90,8 @@ def _spec_file(tmp_path, edit):
     (lambda raw: [raw], "must be a JSON object with the fields"),
     (lambda raw: {k: v for k, v in raw.items() if k != "pairs"}, "must be a JSON object with the fields"),
     (lambda raw: {**raw, "colour": "red"}, "it has ['colour', 'cross_domain'"),
-    (lambda raw: {**raw, "groups": ["table1", "tabel2"]}, "unknown group(s) ['tabel2']; choose among ['claims', 'figure2'"),
+    (lambda raw: {**raw, "groups": ["table1", "tabel2"]},
+     "unknown group(s) ['tabel2']; choose among ['claims', 'figure2'"),
     (lambda raw: {**raw, "pairs": [["MNIST"]]}, "'pairs' must be a list of [ID, OOD] name pairs"),
 ])
 def test_bad_bench_spec_is_a_clear_error(tmp_path, capsys, edit, msg):
