@@ -31,9 +31,8 @@ IDENTICALLY_ZERO = {
 DEEP_N = 64
 
 
-def registry_specs() -> list[str]:
-    """Canonical specs of every combination of every entry's choices, plus the paper's products; no fitted ones."""
-    out = set()
+def registry_scores():
+    """Every combination of every entry's choices, built (invalid combinations of axes are skipped)."""
     for e in entries().values():
         missing = [k for k in e.positional if e.params.get(k) is None and k not in EXAMPLE_ARGS.get(e.name, {})]
         assert not missing, f"add an example value for {e.name}'s {missing} to EXAMPLE_ARGS"
@@ -42,11 +41,14 @@ def registry_specs() -> list[str]:
             args = {**EXAMPLE_ARGS.get(e.name, {}), **dict(zip(keys, combo))}
             text = e.name + ("(" + ",".join(f"{k}={_format_value(v)}" for k, v in args.items()) + ")" if args else "")
             try:
-                score = uvood.get_score(text)
+                yield uvood.get_score(text)
             except UvoodError:  # an invalid combination of axes (e.g. bias=true with depth=deep)
                 continue
-            if not score.needs_fit:
-                out.add(score.spec)
+
+
+def registry_specs() -> list[str]:
+    """Canonical specs of every unfitted registry score, plus the paper's products."""
+    out = {score.spec for score in registry_scores() if not score.needs_fit}
     out |= {s for _, s, d in GROUPS["table2"] + GROUPS["figure2"] if d == "none"}
     return sorted(out)
 
@@ -79,20 +81,8 @@ def test_every_unfitted_score_ranks_real_id_above_ood(mnist_vs_fashion):
 
 
 def fitted_specs() -> list[str]:
-    """Canonical specs of every registered score that must be fitted on ID data (each entry's choices as above),
-    plus one shaping chain into a fitted score."""
-    out = set()
-    for e in entries().values():
-        keys = list(e.choices)
-        for combo in itertools.product(*(e.choices[k] for k in keys)):
-            args = {**EXAMPLE_ARGS.get(e.name, {}), **dict(zip(keys, combo))}
-            text = e.name + ("(" + ",".join(f"{k}={_format_value(v)}" for k, v in args.items()) + ")" if args else "")
-            try:
-                score = uvood.get_score(text)
-            except UvoodError:
-                continue
-            if score.needs_fit:
-                out.add(score.spec)
+    """Canonical specs of every registered score that must be fitted on ID data, plus two shaping chains."""
+    out = {score.spec for score in registry_scores() if score.needs_fit}
     return sorted(out | {"react(90)>mahalanobis", "react(90)>norm(1)*energy"})
 
 
