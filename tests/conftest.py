@@ -34,6 +34,6 @@ def data_dir():
     set, a missing ``mnist_test.npz`` fails them, and a corrupt file fails the test that reads it."""
     if not os.environ.get("UVOOD_DATA"):
         pytest.skip(NO_DATA)
-    path = Path(os.environ["UVOOD_DATA"])
+    path = Path(os.environ["UVOOD_DATA"]).resolve()  # absolute: CI gives ../shared/data and some tests chdir
     require_data_file(path, "mnist_test.npz")
     return path
