@@ -37,6 +37,14 @@ def default_out(spec, args) -> Path:
     return Path(f"results/{spec.name}" + ("" if reference else "-partial"))
 
 
+def _portable(argv: list[str]) -> list[str]:
+    """The command line as a report shows it: this machine's cache and data folders become placeholders."""
+    out, hide = [], {"--cache-dir": "CACHE_DIR", "--data-dir": "DATA_DIR"}
+    for i, a in enumerate(argv):
+        out.append(hide[argv[i - 1]] if i and argv[i - 1] in hide else a)
+    return out
+
+
 def _cmd_bench(args) -> int:
     from ..cli import check_out
     from .report import write_report
@@ -50,7 +58,8 @@ def _cmd_bench(args) -> int:
     t = time.time()
     result = run(spec, scores=args.scores, quick=args.quick, n=args.n, data_dir=args.data_dir,
                  cache_dir=args.cache_dir, progress=not args.no_progress, deep_n=args.deep_n)
-    command = "uvood " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("uvood") else \
+    argv = _portable(sys.argv[1:])
+    command = "uvood " + " ".join(shlex.quote(a) for a in argv) if sys.argv[0].endswith("uvood") else \
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
     settings = {"quick": args.quick, "n": result.meta["n_per_set"], "deep_n": args.deep_n, "scores": args.scores}
     breakdown = {k: v for k, v in result.timings.items() if v >= 0.5 and k != "total"}
