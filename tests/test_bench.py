@@ -329,3 +329,33 @@ def test_large_quick_on_the_imagenet_photos_with_claims(tmp_path, data_dir):
     assert "| **average** |" in (tmp_path / "out" / "table2.md").read_text()  # one model: one average row
     saved = json.loads((tmp_path / "out" / "claims.json").read_text())
     assert {r["depth"] for r in saved["claims"]["ImageNet Lite0"]["b"]} == {"shallow", "deep"}
+
+
+def test_figures_are_redrawn_only_when_what_they_show_changes(tmp_path, data_dir, monkeypatch):
+    from uvood.bench import figures
+
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]], groups=["table2", "figure2"])
+    result = run(spec, quick=True, data_dir=data_dir, cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0,
+                 n_boot=20)
+    out = tmp_path / "out"
+    drawn = []
+    for name in ("heatmap", "simplex", "roc_curves"):
+        fn = getattr(figures, name)
+        monkeypatch.setattr(figures, name, lambda *a, _fn=fn, _n=name, **k: (drawn.append(_n), _fn(*a, **k)))
+    names = figures.write_all(result, out)
+    assert len(drawn) == len(names) == 4 and all((out / n).stat().st_size > 1000 for n in names)
+    drawn.clear()
+    assert figures.write_all(result, out) == names and drawn == []  # nothing changed: nothing drawn
+    (out / names[-1]).unlink()  # a deleted PNG is drawn again
+    key = ("MNIST", "MNIST", "msp")  # a changed score redraws the ROC figure and only it
+    result.scores[key] = result.scores[key] + 1.0
+    figures.write_all(result, out)
+    assert drawn == ["roc_curves"] and (out / names[-1]).is_file()
+    drawn.clear()
+    (out / figures.MEMO).write_text("{not json")  # an unreadable memo: every figure is drawn again
+    figures.write_all(result, out)
+    assert len(drawn) == 4
+    drawn.clear()
+    monkeypatch.setattr(figures, "FIGURES_VERSION", figures.FIGURES_VERSION + 1)  # new drawing code
+    figures.write_all(result, out)
+    assert len(drawn) == 4

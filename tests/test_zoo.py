@@ -222,3 +222,26 @@ def test_batchnorm_recalibration_gives_the_test_time_statistics():
     assert torch.allclose(model[5].running_var, inner.var((0, 2, 3)), rtol=1e-2)
     assert model[3].p == 0.5 and model[5].momentum == 0.1  # restored
     assert not train.recalibrate_batchnorm(build("mnist-mlp"), x)  # nothing to do without BatchNorm
+
+
+def test_efficientnet_channels_last_wrapper_equals_default_layout_and_the_reference():
+    """The zoo wrapper runs the network channels-last (for speed): same logits as the default layout,
+    and deep GradNorm through the engine equals the float64 per-sample reference."""
+    eff = pytest.importorskip("efficientnet_lite_pytorch", reason="optional extra: pip install -e .[imagenet]")
+    import copy
+
+    from uvood.scores.gradient import grad_deep
+    from uvood.scores.reference import reference_grad_score
+    from uvood.zoo.efficientnet import EfficientNetLite
+
+    torch.manual_seed(0)
+    net = eff.EfficientNet.from_name("efficientnet-lite0", num_classes=5).eval()
+    plain = copy.deepcopy(net)
+    model = EfficientNetLite(net).eval()
+    assert model.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(3, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain((x - 0.5) / 0.5), rtol=1e-5, atol=1e-5)
+    got = grad_deep(model, x, label="uniform", agg="norm_of_mean", norm="l1")
+    ref = reference_grad_score(model, x, label="uniform", agg="norm_of_mean", norm="l1", depth="deep")
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)  # observed 3e-8

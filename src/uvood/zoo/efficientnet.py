@@ -57,15 +57,20 @@ def input_size(name: str) -> int:
 
 
 class EfficientNetLite(nn.Module):
-    """``Normalize(0.5, 0.5)`` followed by an EfficientNet-Lite network; the head is ``net._fc``."""
+    """``Normalize(0.5, 0.5)`` followed by an EfficientNet-Lite network; the head is ``net._fc``.
+
+    The network runs in the channels-last memory layout (weights and activations N x H x W x C in
+    memory): on this 2-core CPU the forward pass is 1.3-1.6x faster that way
+    (``benchmarks/efficientnet_layout.py``); the logits equal the default layout's up to float32
+    rounding (2e-6 of the largest logit)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.normalize = Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-        self.net = net
+        self.net = net.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+        return self.net(self.normalize(x).contiguous(memory_format=torch.channels_last))
 
 
 EfficientNetLite0 = EfficientNetLite  # the former name
