@@ -14,8 +14,13 @@ def test_help_and_scores(capsys):
     assert "COMMAND" in capsys.readouterr().out
     assert main(["scores"]) == 0
     out = capsys.readouterr().out
-    for name in ("msp", "energy(T=1.0)", "norm(p)", "gradnorm", "varsum"):
+    for name in ("msp", "energy(T=1.0)", "norm(p)", "gradnorm", "varsum", "mahalanobis(normalize=False)", "knn(k)",
+                 "react(p)", "ash_b(p)", "odin(T=1000.0, eps=0.0014)", "gen(gamma=0.1, M=100, eps=0.0)"):
         assert name in out
+    from uvood.scores.registry import entries
+
+    listed = {line.split()[0].split("(")[0] for line in out.splitlines() if line.startswith("  ")}
+    assert listed == set(entries()), "every registered name is listed, whatever its kind"
 
 
 def test_score_writes_one_row_per_input(tmp_path, capsys):
@@ -103,7 +108,37 @@ def test_score_command_refuses_a_score_that_needs_fitting(tmp_path, capsys, spec
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 28, 28, 1), np.uint8))
     code = main(["score", "--model", "mnist-mlp", "--data", str(tmp_path / "d.npz"), "--score", spec,
                  "--out", str(tmp_path / "s.csv")])
-    _one_line_error(capsys, code, "must first be fitted on labelled ID data, which `uvood score` does not take")
+    _one_line_error(capsys, code, "must first be fitted on ID training data: add --fit ID.npz")
+
+
+def test_score_fits_on_an_id_file_and_equals_the_api(tmp_path, capsys, data_dir):
+    import torch
+
+    from uvood import zoo
+    from uvood.data import load, to_model_format
+    from uvood.scores import get_score
+
+    train = load("mnist", "train", data_dir=data_dir, limit=300)
+    test = load("mnist", "test", data_dir=data_dir, limit=9)
+    np.savez(tmp_path / "id.npz", x=train.x, y=train.y)
+    np.savez(tmp_path / "d.npz", x=test.x)
+    out = tmp_path / "s.csv"
+    specs = ["mahalanobis", "knn(5)", "react(90)>msp"]
+    assert main(["score", "--model", "mnist-mlp", "--data", str(tmp_path / "d.npz"), "--fit", str(tmp_path / "id.npz"),
+                 *[a for sp in specs for a in ("--score", sp)], "--out", str(out)]) == 0
+    assert "fitted mahalanobis, knn(5), react(90)>msp on 300 ID images" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(out)))
+    model = zoo.load("mnist-mlp")
+    for spec in specs:
+        sc = get_score(spec)
+        sc.fit(model, to_model_format(train.x, channels=1, size=28), torch.as_tensor(train.y))
+        with torch.no_grad():
+            from uvood.model import forward_features
+
+            h, z = forward_features(model, to_model_format(test.x, channels=1, size=28))
+        want = sc.from_features(h, z).numpy()
+        got = np.array([float(r[sc.spec]) for r in rows])
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_out_paths_that_cannot_be_written(tmp_path, capsys):

@@ -200,6 +200,19 @@ def test_ash_variants_match_definitions(feats):
         torch.testing.assert_close(u, ref, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("spec", ["ash_s(75)", "scale(75)"])
+def test_sharpening_of_an_all_zero_encoding_is_finite(feats, spec):
+    """h = 0 (every ReLU unit off, e.g. far-OOD inputs): s1 = s2 = 0, the papers' exp(0/0) is undefined;
+    h' = 0 and the score is Energy(b), finite, and the other rows are unchanged."""
+    h = feats["ht"].clone()
+    h[3] = 0.0
+    u = fitted(spec, feats).from_features(h, h @ feats["w"].T + feats["b"])
+    torch.testing.assert_close(u[3], torch.logsumexp(feats["b"], 0), rtol=1e-12, atol=0)
+    keep = torch.arange(len(h)) != 3
+    ref = fitted(spec, feats).from_features(feats["ht"][keep], feats["zt"][keep])
+    torch.testing.assert_close(u[keep], ref, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- fitted state, Detector
 
 

@@ -17,21 +17,28 @@ from pathlib import Path
 
 from .errors import UvoodError
 
+KINDS = {"output": "V terms (output)", "encoding": "U terms (encoding)", "gradient": "gradient scores",
+         "fitted": "feature statistics, fitted on ID data (uvood score --fit ID.npz, or Detector.fit)",
+         "shaping": "activation / weight shaping, then a score: SHAPER>SPEC (fitted on ID data)",
+         "perturbation": "input perturbation (needs the model and its inputs)"}
+
 
 def _cmd_scores(args) -> int:
     from .scores.registry import entries
 
-    kinds = {"output": "V terms (output)", "encoding": "U terms (encoding)", "gradient": "gradient scores"}
     by_kind: dict[str, list] = {}
     for e in entries().values():
         by_kind.setdefault(e.kind, []).append(e)
-    for kind, title in kinds.items():
-        print(f"{title}:")
-        for e in sorted(by_kind.get(kind, []), key=lambda e: e.name):
+    for kind in [*KINDS, *sorted(set(by_kind) - set(KINDS))]:  # a kind not listed above is shown too
+        if kind not in by_kind:
+            continue
+        print(f"{KINDS.get(kind, kind)}:")
+        for e in sorted(by_kind[kind], key=lambda e: e.name):
             params = ", ".join(k if k in e.positional else f"{k}={v}" for k, v in e.params.items())
             first = (e.doc or "").strip().splitlines()[0] if e.doc else ""
             print(f"  {e.name + ('(' + params + ')' if params else ''):<60} {first}")
-    print("\nCombine terms with '*', e.g. norm(0.3)*energy, norm(inf)*tv.")
+    print("\nCombine terms with '*', e.g. norm(0.3)*energy, norm(inf)*tv; shape first with '>', e.g. "
+          "react(90)>norm(1)*energy.")
     return 0
 
 
@@ -114,19 +121,28 @@ def _load_inputs(path: str, shape: tuple[int, int, int], args):
 
 
 def _cmd_score(args) -> int:
+    import torch
+
     from .api import score_features, score_model
     from .features import extract
     from .scores.registry import get_score
 
     specs = args.score or ["norm(0.3)*energy"]
     scores = [get_score(s) for s in specs]
-    for sc in scores:
-        if sc.needs_fit:
-            raise UvoodError(f"Score {sc.spec!r} must first be fitted on labelled ID data, which `uvood score` does "
-                             f"not take: use the Python API, uvood.Detector(model, score={sc.spec!r}).fit((x_id, "
-                             "y_id)), or `uvood bench`.")
+    to_fit = [sc for sc in scores if sc.needs_fit]
+    if to_fit and not args.fit:
+        raise UvoodError(f"Score {to_fit[0].spec!r} must first be fitted on ID training data: add --fit ID.npz "
+                         "(labelled images of the model's classes, same formats as --data).")
+    if args.fit and not to_fit:
+        print(f"note: --fit {args.fit} is not used: none of the scores needs fitting.", file=sys.stderr)
     out = check_out(args.out)
     model, shape = _load_model(args)
+    if to_fit:
+        x_fit, y_fit, _ = _load_inputs(args.fit, shape, args)
+        for sc in to_fit:  # one forward pass over the ID data per score, in batches
+            sc.fit(model, x_fit, None if y_fit is None else torch.as_tensor(y_fit), seed=0)
+        print(f"fitted {', '.join(sc.spec for sc in to_fit)} on {len(x_fit)} ID images from {args.fit}",
+              file=sys.stderr)
     x, y, names = _load_inputs(args.data, shape, args)
     feats = extract(model, x, batch_size=args.batch_size, progress=True, desc="features", dtype=args.dtype)
     cols = {}
@@ -182,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "N x H x W (greyscale), N x H x W x C or N x C x H x W (C = 1 or 3; a 4-D array is N x C x H x W "
                    "when its second axis is 1 or 3), uint8 (0..255) or float in [0, 1]")
     p.add_argument("--score", action="append", help="a score spec (repeatable), e.g. 'norm(0.3)*energy'")
+    p.add_argument("--fit", metavar="ID_DATA", help="ID training data (labelled .npz or image folder) on which "
+                   "to fit the scores that need it (mahalanobis, knn, vim, react(90)>energy, batchgrad, ...)")
     p.add_argument("--out", default="scores.csv", help="output CSV path")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,

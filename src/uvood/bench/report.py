@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..scores.registry import canonical_spec
-from . import claims, figures, selection, tables
+from . import claims, figures, leaderboard, selection, tables
 from .manifest import MANIFEST, write_manifest
 from .runner import RunResult
 from .scoresets import TABLE1, paper_spec, with_depth
@@ -183,6 +183,10 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
     if "claims" in spec.groups:
         found = claims.evaluate_cached(result, out / "claims.json")
         L += ["", "## The paper's ImageNet claims, tested", "", claims.describe(), "", claims.markdown(found, source)]
+    if "leaderboard" in spec.groups:
+        lines, rows = leaderboard.section(result)
+        tables.write_csv(rows, out / "leaderboard.csv", leaderboard.CSV_COLUMNS)
+        L += ["", "## Leaderboard: the field's post-hoc detectors beside the paper's scores", ""] + lines
     L += ["", "## Honest selection of (p, V)", "", " ".join(selection.__doc__.strip().split("\n")[2:]), "",
           selection.markdown(sel), "## Figure 1: V terms on the simplex", "", "![simplex](figure1_simplex.png)", "",
           "## ROC curves", ""]
@@ -203,7 +207,8 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
               "(seconds summed over models and data sets; a rerun only reads caches):", ""] + breakdown
     L += ["", "## Files", "", f"`{MANIFEST}` (what produced these numbers), "
           "`results.csv` (every pair × score, stable columns), `table1.csv`, `table2.csv`, "
-          "`table3.csv`, `figure2.csv`, `selection.json`, the PNG figures. Regenerate with the command above.", ""]
+          "`table3.csv`, `figure2.csv`, `leaderboard.csv`, "
+          "`selection.json`, the PNG figures. Regenerate with the command above.", ""]
     path = out / "REPORT.md"
     tables.write_text(path, "\n".join(L))
     return path

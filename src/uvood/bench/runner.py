@@ -79,6 +79,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     quick: bool = False
     meta: dict = field(default_factory=dict)
+    #: (ID set, score spec) -> why the score cannot be fitted on that ID set's training data (no rows for it)
+    not_applicable: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def default_cache_dir() -> Path:
@@ -136,9 +138,9 @@ class Inputs:
         return Inputs(self.identity + f",deep_n={k}", self.desc, lambda: (self.x[torch.from_numpy(keep)], self.y[keep]))
 
 
-def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> Inputs:
-    """Data set ``name`` of ``spec`` in the model's input format (lazy: see :class:`Inputs`)."""
-    ds = spec.datasets[name]
+def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir, ds: dict | None = None) -> Inputs:
+    """Data set ``name`` of ``spec`` (or the entry ``ds``) in the model's input format (lazy: see :class:`Inputs`)."""
+    ds = ds or spec.datasets[name]
     c, h, _ = in_shape
     n = min(n, ds.get("n", n))  # a data set may cap its own count (e.g. the far-OOD sets of `large`)
     mode = "resize" if spec.cross_domain in ("resize", "imagenet64") else spec.cross_domain
@@ -176,20 +178,27 @@ def _prepare(spec: BenchSpec, name: str, in_shape, n: int, data_dir) -> Inputs:
     return Inputs(identity, desc, load_named)
 
 
-def _feature_scores(scores: list, f, key: str, path: Path) -> dict[str, np.ndarray]:
+def _feature_scores(scores: list, f, key: str, path: Path, fits: dict | None = None) -> dict[str, np.ndarray]:
     """Every score computed from the features ``f`` (no model), cached in one file per feature set:
-    cheap ones and a few costly ones (the heatmap's fractional norms, shallow BatchGrad)."""
-    keyed = {_score_key(sc): sc for sc in scores}
+    cheap ones and a few costly ones (the heatmap's fractional norms, shallow BatchGrad). A score fitted on
+    cached ID training features (``fits``: score -> :class:`FitOnFeatures`) is fitted only on a cache miss."""
+    fits = fits or {}
+    keyed = {_score_key(sc, fits.get(sc)): sc for sc in scores}
     cached = load_verified(path, key, "Score cache") or {}
     if any(k not in cached for k in keyed):
         with claim(path):
             cached = load_verified(path, key, "Score cache") or {}  # another run may have added some meanwhile
             missing = [k for k in keyed if k not in cached]
             for k in missing:
+                if keyed[k] in fits:
+                    try:
+                        fits[keyed[k]].ensure()
+                    except UvoodError:
+                        continue  # not applicable here: the reason is on the FitOnFeatures, reported by the run
                 cached[k] = _from_features(keyed[k], f)
             if missing:
                 save_verified(path, key, cached)
-    return {k: cached[k] for k in keyed}
+    return {k: cached[k] for k in keyed if k in cached}
 
 
 def _from_features(score, f) -> np.ndarray:
@@ -197,9 +206,49 @@ def _from_features(score, f) -> np.ndarray:
     return score.from_features(f.h, f.logits).numpy()
 
 
-def _score_key(score) -> str:
-    """A score's entry in the feature-score cache: spec, code versions, fitted state."""
+def _score_key(score, fit=None) -> str:
+    """A score's entry in the feature-score cache: spec, code versions, and what it was fitted on: the key of
+    the ID training features it is fitted on (``fit``, a :class:`FitOnFeatures`), else its fitted state."""
+    if fit is not None:
+        return f"{score.spec}@{score.version_tag}|fit:{fit.key}"
     return f"{score.spec}@{score.version_tag}" + ("|" + _fit_state_digest(score) if score.needs_fit else "")
+
+
+def fits_on_features(score) -> bool:
+    """Whether ``score`` is fitted on cached ID features (the field's feature-statistics and shaping scores),
+    not on the model and its inputs (BatchGrad)."""
+    from ..scores.fitted import FittedScore, factors
+
+    return score.needs_fit and not score.needs_model and all(
+        isinstance(f, FittedScore) for f in factors(score) if f.needs_fit)
+
+
+class FitOnFeatures:
+    """Fits one score, when first needed, on the ID training features of a model (a cache miss): a warm
+    rerun neither reads the training features nor fits. ``key`` identifies the training features (model,
+    images, transform) and enters the score's cache keys; ``reason`` is set when the score cannot be fitted
+    on them (e.g. class-conditional statistics with classes absent): the score is then not applicable."""
+
+    def __init__(self, score, key: str, features, head):
+        self.score, self.key, self._features, self._head = score, key, features, head
+        self.fitted, self.reason = False, None
+
+    def ensure(self) -> None:
+        """Fit (once); raise :class:`UvoodError` with the reason when the score cannot be fitted here."""
+        if self.reason:
+            raise UvoodError(self.reason)
+        if self.fitted:
+            return
+        from ..scores.fitted import fit_on_features
+
+        f = self._features()
+        w, b = self._head()
+        try:
+            fit_on_features(self.score, f.h, f.logits, f.y, weight=w, bias=b)
+        except UvoodError as e:
+            self.reason = str(e)
+            raise
+        self.fitted = True
 
 
 def _chunked(fn, x: torch.Tensor, chunk: int, progress: bool, desc: str) -> list:
@@ -288,6 +337,45 @@ def _accuracy(dataset: str | None, logits: torch.Tensor, y: np.ndarray, data_dir
     return float((logits.argmax(1) == y).float().mean())
 
 
+def _feature_fits(spec: BenchSpec, id_name: str, model, model_name: str, fp: str, in_shape, fit_n, data_dir,
+                  cache: Path, progress: bool, log, scores: list, timings: dict) -> dict:
+    """score -> :class:`FitOnFeatures` for every score of ``scores`` fitted on cached ID features. The
+    ID training split (``train_split`` of the ID set, default ``train``; ``fit_n`` evenly spaced images,
+    None = all) is read and its features extracted (cached) only when a fitted score's value is missing."""
+    from ..scores.fitted import head_weights
+
+    todo = list(dict.fromkeys(sc for sc in scores if fits_on_features(sc)))
+    if not todo:
+        return {}
+    ds = spec.datasets[id_name]
+    if "dataset" not in ds:
+        reason = (f"{id_name} has no named data set, so there is no ID training split to fit on (give the ID set a "
+                  "\"dataset\" with a \"train_split\" in the spec)")
+        out = {sc: FitOnFeatures(sc, "none", None, None) for sc in todo}
+        for f in out.values():
+            f.reason = reason
+        return out
+    train_ds = {"dataset": ds["dataset"], "split": ds.get("train_split", "train")}
+    inputs = _prepare(spec, id_name, in_shape, fit_n or 10**9, data_dir, ds=train_ds)
+    name = _slug(f"{model_name}__{inputs.identity}__{inputs.desc}")
+    key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, FEATURES_VERSION]).encode()).hexdigest()[:16]
+
+    @functools.cache
+    def features():
+        t = time.time()
+        with claim(cache / f"features-{name}.npz", log=log):
+            f = extract(model, lambda: (inputs.x, torch.as_tensor(inputs.y)), batch_size=128, cache_dir=cache,
+                        data_id=inputs.identity, transform=inputs.desc, progress=progress,
+                        desc=f"{model_name} on {id_name} training split", cache_name=name)
+        timings[f"{model_name}/{id_name} training split/features"] = round(time.time() - t, 2)
+        return f
+
+    def head():
+        return head_weights(model, torch.zeros(1, *in_shape))
+
+    return {sc: FitOnFeatures(sc, key, features, head) for sc in todo}
+
+
 def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n: int | None = None,
         data_dir=None, cache_dir=None, progress: bool = True, log=print, n_boot: int = 1000,
         deep_n: int | None = None) -> RunResult:
@@ -299,6 +387,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     t_start = time.time()
     n = n or (spec.quick_n if quick else spec.n)
     deep_n = deep_n or (spec.quick_deep_n if quick else spec.deep_n)
+    fit_n = spec.quick_fit_n if quick else spec.fit_n
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if scores:
         rows_spec = [(s, get_score(s).spec, depth_of(s)) for s in scores]
@@ -307,6 +396,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     score_objs = {full: get_score(full) for _, full, _ in rows_spec}
     all_scores: dict[tuple[str, str, str], np.ndarray] = {}
     models, datasets, timings, feature_sets = {}, {}, {}, []
+    not_applicable: dict[tuple[str, str], str] = {}  # (ID set, score) -> why it cannot be fitted there
     for id_name, model_name in spec.models.items():
         t0 = time.time()
         model, info, in_shape = _load_model(model_name, spec)
@@ -338,9 +428,11 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         models[id_name] = {"model": model_name, "fingerprint": fp, "accuracy_on_id": acc, "n": len(f_id),
                            "cpu_fallback": info.get("cpu_fallback", False), "c": info.get("c"),
                            "test_accuracy": info.get("test_accuracy"), "device": info.get("device")}
+        fits = _feature_fits(spec, id_name, model, model_name, fp, in_shape, fit_n, data_dir, cache, progress, log,
+                             [score_objs[full] for _, full, _ in rows_spec], timings)
         for _label, full, _depth in rows_spec:
             sc = score_objs[full]
-            if sc.needs_fit:
+            if sc.needs_fit and sc not in fits:
                 ds = spec.datasets[id_name]
                 if "dataset" not in ds:
                     raise UvoodError(f"{sc.spec} needs labelled ID training data; {id_name} has no named data set.")
@@ -353,12 +445,15 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                                               FEATURES_VERSION]).encode())
             path = cache / f"fscores-{_slug(f'{model_name}__{inputs.identity}__{inputs.desc}')}.npz"
             t = time.time()
-            values = _feature_scores(from_features, f, fkey.hexdigest(), path)
+            values = _feature_scores(from_features, f, fkey.hexdigest(), path, fits)
             timings[f"{model_name}/{ds_name}/scores from features"] = round(time.time() - t, 2)
             for _label, full, _depth in rows_spec:
                 sc = score_objs[full]
+                if sc in fits and fits[sc].reason:
+                    not_applicable[(id_name, full)] = fits[sc].reason
+                    continue
                 if not sc.needs_model:
-                    all_scores[(id_name, ds_name, full)] = values[_score_key(sc)]
+                    all_scores[(id_name, ds_name, full)] = values[_score_key(sc, fits.get(sc))]
                     continue
                 x = inputs.subset(len(f), deep_n) if deep_n and deep_n < len(f) else inputs
                 if _shares_label_norms(sc):
@@ -386,6 +481,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     memo = _read_memo(memo_path)
     for id_name, ood_name in spec.pairs:
         for label, full, depth in rows_spec:
+            if (id_name, full) in not_applicable:
+                continue  # reported with its reason (RunResult.not_applicable), never silently dropped
             s_id, s_ood = all_scores[(id_name, id_name, full)], all_scores[(id_name, ood_name, full)]
             digest = hashlib.sha256(s_id.tobytes() + b"|" + s_ood.tobytes()
                                     + f"|{n_boot}|metrics:{metrics.METRICS_VERSION}".encode()).hexdigest()
@@ -403,12 +500,12 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,
             "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n, "quick": quick,
-            "scores": scores, "n_boot": n_boot, "feature_sets": len(feature_sets),
+            "scores": scores, "n_boot": n_boot, "feature_sets": len(feature_sets), "fit_n": fit_n,
             "feature_sets_computed": sum(feature_sets),
             "versions": {"features": FEATURES_VERSION, "label_norms": LABEL_NORMS_VERSION,
                          "metrics": metrics.METRICS_VERSION,
                          "scores": {full: score_objs[full].version_tag for _, full, _ in rows_spec}}}
-    return RunResult(spec, rows, all_scores, models, datasets, timings, quick, meta)
+    return RunResult(spec, rows, all_scores, models, datasets, timings, quick, meta, not_applicable)
 
 
 def check_known(spec: BenchSpec, scores: list[str] | None) -> None:

@@ -61,7 +61,38 @@ FIGURE2 = [(f"||h||_{p} {v}", f"norm({p})*{v}", "none") for v in V_GRID for p in
 CLAIMS = [*TABLE2[:7], ("||h||_1 TV", "norm(1)*tv", "none"), ("GradNorm", "gradnorm", "shallow"),
           ("GradNorm", "gradnorm", "deep"), *FIGURE2]
 
-GROUPS = {"table1": TABLE1, "table2": TABLE2, "table3": TABLE3, "figure2": FIGURE2, "claims": CLAIMS}
+# The field's post-hoc detectors (issue 9; docs/field_detectors.md), each at its paper's default setting.
+# ODIN needs the model (input gradients): like the deep gradient scores it runs on the deep subset.
+FIELD = [
+    ("MSP", "msp", "none"), ("MaxLogit", "maxlogit", "none"), ("Energy", "energy", "none"),
+    ("Entropy", "entropy", "none"), ("GEN", "gen", "none"), ("ODIN", "odin", "none"),
+    ("Mahalanobis", "mahalanobis", "none"), ("Mahalanobis++", "mahalanobis(normalize=true)", "none"),
+    ("RMDS", "rmds", "none"), ("KNN", "knn", "none"), ("ViM", "vim", "none"), ("NECO", "neco", "none"),
+    ("fDBD", "fdbd", "none"), ("ReAct", "react", "none"), ("ASH-P", "ash_p", "none"), ("ASH-B", "ash_b", "none"),
+    ("ASH-S", "ash_s", "none"), ("SCALE", "scale", "none"), ("DICE", "dice", "none"),
+]
+
+# The paper's scores beside them: the gradient scores as the paper defines them (shallow = the authors'
+# weight-and-bias definition; deep GradNorm, one cotangent per sample) and its U * V products with ||h||_1 and
+# its ImageNet pick ||h||_0.3 Energy. Deep ExGrad and BatchGrad join the leaderboard where another group of the
+# run computes them (small: Tables 1 and 3); they are not added here, because deep ExGrad needs C backward
+# passes per sample (C = 1000 for `large`).
+PAPER_IN_LEADERBOARD = [
+    ("GradNorm", "gradnorm(bias=true)", "shallow"), ("ExGrad", "exgrad(bias=true)", "shallow"),
+    ("GradNorm", "gradnorm", "deep"),
+    ("||h||_1 MSP", "norm(1)*msp", "none"), ("||h||_1 Energy", "norm(1)*energy", "none"),
+    ("||h||_1 TV", "norm(1)*tv", "none"), ("||h||_1 VarSum", "norm(1)*varsum", "none"),
+    ("||h||_0.3 Energy", "norm(0.3)*energy", "none"),
+]
+
+LEADERBOARD = FIELD + PAPER_IN_LEADERBOARD
+
+# rows of other groups shown in the leaderboard when the run has them
+LEADERBOARD_EXTRA = [("ExGrad", "exgrad", "deep"), ("BatchGrad", "batchgrad", "deep"),
+                     ("BatchGrad", "batchgrad(bias=true)", "shallow")]
+
+GROUPS = {"table1": TABLE1, "table2": TABLE2, "table3": TABLE3, "figure2": FIGURE2, "claims": CLAIMS,
+          "leaderboard": LEADERBOARD}
 
 
 def with_depth(spec: str, depth: str) -> str:

@@ -30,6 +30,8 @@ class BenchSpec:
     input: tuple[int, int, int] | None = None  # [C, H, W] of a user-supplied model ("module:factory")
     deep_n: int | None = None  # scores that need the model on an evenly spaced subset of this many per set
     quick_deep_n: int | None = None  # the same with --quick
+    fit_n: int | None = None  # ID training images the fitted scores see (evenly spaced; None = the whole split)
+    quick_fit_n: int | None = None  # the same with --quick
 
     def paper_name(self, name: str) -> str:
         """The paper's name for one of our data sets (e.g. Fashion-MNIST stands in for SVHN)."""

@@ -20,6 +20,11 @@ from .runner import COLUMNS, RunResult
 from .scoresets import FIGURE2, P_GRID, TABLE1, TABLE2, TABLE3, V_GRID, with_depth
 
 
+def md_cell(text: str) -> str:
+    """Text safe inside a markdown table cell: a '|' (as in ||h||_1) would otherwise split the cell."""
+    return text.replace("|", "\\|")
+
+
 def _cell(ours: float | None, theirs: float | None) -> str:
     a = "–" if ours is None else f"{ours:.3f}"
     return f"{a} ({theirs:.3f})" if theirs is not None else a
@@ -42,13 +47,13 @@ def _pair_header(result: RunResult, id_name: str, ood_name: str) -> str:
     return head + (f" (paper: {pid} → {pood})" if (pid, pood) != (id_name, ood_name) else "")
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    """The rows' :data:`COLUMNS` as CSV (floats to 6 decimals), written atomically."""
+def write_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
+    """The rows' ``columns`` (default :data:`COLUMNS`) as CSV (floats to 6 decimals), written atomically."""
     buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items() if k in columns})
     write_text(path, buf.getvalue())
 
 
@@ -90,14 +95,15 @@ def per_pair_table(result: RunResult, table: list[tuple[str, str, str]], sources
         ours = f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0:.3f}"
         theirs = f" ({pm:.3f} ± {ps:.3f})" if pm is not None and ps is not None else (
             f" ({pm:.3f})" if pm is not None else "")
-        lines.append(f"| {label} | {depth if depth != 'none' else 'N/A'} | {' | '.join(cells)} | {ours}{theirs} |")
+        lines.append(f"| {md_cell(label)} | {depth if depth != 'none' else 'N/A'} | {' | '.join(cells)} | "
+                     f"{ours}{theirs} |")
     return (f"{title}\n\n" if title else "") + "\n".join(lines) + "\n", csv_rows
 
 
 def table2(result: RunResult) -> tuple[str, list]:
     """Table 2's layout: rows = pairs (and the average), columns = its scores (the weight-only ones last)."""
     idx = _index(result)
-    labels = [lab for lab, _, _ in TABLE2]
+    labels = [md_cell(lab) for lab, _, _ in TABLE2]
     lines = ["| ID → OOD | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
     csv_rows, per_score = [], {s: [] for _, s, _ in TABLE2}  # keyed by the table's base spec
     for p in result.spec.pairs:

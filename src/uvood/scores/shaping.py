@@ -86,6 +86,14 @@ class ReAct(Shaper):
         return h.clamp(max=float(self.threshold))
 
 
+def sharpening(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """exp(s1 / s2), the ASH-S and SCALE factor; 1 where s2 = 0. With ReLU features s2 = 0 means h = 0
+    (the k largest activations are all 0), where the papers' 0/0 is undefined and any finite factor gives
+    h' = 0: uvood uses 1 (pytorch-ood returns NaN there)."""
+    zero = s2 == 0
+    return torch.where(zero, torch.ones_like(s1), torch.exp(s1 / torch.where(zero, torch.ones_like(s2), s2)))
+
+
 def _top(h: torch.Tensor, p: float):
     k = kept_count(h.shape[1], p)
     if k < 1:
@@ -115,7 +123,7 @@ class ASH(Shaper):
         if self.variant == "b":
             vals = (s1 / k).expand_as(vals)
         elif self.variant == "s":
-            vals = vals * torch.exp(s1 / vals.sum(1, keepdim=True))
+            vals = vals * sharpening(s1, vals.sum(1, keepdim=True))
         return torch.zeros_like(h).scatter_(1, idx, vals)
 
 
@@ -129,7 +137,7 @@ class SCALE(Shaper):
 
     def shape_h(self, h):
         _, vals, _ = _top(h, self.p)
-        return h * torch.exp(h.sum(1, keepdim=True) / vals.sum(1, keepdim=True))
+        return h * sharpening(h.sum(1, keepdim=True), vals.sum(1, keepdim=True))
 
 
 class DICE(Shaper):
@@ -253,9 +261,10 @@ def _factory(make):
 
 
 register("react", _factory(ReAct), params={"p": 90}, positional=("p",), kind="shaping", doc=ReAct.__doc__)
+# version 2 of ash_s and scale: a finite factor for an all-zero encoding (:func:`sharpening`), NaN before
 for _variant, _p in (("p", 60), ("b", 65), ("s", 90)):
     register(f"ash_{_variant}", _factory(lambda p, v=_variant: ASH(v, p)), params={"p": _p}, positional=("p",),
-             kind="shaping", doc=ASH.__doc__)
-register("scale", _factory(SCALE), params={"p": 85}, positional=("p",), kind="shaping", doc=SCALE.__doc__)
+             kind="shaping", doc=ASH.__doc__, version=2 if _variant == "s" else 1)
+register("scale", _factory(SCALE), params={"p": 85}, positional=("p",), kind="shaping", doc=SCALE.__doc__, version=2)
 register("dice", _factory(DICE), params={"p": 90}, positional=("p",), kind="shaping", doc=DICE.__doc__)
 
