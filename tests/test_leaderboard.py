@@ -108,3 +108,19 @@ def test_warm_rerun_neither_reads_training_images_nor_fits(lb_run, monkeypatch):
     monkeypatch.setattr(runner, "score_model", refuse)
     second = run(spec, **kw)
     assert [(r["score"], r["auroc"]) for r in first.rows] == [(r["score"], r["auroc"]) for r in second.rows]
+
+
+def test_two_models_each_fit_their_own_statistics(tmp_path, data_dir):
+    """The score objects are shared by the models of a run: each model's fit must be its own (a fitted
+    shaping score holds tensors where the gradient scores hold their `bias` flag)."""
+    spec = _mini_spec(tmp_path, models={"MNIST": "mnist-mlp", "Fashion-MNIST": "fashionmnist-cnn"},
+                      pairs=[["MNIST", "Fashion-MNIST"], ["Fashion-MNIST", "MNIST"]], groups=["leaderboard"],
+                      deep=False, quick_n=40, quick_fit_n=300)
+    kw = dict(quick=True, data_dir=data_dir, progress=False, log=lambda *a: 0, n_boot=20)
+    both = run(spec, cache_dir=tmp_path / "c", **kw)
+    alone = run(_mini_spec(tmp_path, models={"Fashion-MNIST": "fashionmnist-cnn"}, pairs=[["Fashion-MNIST", "MNIST"]],
+                           groups=["leaderboard"], deep=False, quick_n=40, quick_fit_n=300),
+                cache_dir=tmp_path / "c2", **kw)
+    for spec_name in ("dice", "knn", "vim", "react"):
+        np.testing.assert_array_equal(both.scores[("Fashion-MNIST", "MNIST", spec_name)],
+                                      alone.scores[("Fashion-MNIST", "MNIST", spec_name)])

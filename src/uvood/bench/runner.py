@@ -404,7 +404,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             uvdata.datasets.check_model_classes(spec.datasets[id_name]["dataset"], info["num_classes"], model_name)
         fp = model_fingerprint(model)
         for sc in score_objs.values():  # bias=true needs a head bias; shallow scores never see the model itself
-            if any(getattr(t, "bias", False) for t in getattr(sc, "factors", [sc])):
+            if any(getattr(t, "bias", False) is True for t in getattr(sc, "factors", [sc])):  # a gradient flag
                 check_head_bias(sc, model, torch.zeros(1, *in_shape))
         needed = [id_name] + [o for i, o in spec.pairs if i == id_name]
         feats = {}
