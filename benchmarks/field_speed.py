@@ -72,7 +72,7 @@ def knn_bench(n_ref, n_query, width, k, repeats):
     t_full, s_full = best(full, repeats)
     rows.append(("full distance matrix, one block (torch.cdist float32 + kthvalue)", t_full, s_full))
     t_mm, _ = best(blocks, repeats)
-    rows.append(("float32 matmul in blocks alone, no selection (least work of a brute force)", t_mm, None))
+    rows.append(("float32 matmul in blocks alone, no selection (torch/MKL)", t_mm, None))
     backends = ["torch"] + (["faiss"] if faiss_available() else [])
     for backend in backends:
         search = Float32Search(bank, backend)
