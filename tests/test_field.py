@@ -138,6 +138,10 @@ def test_knn_blocks_and_backends_agree(monkeypatch):
 
 
 def test_knn_backend_errors(monkeypatch):
+    bank = torch.eye(40, 8, dtype=torch.float64)[torch.arange(40) % 8]
+    q = torch.full((2, 8), float("nan"), dtype=torch.float64)
+    with pytest.raises(UvoodError, match="faiss found fewer neighbours"):
+        kth_similarity(q, bank, 3, backend="faiss")
     with pytest.raises(UvoodError, match="backend 'annoy' is unknown"):
         neighbours.resolve_backend("annoy")
     monkeypatch.setattr(neighbours, "faiss_available", lambda: False)

@@ -97,7 +97,11 @@ class Float32Search:
             self._index.add(self.bank32.numpy())
         faiss.omp_set_num_threads(torch.get_num_threads())
         vals, idx = self._index.search(q32.contiguous().numpy(), m)
-        return torch.from_numpy(vals), torch.from_numpy(idx).long()
+        idx = torch.from_numpy(idx).long()
+        if bool((idx < 0).any()):
+            raise UvoodError("KNN: faiss found fewer neighbours than asked for some queries; the features hold "
+                             "non-finite values (NaN or inf). Score finite features.")
+        return torch.from_numpy(vals), idx
 
 
 def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, search: Float32Search | None = None,
