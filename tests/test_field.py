@@ -15,8 +15,9 @@ from sklearn.preprocessing import StandardScaler
 
 import uvood
 from uvood.errors import UvoodError
-from uvood.scores import get_score
-from uvood.scores.fitted import fit_on_features, kth_similarity, vim_dim
+from uvood.scores import get_score, neighbours
+from uvood.scores.fitted import fit_on_features, vim_dim
+from uvood.scores.neighbours import kth_similarity
 from uvood.scores.shaping import compose
 
 D, C, N = 24, 5, 400
@@ -99,11 +100,12 @@ def test_fdbd_and_knn_match_loops(feats):
     np.testing.assert_allclose(fitted("knn(5)", feats).from_features(feats["ht"], feats["zt"]).numpy(), ref, rtol=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
 @pytest.mark.parametrize("spread,copies", [(1.0, 1), (1.0, 4), (1e-9, 1)])
-def test_knn_kth_similarity_equals_float64_brute_force(spread, copies):
-    """Float32 candidates + float64 values equal the float64 k-th similarity, also when neighbours are
-    near-ties that float32 cannot order: ``copies`` near-duplicates of each reference (ties inside the
-    band), or a spread of 1e-9 (every query needs the exact fallback)."""
+def test_knn_kth_similarity_equals_float64_brute_force(spread, copies, backend):
+    """Float32 candidates (torch blocks or faiss) + float64 values equal the float64 k-th similarity, also
+    when neighbours are near-ties that float32 cannot order: ``copies`` near-duplicates of each reference
+    (ties inside the band), or a spread of 1e-9 (every query needs the exact fallback)."""
     g = torch.Generator().manual_seed(3)
     base = torch.randn(1, 32, generator=g, dtype=torch.float64)
     bank = base + spread * torch.randn(500 // copies, 32, generator=g, dtype=torch.float64)
@@ -113,7 +115,39 @@ def test_knn_kth_similarity_equals_float64_brute_force(spread, copies):
     q = q / q.norm(dim=1, keepdim=True)
     for k in (1, 10, 300):
         ref = torch.topk(q @ bank.T, k, dim=1).values[:, -1]
-        torch.testing.assert_close(kth_similarity(q, bank, k), ref, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(kth_similarity(q, bank, k, backend=backend), ref, rtol=1e-13, atol=1e-15)
+
+
+def test_knn_blocks_and_backends_agree(monkeypatch):
+    """Many float32 blocks (a tiny KNN_BLOCK) and certificate blocks, torch and faiss: the KNN score is the
+    float64 brute force -sqrt(2 - 2 s_(k)) for every query, on clustered features where ranks are close."""
+    g = torch.Generator().manual_seed(5)
+    centres = torch.randn(6, 48, generator=g, dtype=torch.float64)
+    h = torch.relu(centres[torch.arange(3000) % 6] + 0.3 * torch.randn(3000, 48, generator=g, dtype=torch.float64))
+    ht = torch.relu(centres[torch.arange(700) % 6] + 0.5 * torch.randn(700, 48, generator=g, dtype=torch.float64))
+    monkeypatch.setattr(neighbours, "KNN_BLOCK", 3000 * 37)
+    monkeypatch.setattr(neighbours, "CERTIFY_ROWS", 129)
+    bank, q = h / h.norm(dim=1, keepdim=True), ht / ht.norm(dim=1, keepdim=True)
+    ref = -(2 - 2 * torch.topk(q @ bank.T, 20, dim=1).values[:, -1]).clamp_min(0).sqrt()
+    for backend in ("torch", "faiss"):
+        s = get_score("knn(20)").fit_features(h, torch.zeros(3000, 6))
+        s.backend = backend
+        out = s.from_features(ht, torch.zeros(700, 6))
+        assert s._search.backend == backend
+        torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-15)
+
+
+def test_knn_backend_errors(monkeypatch):
+    bank = torch.eye(40, 8, dtype=torch.float64)[torch.arange(40) % 8]
+    q = torch.full((2, 8), float("nan"), dtype=torch.float64)
+    with pytest.raises(UvoodError, match="faiss found fewer neighbours"):
+        kth_similarity(q, bank, 3, backend="faiss")
+    with pytest.raises(UvoodError, match="backend 'annoy' is unknown"):
+        neighbours.resolve_backend("annoy")
+    monkeypatch.setattr(neighbours, "faiss_available", lambda: False)
+    assert neighbours.resolve_backend("auto") == "torch"
+    with pytest.raises(UvoodError, match=r"needs faiss-cpu: pip install 'uvood\[faiss\]'"):
+        neighbours.resolve_backend("faiss")
 
 
 def test_odin_batched_equals_per_sample_backward_loop():

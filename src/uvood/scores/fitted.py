@@ -23,19 +23,15 @@ Conventions and how they differ from pytorch-ood 0.4.0 (the parity tests check b
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import UvoodError
+from .neighbours import Float32Search, kth_similarity
 from .output import energy
 from .registry import Score, register
 
 #: samples per forward pass when fitting (memory bound; no effect on values)
 FIT_BATCH_SIZE = 256
-
-#: entries per block of the KNN similarity matrix, queries x references (memory bound; no effect on values)
-KNN_BLOCK = 2**25
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -281,45 +277,6 @@ class RMDSScore(FittedScore):
 # ---------------------------------------------------------------- KNN
 
 
-def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, bank32: torch.Tensor | None = None) -> torch.Tensor:
-    """The k-th largest similarity q_i^T b_j over the rows b_j of ``bank``, exactly as in float64, fast.
-
-    Both are float64 with unit rows. A float32 matmul in blocks of ``KNN_BLOCK`` entries ranks the
-    m = min(n, 2k + 8) largest similarities s_1 >= ... >= s_m per query (``torch.topk``). A float32
-    similarity of unit vectors is within err = (D + 4) 2^-24 of the exact one, so with s_k the float32
-    k-th value, the exact k-th value t lies in [s_k - err, s_k + err] (at most k - 1 exact values can
-    exceed s_k + err, at least k reach s_k - err). Candidates with s_j > s_k + 2 err are therefore above
-    t, those below s_k - 2 err below it; t is the (k - A)-th largest exact value of the candidates in the
-    band |s_j - s_k| <= 2 err (A = how many are above the band), recomputed in float64. This holds when
-    the band ends before s_m (or m = n); the other queries (near-ties over 2k neighbours) are recomputed
-    against the whole bank in float64.
-    """
-    n, d = bank.shape
-    bank32 = bank.float() if bank32 is None else bank32
-    m = min(n, 2 * k + 8)
-    err = (d + 4) * 2.0**-24 * 1.01
-    out = torch.empty(q.shape[0], dtype=torch.float64)
-    rows = max(1, KNN_BLOCK // n)
-    for lo in range(0, q.shape[0], rows):
-        qb = q[lo:lo + rows]
-        top, idx = torch.topk(qb.float() @ bank32.T, m, dim=1)
-        top = top.double()
-        sk = top[:, k - 1:k]
-        above = (top > sk + 2 * err).sum(1)
-        band = ((top - sk).abs() <= 2 * err).sum(1)
-        width = int(band.max())
-        pos = (above[:, None] + torch.arange(width)[None, :]).clamp_max(m - 1)
-        cand = torch.einsum("rd,rwd->rw", qb, bank[idx.gather(1, pos)])
-        cand = cand.masked_fill(torch.arange(width)[None, :] >= band[:, None], -math.inf)
-        kth = cand.sort(dim=1, descending=True).values.gather(1, (k - 1 - above)[:, None]).squeeze(1)
-        if m < n:
-            bad = torch.nonzero(above + band >= m).reshape(-1)
-            if bad.numel():
-                kth[bad] = torch.topk(qb[bad] @ bank.T, k, dim=1).values[:, -1]
-        out[lo:lo + rows] = kth
-    return out
-
-
 class KNNScore(FittedScore):
     """Deep nearest neighbours (Sun et al., ICML 2022, Eq. 1-2), oriented higher = more ID:
 
@@ -327,20 +284,22 @@ class KNNScore(FittedScore):
 
     z_(k) the k-th nearest of the normalised ID training features. Default k = 50 (the paper's
     choice for CIFAR-10; 1000 for ImageNet, where it also subsamples the training set). Computed
-    as sqrt(2 - 2 s_(k)), s_(k) the k-th largest similarity z^T z_j (:func:`kth_similarity`: float32
-    candidates, float64 values).
+    as sqrt(2 - 2 s_(k)), s_(k) the exact float64 k-th largest similarity z^T z_j, searched in float32
+    (:func:`uvood.scores.neighbours.kth_similarity`; faiss when installed, same values). ``backend``
+    (attribute, not part of the spec): "auto", "torch" or "faiss".
 
     pytorch-ood (``KNN``, sklearn ``NearestNeighbors``): outlier score ||z - z_(k)||, ``uvood = -pood``.
     """
 
     _keys = ("bank",)
     method = "KNN"
+    backend = "auto"
 
     def __init__(self, k=50):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UvoodError(f"knn(k) needs an integer k >= 1, got {k!r}. Example: knn(k=50).")
         self.k = k
-        self._bank32 = None
+        self._search = None
         super().__init__()
 
     def _fit(self, h, logits, y, weight, bias):
@@ -348,17 +307,17 @@ class KNNScore(FittedScore):
             raise UvoodError(f"KNN: k = {self.k} but only {h.shape[0]} ID samples to fit on; use a smaller k "
                              "or more ID data.")
         self.bank = l2_normalise(h)
-        self._bank32 = None
+        self._search = None
 
     def _score(self, h, logits):
-        if self._bank32 is None or self._bank32.shape != self.bank.shape:
-            self._bank32 = self.bank.float()
-        kth = kth_similarity(l2_normalise(h), self.bank, self.k, self._bank32)
+        if self._search is None or self._search.bank is not self.bank or self._search.requested != self.backend:
+            self._search = Float32Search(self.bank, self.backend)
+        kth = kth_similarity(l2_normalise(h), self.bank, self.k, self._search)
         return -(2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
 
     def load_state(self, state):
         super().load_state(state)
-        self._bank32 = None
+        self._search = None
 
 
 # ---------------------------------------------------------------- ViM, NECO
