@@ -239,6 +239,11 @@ def test_efficientnet_channels_last_wrapper_equals_default_layout_and_the_refere
     plain = copy.deepcopy(net)
     model = EfficientNetLite(net).eval()
     assert model.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    from uvood.features import model_fingerprint
+
+    untagged = copy.deepcopy(model)
+    untagged.fingerprint_tag = ""  # same weights, default layout's numerics: another cache identity
+    assert model_fingerprint(model) != model_fingerprint(untagged) == model_fingerprint(copy.deepcopy(untagged))
     x = torch.rand(3, 3, 40, 40)
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain((x - 0.5) / 0.5), rtol=1e-5, atol=1e-5)

@@ -43,8 +43,12 @@ class Features:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the model's class name and every parameter and buffer (name, shape, bytes)."""
+    """sha256 of the model's class name, its ``fingerprint_tag`` (if any: what changes its outputs beyond
+    the weights, e.g. EfficientNet-Lite's channels-last layout, whose float32 rounding differs) and every
+    parameter and buffer (name, shape, bytes)."""
     d = hashlib.sha256(type(model).__name__.encode())
+    if getattr(model, "fingerprint_tag", ""):
+        d.update(b"|tag:" + str(model.fingerprint_tag).encode())
     for name, t in model.state_dict().items():
         d.update(name.encode())
         d.update(str(tuple(t.shape)).encode())

@@ -62,7 +62,9 @@ class EfficientNetLite(nn.Module):
     The network runs in the channels-last memory layout (weights and activations N x H x W x C in
     memory): on this 2-core CPU the forward pass is 1.3-1.6x faster that way
     (``benchmarks/efficientnet_layout.py``); the logits equal the default layout's up to float32
-    rounding (2e-6 of the largest logit)."""
+    rounding (2e-6 of the largest logit), so the layout is part of the model's fingerprint (cache keys)."""
+
+    fingerprint_tag = "channels_last"
 
     def __init__(self, net: nn.Module):
         super().__init__()
