@@ -145,10 +145,13 @@ def paragraph(result: RunResult, pairs: list[tuple[str, str]]) -> str:
 
 def section(result: RunResult) -> tuple[list[str], list[dict]]:
     """The report's leaderboard section (markdown lines) and the CSV rows of ``leaderboard.csv``."""
+    splits = {i: f"{ds.get('dataset', i)} `{ds.get('train_split', 'train')}`" for i, ds in result.spec.datasets.items()
+              if i in result.spec.models}
+    n_fit = f"{result.meta['fit_n']} evenly spaced images of it" if result.meta.get("fit_n") else "all of it"
     L = ["Every method of the field (issue 9; docs/field_detectors.md) at its paper's default setting, fitted "
-         "where it needs fitting on the ID set's training split "
-         + (f"({result.meta['fit_n']} evenly spaced images)" if result.meta.get("fit_n") else "(all of it)")
-         + ", beside the paper's gradient scores and U · V products. Cells: AUROC [95 % bootstrap interval]; "
+         f"where it needs fitting on the ID set's training split ({n_fit}: "
+         + ", ".join(f"{i}: {s}" for i, s in splits.items())
+         + "), beside the paper's gradient scores and U · V products. Cells: AUROC [95 % bootstrap interval]; "
          "rank 1 = best AUROC on a pair; sorted by mean rank. † = computed on the evenly spaced subset of the "
          "scores that need the model (see the rows' `n_id`, `n_ood` in `leaderboard.csv`)."]
     csv_rows = []
