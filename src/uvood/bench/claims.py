@@ -40,6 +40,7 @@ from ..data.datasets import subset_indices
 from ..scores.registry import canonical_spec
 from . import selection
 from .scoresets import FIGURE2, with_depth
+from .tables import md_cell
 
 V_TERMS = {"msp": "MSP", "energy": "Energy", "varsum": "VarSum", "tv": "TV"}
 HTV = "norm(1)*tv"
@@ -252,18 +253,19 @@ def markdown(claims: dict, timings: dict | None = None) -> str:
     L = ["| claim | " + " | ".join(f"{i} (`{claims[i]['model']}`)" for i in ids) + " | (e) holds for every model |",
          "|" + "---|" * (len(ids) + 2)]
     for row in summary(claims):
-        L.append(f"| {row['claim']} | " + " | ".join(f"**{row['verdicts'][i]}**" for i in ids)
+        L.append(f"| {md_cell(row['claim'])} | " + " | ".join(f"**{row['verdicts'][i]}**" for i in ids)
                  + f" | **{row['all_models']}** |")
     for id_name, c in claims.items():
         L += ["", f"### {id_name} (`{c['model']}`), OOD sets: {', '.join(c['oods'])}", "",
               "(a) mean AUROC over the OOD sets, ||h||_1 V against V (Δ = ours with ||h||_1 − without):", "",
-              "| V | V | ||h||_1 V | Δ | 95 % CI of Δ | sets where ||h||_1 V is higher | verdict |",
+              md_cell("| V | V | ||h||_1 V | Δ | 95 % CI of Δ | sets where ||h||_1 V is higher | verdict |", row=True),
               "|---|---|---|---|---|---|---|"]
         for r in c["a"]:
             L.append(f"| {V_TERMS[r['v']]} | {r['auroc_b']:.3f} | {r['auroc_a']:.3f} | {r['delta']:+.3f} | "
                      f"{_ci(r['ci_low'], r['ci_high'])} | {r['sets_better']} of {len(c['oods'])} | {r['verdict']} |")
         L += ["", "(b) GradNorm against ||h||_1 TV on the same images (mean AUROC over the OOD sets):", "",
-              "| GradNorm | n ID | GradNorm | its CI | ||h||_1 TV | its CI | Δ | 95 % CI of Δ | verdict | time |",
+              md_cell("| GradNorm | n ID | GradNorm | its CI | ||h||_1 TV | its CI | Δ | 95 % CI of Δ | verdict "
+                      "| time |", row=True),
               "|---|---|---|---|---|---|---|---|---|---|"]
         for r in c["b"]:
             secs = _seconds(timings, c["model"], r["a"]) if r["depth"] == "deep" else None

@@ -20,8 +20,11 @@ from .runner import COLUMNS, RunResult
 from .scoresets import FIGURE2, P_GRID, TABLE1, TABLE2, TABLE3, V_GRID, with_depth
 
 
-def md_cell(text: str) -> str:
-    """Text safe inside a markdown table cell: a '|' (as in ||h||_1) would otherwise split the cell."""
+def md_cell(text: str, row: bool = False) -> str:
+    """Text safe inside a markdown table cell: a '|' (as in ||h||_1) would otherwise split the cell.
+    ``row=True``: a whole table row, whose separators stay and only the norm bars ``||h||`` are escaped."""
+    if row:
+        return text.replace("||h||", "\\|\\|h\\|\\|")
     return text.replace("|", "\\|")
 
 
