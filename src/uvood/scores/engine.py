@@ -263,6 +263,8 @@ class ConvRule(LayerRule):
         return out
 
     multi_norm = True
+    #: its norms cost one kernel call per sample, as forming the gradient does (see _norms_from_records)
+    materialises = True
 
     def norms(self, module, inputs, kwargs, g, names, norm):
         """``norm`` may be a tuple of norms: then every value is L x K x n, from ONE pass over the
@@ -518,17 +520,36 @@ def _rule_norms(rule: LayerRule, module, inputs, kwargs, g, names, norms: tuple[
     return {name: torch.stack([p[name] for p in parts]) for name in parts[0] if all(name in p for p in parts)}
 
 
-def _reduce_norms(grad: torch.Tensor, norms: tuple[str, ...]) -> torch.Tensor:
-    """L x K x n norms of materialised per-sample gradients (l1 last: it overwrites ``grad``)."""
-    out = [None] * len(norms)
-    for j in sorted(range(len(norms)), key=lambda j: norms[j] == "l1"):
-        out[j] = reduce_norm(grad, norms[j], inplace=norms[j] == "l1")
+def _reduce_many(grad: torch.Tensor, pid: int, reductions: list[Reduction]) -> torch.Tensor:
+    """R x K x n values of materialised per-sample gradients ``grad`` (K x n x ...) of one parameter:
+    each reduction's norm of ``grad + offset`` (offset 0 where the reduction has none for ``pid``).
+
+    Offset reductions first (each on a fresh ``grad + offset``, |.| in place), then the plain
+    ones, l2sq before l1 (the last l1 overwrites ``grad`` with |grad|)."""
+    out: list = [None] * len(reductions)
+    off = [r.offsets.get(pid) if r.offsets else None for r in reductions]
+    plain = [j for j in range(len(reductions)) if off[j] is None]
+    for j in range(len(reductions)):
+        if off[j] is not None:
+            out[j] = reduce_norm(grad + off[j].to(grad.dtype), reductions[j].norm, inplace=True)
+    plain.sort(key=lambda j: reductions[j].norm == "l1")
+    for i, j in enumerate(plain):
+        out[j] = reduce_norm(grad, reductions[j].norm, inplace=i == len(plain) - 1)
     return torch.stack(out)
 
 
-def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Parameter], norms: tuple[str, ...],
-                        offsets: dict[int, torch.Tensor] | None, K: int, n: int, device) -> torch.Tensor:
-    total = torch.zeros(len(norms), K, n, dtype=torch.float64, device=device)
+def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Parameter],
+                        reductions: tuple[Reduction, ...], K: int, n: int, device) -> torch.Tensor:
+    """R x K x n: every reduction of every per-sample gradient row, summed over the selected parameters.
+
+    Per (record, parameter): the rule's own norms (no gradient formed: rank-one Linear, the conv's
+    per-sample kernel or ghost norm) serve the reductions without an offset; reductions with an
+    offset, and parameters shared between records, are formed per sample (in chunks) and reduced
+    there. Rules with ``materialises = True`` (convolutions: their norms cost one kernel call per
+    sample, as forming the gradient does) serve every reduction of a parameter from ONE formed
+    gradient when any reduction needs it formed."""
+    R = len(reductions)
+    total = torch.zeros(R, K, n, dtype=torch.float64, device=device)
     # (record, name) pairs; group the records into units that share parameters
     owners: dict[int, list[int]] = {}
     names: list[list[str]] = []
@@ -538,18 +559,32 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
         for nm in own:
             owners.setdefault(id(r.params[nm]), []).append(i)
     shared = {pid for pid, idx in owners.items() if len(idx) > 1}
-    offsets = offsets or {}
-    # fast path: per-record norms for unshared, offset-free parameters
-    todo: list[list[str]] = []
+    # fast path: the rule's norms for unshared parameters, reductions without an offset
+    todo: list[dict[str, list[int]]] = []  # per record: name -> reductions to form the gradient for
     for i, r in enumerate(records):
+        mat: dict[str, list[int]] = {}
+        todo.append(mat)
         if r.grad is None:
-            todo.append([])
             continue
-        easy = [nm for nm in names[i] if id(r.params[nm]) not in shared and id(r.params[nm]) not in offsets]
-        got = _rule_norms(r.rule, r.module, r.inputs, r.kwargs, r.grad, easy, norms) if easy else {}
-        for v in got.values():
-            total += v
-        todo.append([nm for nm in names[i] if nm not in got])
+        fast_groups: dict[tuple[int, ...], list[str]] = {}
+        for nm in names[i]:
+            pid = id(r.params[nm])
+            with_offset = [j for j, red in enumerate(reductions) if red.offsets and pid in red.offsets]
+            if pid in shared or (with_offset and getattr(r.rule, "materialises", False)):
+                mat[nm] = list(range(R))
+                continue
+            if with_offset:
+                mat[nm] = with_offset
+            fast = tuple(j for j in range(R) if j not in with_offset)
+            if fast:
+                fast_groups.setdefault(fast, []).append(nm)
+        for js, nms in fast_groups.items():
+            got = _rule_norms(r.rule, r.module, r.inputs, r.kwargs, r.grad, nms, tuple(reductions[j].norm for j in js))
+            for v in got.values():
+                total[list(js)] += v
+            for nm in nms:
+                if nm not in got:
+                    mat[nm] = sorted(set(mat.get(nm, [])) | set(js))
     # materialised path, unit by unit (a unit = records linked by shared parameters)
     parent = list(range(len(records)))
 
@@ -567,9 +602,14 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
         if todo[i] and records[i].grad is not None:
             units.setdefault(find(i), []).append(i)
     for members in units.values():
-        pids = {id(records[i].params[nm]) for i in members for nm in todo[i]}
-        per_sample = sum(selected[pid].numel() for pid in pids) * K
-        per_sample += sum(records[i].rule.sample_elements(records[i].module, records[i].inputs, todo[i])
+        wanted: dict[int, list[int]] = {}
+        for i in members:
+            for nm, js in todo[i].items():
+                pid = id(records[i].params[nm])
+                wanted[pid] = sorted(set(wanted.get(pid, [])) | set(js))
+        per_sample = sum(selected[pid].numel() for pid in wanted) * K * (2 if any(
+            red.offsets for red in reductions) else 1)
+        per_sample += sum(records[i].rule.sample_elements(records[i].module, records[i].inputs, list(todo[i]))
                           for i in members)
         chunk = max(1, CHUNK_ELEMENTS // max(1, per_sample))
         for lo in range(0, n, chunk):
@@ -577,15 +617,14 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
             acc: dict[int, torch.Tensor] = {}
             for i in members:
                 r = records[i]
-                gs = r.rule.grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs, r.grad[:, lo:hi], todo[i])
+                gs = r.rule.grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs, r.grad[:, lo:hi],
+                                        list(todo[i]))
                 for nm in todo[i]:
                     pid = id(r.params[nm])
                     acc[pid] = gs[nm] if pid not in acc else acc[pid] + gs[nm]
             for pid, grad in acc.items():
-                if pid in offsets:
-                    grad = grad + offsets[pid].to(grad.dtype)
-                total[:, :, lo:hi] += _reduce_norms(grad, norms)
-    # offset-only parameters whose module never produced a gradient (unused in the forward)
+                js = wanted[pid]
+                total[js, :, lo:hi] += _reduce_many(grad, pid, [reductions[j] for j in js])
     return total
 
 
@@ -601,6 +640,27 @@ def _select(model: nn.Module, params) -> dict[int, nn.Parameter]:
         raise UvoodError("No parameter of the model requires grad, so every parameter gradient is empty. "
                          "Set requires_grad=True on the parameters to differentiate, or use a shallow score.")
     return {id(p): p for p in chosen}
+
+
+@dataclass(eq=False)
+class Reduction:
+    """One reduction of every per-sample gradient row: ``norm`` ("l1" or "l2sq") of the gradient
+    plus ``offsets`` (``{id(param): tensor}``, a constant added to that parameter's per-sample
+    gradient first: BatchGrad's anchor gradient; None = no offset)."""
+
+    norm: str
+    offsets: dict | None = None
+
+
+@dataclass(eq=False)
+class RowGroup:
+    """Cotangent rows back-propagated from the logits and the reductions wanted of their gradients.
+
+    ``cotangents`` maps the logits of a micro-batch (n x C, float64) to K x n x C cotangents.
+    """
+
+    cotangents: Callable[[torch.Tensor], torch.Tensor]
+    reductions: tuple[Reduction, ...]
 
 
 def per_sample_grad_norms(
@@ -639,27 +699,53 @@ def per_sample_grad_norms(
     wanted = (norm,) if isinstance(norm, str) else tuple(norm)
     if not wanted or any(nm not in NORMS for nm in wanted):
         raise UvoodError(f"norm={norm!r} is not valid; choose one of {', '.join(NORMS)} (or a tuple of them).")
+    group = RowGroup(cotangents, tuple(Reduction(nm, dict(offsets) if offsets else None) for nm in wanted))
+    (norms,), logits = per_sample_grad_reductions(model, x, [group], head=head, params=params,
+                                                  batch_size=batch_size, max_rows=max_rows)
+    return (norms[0] if isinstance(norm, str) else norms), logits
+
+
+def per_sample_grad_reductions(
+    model: nn.Module,
+    x: torch.Tensor,
+    groups: list[RowGroup],
+    *,
+    head=None,
+    params: Iterable[nn.Parameter] | None = None,
+    batch_size: int = 128,
+    max_rows: int = 1024,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """ONE forward per micro-batch, every group's cotangent rows back-propagated through that same
+    graph, and every group's reductions of the per-sample gradients (:class:`RowGroup`).
+
+    Returns ``([R_g x K_g x N float64 per group], logits N x C float64)``: entry ``[r, k, n]`` of a
+    group is ``|| d <v_{k,n}, z_n> / d theta + offset_r ||`` in the norm of its reduction r. The
+    other arguments are those of :func:`per_sample_grad_norms`.
+    """
+    for grp in groups:
+        if not grp.reductions or any(r.norm not in NORMS for r in grp.reductions):
+            raise UvoodError(f"norms {[r.norm for r in grp.reductions]} are not valid; choose among "
+                             f"{', '.join(NORMS)}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UvoodError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if x.ndim == 0 or x.shape[0] == 0:
         raise UvoodError(f"x is empty (shape {tuple(x.shape)}): pass at least one sample.")
     check_independent(model)
     selected = _select(model, params)
-    offsets = dict(offsets or {})
     modules = [m for m in model.modules() if any(id(p) in selected for p in m.parameters(recurse=False))]
     if x.is_inference():
         x = x.clone()
-    all_norms, all_logits = [], []
+    parts: list[list[torch.Tensor]] = [[] for _ in groups]
+    all_logits = []
     plan: dict = {}  # filled on the first micro-batch: the parameters the records do not cover
     with torch.enable_grad():
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size]
-            norms, logits = _micro_batch(model, xb, cotangents, wanted, head, modules, selected, offsets, max_rows,
-                                         plan)
-            all_norms.append(norms)
+            values, logits = _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan)
+            for acc, v in zip(parts, values):
+                acc.append(v)
             all_logits.append(logits)
-    norms = torch.cat(all_norms, dim=2)
-    return (norms[0] if isinstance(norm, str) else norms), torch.cat(all_logits, dim=0)
+    return [torch.cat(p, dim=2) for p in parts], torch.cat(all_logits, dim=0)
 
 
 def _plan_coverage(model, logits, records, selected, head_module, plan):
@@ -672,7 +758,30 @@ def _plan_coverage(model, logits, records, selected, head_module, plan):
     return plan["uncovered"]
 
 
-def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, offsets, max_rows, plan):
+def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tensor, last: bool) -> list:
+    """Gradients of <vk[k], logits> w.r.t. every recorded output, K x output shape each (None where
+    unused), written into one preallocated buffer per output (no list of K copies to stack)."""
+    K = vk.shape[0]
+    if K == 1:
+        grads = torch.autograd.grad(logits, outs, vk[0], allow_unused=True, retain_graph=not last)
+        return [None if gr is None else gr.unsqueeze(0) for gr in grads]
+    if BATCHED_BACKWARD:
+        return list(torch.autograd.grad(logits, outs, vk, allow_unused=True, is_grads_batched=True,
+                                        retain_graph=not last))
+    bufs: list = [None] * len(outs)
+    for k in range(K):
+        gk = torch.autograd.grad(logits, outs, vk[k], allow_unused=True, retain_graph=not (last and k == K - 1))
+        for j, gr in enumerate(gk):
+            if gr is None:
+                continue
+            if bufs[j] is None:
+                bufs[j] = torch.empty((K, *gr.shape), dtype=gr.dtype, device=gr.device)
+            bufs[j][k].copy_(gr)
+        del gk
+    return bufs
+
+
+def _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan):
     for safe in (False, True):
         tape = _Tape(modules, safe)
         try:
@@ -685,11 +794,12 @@ def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, o
         raise UvoodError("A recorded activation was modified in place during the forward pass.")
     n = logits.shape[0]
     z64 = logits.detach().to(torch.float64)
-    v = cotangents(z64)
-    if v.ndim != 3 or v.shape[1:] != z64.shape:
-        raise UvoodError(f"cotangents must return K x n x C = K x {n} x {z64.shape[1]}, got {tuple(v.shape)}.")
-    K = v.shape[0]
-    v = v.to(logits.dtype)
+    vs = []
+    for grp in groups:
+        v = grp.cotangents(z64)
+        if v.ndim != 3 or v.shape[1:] != z64.shape:
+            raise UvoodError(f"cotangents must return K x n x C = K x {n} x {z64.shape[1]}, got {tuple(v.shape)}.")
+        vs.append(v.to(logits.dtype))
     records = [r for r in tape.records if r.output.requires_grad]
     uncovered = _plan_coverage(model, logits, records, selected, head_module, plan)
     whole = None
@@ -701,39 +811,34 @@ def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, o
     for r in records:
         r.inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in r.inputs)
     outs = [r.output for r in records]
+    everything = records + ([whole] if whole is not None else [])
     # the K cotangents in chunks, so that at most max_rows (sample, cotangent) rows of output
     # gradients are held at once
     k_chunk = max(1, max_rows // max(1, n))
-    parts = []
-    for k0 in range(0, K, k_chunk):
-        vk = v[k0:k0 + k_chunk]
-        last = k0 + k_chunk >= K
-        if records:
-            if vk.shape[0] == 1:
-                grads = torch.autograd.grad(logits, outs, vk[0], allow_unused=True, retain_graph=not last)
-                grads = [None if gr is None else gr.unsqueeze(0) for gr in grads]
-            elif BATCHED_BACKWARD:
-                grads = torch.autograd.grad(logits, outs, vk, allow_unused=True, is_grads_batched=True,
-                                            retain_graph=not last)
-            else:
-                per_k = [torch.autograd.grad(logits, outs, vk[k], allow_unused=True,
-                                             retain_graph=not (last and k == vk.shape[0] - 1))
-                         for k in range(vk.shape[0])]
-                grads = [None if per_k[0][j] is None else torch.stack([gk[j] for gk in per_k])
-                         for j in range(len(outs))]
-            for r, gr in zip(records, grads):
-                r.grad = gr
-        everything = records
-        if whole is not None:
-            whole.grad = vk
-            everything = records + [whole]
-        with torch.no_grad():
-            parts.append(_norms_from_records(everything, selected, norms_wanted, offsets, vk.shape[0], n,
-                                             z64.device))
-    norms = torch.cat(parts, dim=1)
-    # parameters with an offset but no recorded gradient contribute ||offset|| for every sample
-    seen = {id(p) for r in everything if r.grad is not None for p in r.params.values()}
-    for pid, off in offsets.items():
-        if pid in selected and pid not in seen:
-            norms += torch.stack([reduce_norm(off.reshape(1, 1, -1), nm) for nm in norms_wanted])
-    return norms, z64
+    results = []
+    for gi, (grp, v) in enumerate(zip(groups, vs)):
+        K = v.shape[0]
+        parts = []
+        for k0 in range(0, K, k_chunk):
+            vk = v[k0:k0 + k_chunk]
+            last = gi == len(groups) - 1 and k0 + k_chunk >= K
+            for r in everything:
+                r.grad = None  # free the previous chunk's buffers before the next backward
+            if records:
+                for r, gr in zip(records, _output_grads(logits, outs, vk, last)):
+                    r.grad = gr
+            if whole is not None:
+                whole.grad = vk
+            with torch.no_grad():
+                parts.append(_norms_from_records(everything, selected, grp.reductions, vk.shape[0], n, z64.device))
+        norms = torch.cat(parts, dim=1)
+        # parameters with an offset but no recorded gradient contribute ||offset|| for every sample
+        seen = {id(p) for r in everything if r.grad is not None for p in r.params.values()}
+        for j, red in enumerate(grp.reductions):
+            for pid, off in (red.offsets or {}).items():
+                if pid in selected and pid not in seen:
+                    norms[j] += reduce_norm(off.reshape(1, 1, -1), red.norm)[0, 0]
+        results.append(norms)
+    for r in everything:
+        r.grad = None
+    return results, z64
