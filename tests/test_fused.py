@@ -8,6 +8,7 @@ from torch import nn
 
 from test_engine import label_cot, naive_norms
 from test_gradient import COMBOS, assert_rel, make, spec_of
+from uvood.errors import UvoodError
 from uvood.scores import engine, fused, get_score
 from uvood.scores.engine import Reduction, RowGroup, per_sample_grad_norms, per_sample_grad_reductions
 from uvood.scores.reference import (
@@ -116,3 +117,23 @@ def test_row_groups_and_offset_reductions_match_naive():
     # the single-group wrapper is the same computation
     one, _ = per_sample_grad_norms(model, x, label_cot, norm="l1", offsets=offsets, batch_size=2, max_rows=4)
     torch.testing.assert_close(one, a[2], rtol=1e-12, atol=0)
+
+
+def test_score_model_with_several_specs_uses_one_deep_pass(monkeypatch):
+    """score_model([...]) returns each spec's values as one-spec calls do, with ONE engine pass per batch."""
+    from uvood import score_model
+
+    model, x = make("cnn", 3, True, n=6)
+    bg = fitted_batchgrad("batchgrad(depth=deep,T=2)", model, "cnn", 3)
+    specs = ["gradnorm(depth=deep)", "exgrad(depth=deep)", bg, "energy", "norm(1)*msp", "odin", "exgrad",
+             "grad(label=predicted,agg=norm_of_mean,norm=l2sq,depth=deep)"]
+    single = {get_score(s).spec: score_model(s, model, x, batch_size=4, progress=False) for s in specs}
+    calls = []
+    orig = fused.per_sample_grad_reductions
+    monkeypatch.setattr(fused, "per_sample_grad_reductions", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    many = score_model(specs, model, x, batch_size=4, progress=False)
+    assert list(many) == list(single) and len(calls) == 2  # 6 samples in batches of 4
+    for name, values in single.items():
+        torch.testing.assert_close(many[name], values, rtol=1e-10, atol=0)
+    with pytest.raises(UvoodError, match="empty list of specs"):
+        score_model([], model, x)
