@@ -137,3 +137,44 @@ def test_score_model_with_several_specs_uses_one_deep_pass(monkeypatch):
         torch.testing.assert_close(many[name], values, rtol=1e-10, atol=0)
     with pytest.raises(UvoodError, match="empty list of specs"):
         score_model([], model, x)
+
+
+@pytest.mark.parametrize("conv,hw", [(dict(padding=1), 6), (dict(stride=2, dilation=2, padding=2), 9),
+                                     (dict(padding="same", padding_mode="reflect"), 5), (dict(padding=0), 4)])
+def test_ghost_norm_equals_the_per_sample_gradient(conv, hw):
+    """||sum_t g_t a_t^T||^2 by the ghost identity equals the squared norm of the formed per-sample gradient."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(3, 4, 3, **conv).double()
+    a = torch.randn(5, 3, hw, hw, dtype=torch.float64)
+    out = module(a)
+    g = torch.randn(2, *out.shape, dtype=torch.float64)
+    formed = engine.ConvRule().grad_sample(module, (a,), {}, g, ["weight"])["weight"]
+    torch.testing.assert_close(engine.ConvRule.ghost_l2sq(module, a, g), (formed ** 2).flatten(2).sum(-1),
+                               rtol=1e-10, atol=0)
+    cl = a.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(engine.ConvRule.ghost_l2sq(module, cl, g), (formed ** 2).flatten(2).sum(-1),
+                               rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("factor", [0.0, float("inf")])
+def test_squared_l2_scores_with_and_without_ghost_match_reference(monkeypatch, factor):
+    """Deep squared-l2 rows with every conv on the ghost norm (factor 0) or on the kernel (inf), float64 reference."""
+    monkeypatch.setattr(engine, "GHOST_FACTOR", factor)
+    model, x = make("cnn", 4, True, n=5)
+    per_sample = per_sample_label_gradients(model, x, depth="deep", T=0.7)
+    for label, agg, weight in [("uniform", "mean_of_norm", "none"), ("predicted", "mean_of_norm", "logp_over_p"),
+                               ("uniform", "norm_of_mean", "none")]:
+        got = get_score(spec_of(label, agg, "l2sq", weight, "deep", 0.7)).from_model(model, x)
+        assert_rel(got, score_from_gradients(per_sample, label=label, agg=agg, norm="l2sq", weight=weight))
+
+
+def test_ghost_cost_model_choice_is_logged(caplog):
+    """Few output positions (late layers): ghost norm; many (first layers): the per-sample kernel; logged at debug."""
+    import logging
+
+    early, late = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(128, 256, 3)
+    with caplog.at_level(logging.DEBUG, logger="uvood.scores.engine"):
+        assert not engine.ConvRule.ghost_cheaper(early, torch.zeros(8, 3, 32, 32), torch.zeros(10, 8, 32, 32, 32))
+        assert engine.ConvRule.ghost_cheaper(late, torch.zeros(8, 128, 4, 4), torch.zeros(10, 8, 256, 2, 2))
+    text = caplog.text
+    assert "per-sample kernel" in text and "ghost norm" in text

@@ -64,6 +64,8 @@ benchmark reference, :mod:`uvood.scores.reference`.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -81,6 +83,13 @@ BATCHED_BACKWARD = False
 
 #: elements (per micro-batch chunk) allowed for materialised per-sample gradients
 CHUNK_ELEMENTS = 2**23
+
+#: cost of one ghost-norm multiply-add relative to one of the per-sample weight-gradient kernel
+#: (:meth:`ConvRule.ghost_cheaper`); measured on CPU with benchmarks/fused_pass.py
+GHOST_FACTOR = 1.0
+
+log = logging.getLogger(__name__)
+_GHOST_LOGGED: dict = {}  # (layer, input shape, K) -> last choice logged
 
 
 def reduce_norm(t: torch.Tensor, norm: str, inplace: bool = False) -> torch.Tensor:
@@ -218,15 +227,18 @@ class ConvRule(LayerRule):
     """
 
     @staticmethod
+    def _padded(module, a):
+        """(input, padding list) with padding modes other than zeros, and padding="same", applied to a."""
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return a, list(module.padding)
+        pad = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return (F.pad(a, pad, mode=mode) if any(pad) else a), [0] * (a.ndim - 2)
+
+    @staticmethod
     def _per_sample_weight_grads(module, a, g):
         """Yield (i, gradient of sample i as G*K*Cout/G x Cin/G x kernel, i.e. group-major) for every sample."""
-        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-            padding = list(module.padding)
-        else:
-            pad = module._reversed_padding_repeated_twice
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            a = F.pad(a, pad, mode=mode) if any(pad) else a
-            padding = [0] * (a.ndim - 2)
+        a, padding = ConvRule._padded(module, a)
         w = module.weight
         G = module.groups
         K, n = g.shape[:2]
@@ -266,11 +278,66 @@ class ConvRule(LayerRule):
     #: its norms cost one kernel call per sample, as forming the gradient does (see _norms_from_records)
     materialises = True
 
+    @staticmethod
+    def ghost_cheaper(module, a, g) -> bool:
+        """Whether the ghost norm beats the per-sample kernel for this layer's squared l2 norm (cost model).
+
+        Per sample, with T output positions, d = Cin k^2 patch elements, K cotangents: the kernel costs
+        K Cout d T multiply-adds, the ghost norm T^2 d (patch Gram) + K T^2 Cout (gradient Grams). The
+        ghost norm is chosen when GHOST_FACTOR times its count is smaller (GHOST_FACTOR measured:
+        benchmarks/fused_pass.py); only for 2-D convolutions without groups. Logged at debug level."""
+        if not isinstance(module, nn.Conv2d) or module.groups != 1 or a.ndim != 4:
+            return False
+        K = g.shape[0]
+        T = math.prod(g.shape[3:])
+        cout, d = module.weight.shape[0], module.weight[0].numel()
+        kernel, ghost = K * cout * d * T, T * T * (d + K * cout)
+        choice = GHOST_FACTOR * ghost < kernel
+        key = (id(module), tuple(a.shape[1:]), K)
+        if _GHOST_LOGGED.get(key) != choice:
+            _GHOST_LOGGED[key] = choice
+            log.debug("conv %s (T=%d, d=%d, Cout=%d, K=%d): %s (kernel %.3g, ghost %.3g x %.1f multiply-adds)",
+                      tuple(module.weight.shape), T, d, cout, K, "ghost norm" if choice else "per-sample kernel",
+                      kernel, ghost, GHOST_FACTOR)
+        return choice
+
+    @staticmethod
+    def ghost_l2sq(module, a, g) -> torch.Tensor:
+        """K x n squared l2 norms of the per-sample weight gradients by the ghost-norm identity
+
+            ||sum_t g_t a_t^T||_2^2 = sum_{t,t'} (a_t . a_t') (g_t . g_t')
+
+        with a_t the unfolded input patch at output position t and g_t the output gradient there,
+        from the Gram matrices of the patches (n x T x T) and of the gradients (K x n x T x T),
+        in chunks of samples; no per-sample gradient is formed."""
+        a, padding = ConvRule._padded(module, a)
+        K, n = g.shape[:2]
+        T = math.prod(g.shape[3:])
+        out = torch.empty(K, n, dtype=g.dtype, device=g.device)
+        chunk = max(1, CHUNK_ELEMENTS // max(1, (K + 1) * T * T))
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            A = F.unfold(a[lo:hi], module.kernel_size, dilation=module.dilation, padding=padding,
+                         stride=module.stride)  # m x d x T
+            ga = torch.bmm(A.transpose(1, 2), A)  # m x T x T
+            gg = g[:, lo:hi].reshape(K * (hi - lo), g.shape[2], T)
+            gg = torch.bmm(gg.transpose(1, 2), gg).view(K, hi - lo, T, T)
+            out[:, lo:hi] = (gg * ga.unsqueeze(0)).sum((-1, -2))
+        return out
+
     def norms(self, module, inputs, kwargs, g, names, norm):
         """``norm`` may be a tuple of norms: then every value is L x K x n, from ONE pass over the
-        per-sample weight gradients (their kernel calls dominate the cost)."""
+        per-sample weight gradients (their kernel calls dominate the cost). Squared l2 alone, where
+        the cost model says so (:meth:`ghost_cheaper`), comes from the ghost norm instead."""
         single = isinstance(norm, str)
         wanted = (norm,) if single else tuple(norm)
+        if "weight" in names and set(wanted) == {"l2sq"} and self.ghost_cheaper(module, inputs[0], g):
+            sq = self.ghost_l2sq(module, inputs[0], g).to(torch.float64)
+            out = {"weight": sq if single else sq.expand(len(wanted), *sq.shape)}
+            if "bias" in names:
+                b = _vector_norm(g.reshape(*g.shape[:3], -1).sum(-1), "l2sq")
+                out["bias"] = b if single else b.expand(len(wanted), *b.shape)
+            return out
         # l2sq first: l1 takes |.| in place on the fresh temporary gw
         order = sorted(range(len(wanted)), key=lambda j: wanted[j] == "l1")
         out = {}
