@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -271,7 +272,7 @@ class ConvRule(LayerRule):
                 res[:, i] = self._label_major(gw, K, module.groups).view(K, *w.shape)
             out["weight"] = res
         if "bias" in names:
-            out["bias"] = g.reshape(K, n, g.shape[2], -1).sum(-1)
+            out["bias"] = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g.clone()
         return out
 
     multi_norm = True
@@ -320,9 +321,9 @@ class ConvRule(LayerRule):
             A = F.unfold(a[lo:hi], module.kernel_size, dilation=module.dilation, padding=padding,
                          stride=module.stride)  # m x d x T
             ga = torch.bmm(A.transpose(1, 2), A)  # m x T x T
-            gg = g[:, lo:hi].reshape(K * (hi - lo), g.shape[2], T)
-            gg = torch.bmm(gg.transpose(1, 2), gg).view(K, hi - lo, T, T)
-            out[:, lo:hi] = (gg * ga.unsqueeze(0)).sum((-1, -2))
+            gg = g.transpose(0, 1)[lo:hi].reshape((hi - lo) * K, g.shape[2], T)  # a view of sample-major g
+            gg = torch.bmm(gg.transpose(1, 2), gg).view(hi - lo, K, T, T)
+            out[:, lo:hi] = (gg * ga.unsqueeze(1)).sum((-1, -2)).T
         return out
 
     def norms(self, module, inputs, kwargs, g, names, norm):
@@ -335,7 +336,7 @@ class ConvRule(LayerRule):
             sq = self.ghost_l2sq(module, inputs[0], g).to(torch.float64)
             out = {"weight": sq if single else sq.expand(len(wanted), *sq.shape)}
             if "bias" in names:
-                b = _vector_norm(g.reshape(*g.shape[:3], -1).sum(-1), "l2sq")
+                b = _vector_norm(g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g, "l2sq")
                 out["bias"] = b if single else b.expand(len(wanted), *b.shape)
             return out
         # l2sq first: l1 takes |.| in place on the fresh temporary gw
@@ -355,7 +356,7 @@ class ConvRule(LayerRule):
             res = torch.stack([res[j] if wanted[j] == "l1" else res[j] ** 2 for j in range(len(wanted))])
             out["weight"] = res[0] if single else res
         if "bias" in names:
-            b = g.reshape(*g.shape[:3], -1).sum(-1)
+            b = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g
             vals = torch.stack([_vector_norm(b, nm) for nm in wanted])
             out["bias"] = vals[0] if single else vals
         return out
@@ -740,7 +741,8 @@ def per_sample_grad_norms(
     params: Iterable[nn.Parameter] | None = None,
     offsets: dict[int, torch.Tensor] | None = None,
     batch_size: int = 128,
-    max_rows: int = 1024,
+    max_rows: int | None = None,
+    max_memory: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gradient norms ``norms[k, n] = || d <v_{k,n}, z_n> / d theta ||`` and the logits.
 
@@ -755,10 +757,13 @@ def per_sample_grad_norms(
         params: the parameters theta (default: all with ``requires_grad``).
         offsets: ``{id(param): tensor}`` constant gradients added to every per-sample gradient
             before the norm (BatchGrad's anchor gradient).
-        batch_size: samples per forward/backward micro-batch (memory bound).
+        batch_size: samples per forward/backward micro-batch (at most; fewer where ``max_memory``
+            cannot hold them).
         max_rows: at most this many (sample, cotangent) rows of layer output gradients are held
             at once; the K cotangents of a micro-batch are back-propagated in chunks of
-            max(1, max_rows // batch) (memory bound for mean_of_norm scores, K = C).
+            max(1, max_rows // batch). None: chosen from ``max_memory`` (:func:`plan_micro_batch`).
+        max_memory: the memory budget in bytes for the pass (None: :func:`default_memory`, a
+            quarter of the machine's RAM); ignored when ``max_rows`` is given.
 
     Returns:
         ``(norms, logits)``: K x N float64 and N x C float64.
@@ -768,7 +773,7 @@ def per_sample_grad_norms(
         raise UvoodError(f"norm={norm!r} is not valid; choose one of {', '.join(NORMS)} (or a tuple of them).")
     group = RowGroup(cotangents, tuple(Reduction(nm, dict(offsets) if offsets else None) for nm in wanted))
     (norms,), logits = per_sample_grad_reductions(model, x, [group], head=head, params=params,
-                                                  batch_size=batch_size, max_rows=max_rows)
+                                                  batch_size=batch_size, max_rows=max_rows, max_memory=max_memory)
     return (norms[0] if isinstance(norm, str) else norms), logits
 
 
@@ -780,7 +785,8 @@ def per_sample_grad_reductions(
     head=None,
     params: Iterable[nn.Parameter] | None = None,
     batch_size: int = 128,
-    max_rows: int = 1024,
+    max_rows: int | None = None,
+    max_memory: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """ONE forward per micro-batch, every group's cotangent rows back-propagated through that same
     graph, and every group's reductions of the per-sample gradients (:class:`RowGroup`).
@@ -806,6 +812,9 @@ def per_sample_grad_reductions(
     all_logits = []
     plan: dict = {}  # filled on the first micro-batch: the parameters the records do not cover
     with torch.enable_grad():
+        if max_rows is None:
+            batch_size, max_rows = plan_micro_batch(model, x, groups, head, modules, batch_size,
+                                                    default_memory() if max_memory is None else max_memory)
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size]
             values, logits = _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan)
@@ -813,6 +822,61 @@ def per_sample_grad_reductions(
                 acc.append(v)
             all_logits.append(logits)
     return [torch.cat(p, dim=2) for p in parts], torch.cat(all_logits, dim=0)
+
+
+def default_memory() -> int:
+    """The default memory budget of a deep pass: a quarter of the machine's RAM (bytes; 4 GiB if unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 * 2**30
+
+
+#: the smallest micro-batch the planner prefers before it splits the K cotangents into chunks
+MIN_BATCH = 16
+
+
+def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: int) -> tuple[int, int]:
+    """(samples per micro-batch, max_rows) that fit ``budget`` bytes, measured on a probe of 2 samples.
+
+    Per sample: ``act`` = bytes autograd saves in the forward (``saved_tensors_hooks``) plus the
+    recorded module outputs; ``row`` = bytes of one cotangent's output gradients at the recorded
+    modules. A micro-batch of n samples with k cotangents at once needs about
+    n (act + (k + 1) row) + the materialised chunks (3 x CHUNK_ELEMENTS elements). All K cotangents
+    at once (the per-sample kernels then run once per sample) with up to ``batch_size`` samples if
+    that fits; else fewer cotangents per chunk with at least MIN_BATCH samples; else fewer samples.
+    """
+    saved: dict = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    tape = _Tape(modules, False)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, _, logits = forward_head(model, x[:2], head)
+    finally:
+        tape.remove()
+    m = logits.shape[0]
+    rows = sum(r.output.numel() * r.output.element_size() for r in tape.records) / m
+    act = sum(saved.values()) / m + rows
+    z64 = logits.detach().to(torch.float64)
+    K = max(grp.cotangents(z64).shape[0] for grp in groups)
+    avail = budget - 3 * CHUNK_ELEMENTS * logits.element_size()
+    n = min(batch_size, x.shape[0])
+    per = act + (K + 1) * rows
+    if n * per <= avail:
+        k = K
+    else:
+        n = max(1, min(n, MIN_BATCH)) if n * (act + 2 * rows) > avail else n
+        k = int((avail / n - act) // max(rows, 1.0)) - 1
+        if k < 1:
+            k, n = 1, max(1, int(avail // (act + 2 * rows)))
+        k = min(K, k)
+    log.debug("deep pass plan: %d samples x %d cotangents per chunk (act %.0f kB, row %.0f kB per sample, "
+              "budget %.0f MB)", n, k, act / 1e3, rows / 1e3, budget / 1e6)
+    return n, n * k
 
 
 def _plan_coverage(model, logits, records, selected, head_module, plan):
@@ -835,6 +899,8 @@ def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tens
     if BATCHED_BACKWARD:
         return list(torch.autograd.grad(logits, outs, vk, allow_unused=True, is_grads_batched=True,
                                         retain_graph=not last))
+    # sample-major buffers (n x K x ...), returned as K x n views: a sample's K gradients are then one
+    # contiguous block, which the convolution rule passes to its per-sample kernel without a copy
     bufs: list = [None] * len(outs)
     for k in range(K):
         gk = torch.autograd.grad(logits, outs, vk[k], allow_unused=True, retain_graph=not (last and k == K - 1))
@@ -842,10 +908,10 @@ def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tens
             if gr is None:
                 continue
             if bufs[j] is None:
-                bufs[j] = torch.empty((K, *gr.shape), dtype=gr.dtype, device=gr.device)
-            bufs[j][k].copy_(gr)
+                bufs[j] = torch.empty((gr.shape[0], K, *gr.shape[1:]), dtype=gr.dtype, device=gr.device)
+            bufs[j][:, k].copy_(gr)
         del gk
-    return bufs
+    return [None if b is None else b.transpose(0, 1) for b in bufs]
 
 
 def _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan):

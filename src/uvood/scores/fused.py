@@ -69,9 +69,11 @@ class DeepPass:
 
 
 def deep_pass(model, x: torch.Tensor, scores=(), *, label_norms=(), head=None,
-              batch_size: int = DEEP_BATCH_SIZE, max_rows: int = 1024) -> DeepPass:
+              batch_size: int = DEEP_BATCH_SIZE, max_rows: int | None = None,
+              max_memory: int | None = None) -> DeepPass:
     """Every score of ``scores`` (all :func:`fusable`) and the per-label norms at each temperature
     of ``label_norms``, from one engine pass over ``x`` (module docstring). Runs ``model`` in eval mode.
+    ``batch_size``, ``max_rows``, ``max_memory``: as in :func:`uvood.scores.engine.per_sample_grad_norms`.
 
     Values equal those of each score's own ``from_model`` up to float round-off (tested against the
     float64 per-sample reference).
@@ -119,7 +121,7 @@ def deep_pass(model, x: torch.Tensor, scores=(), *, label_norms=(), head=None,
         values, logits = [], None  # only closed-form scores: no pass at all
         if groups:
             values, logits = per_sample_grad_reductions(model, x, groups, head=head, batch_size=batch_size,
-                                                        max_rows=max_rows)
+                                                        max_rows=max_rows, max_memory=max_memory)
 
     def get(key):
         gi, j = where[key]
