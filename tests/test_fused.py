@@ -178,3 +178,35 @@ def test_ghost_cost_model_choice_is_logged(caplog):
         assert engine.ConvRule.ghost_cheaper(late, torch.zeros(8, 128, 4, 4), torch.zeros(10, 8, 256, 2, 2))
     text = caplog.text
     assert "per-sample kernel" in text and "ghost norm" in text
+
+
+def test_memory_budget_sets_micro_batch_and_rows_without_changing_values(monkeypatch):
+    """A tight budget gives fewer samples and cotangents per chunk, a large one all of them; the values are the same."""
+    model, x = make("cnn", 5, True, n=40)
+    model.eval()
+    modules = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    group = [RowGroup(label_cot, (Reduction("l1"),))]
+    with torch.enable_grad():
+        big = engine.plan_micro_batch(model, x, group, None, modules, 32, 2**30)
+        small = engine.plan_micro_batch(model, x, group, None, modules, 32, 3 * engine.CHUNK_ELEMENTS * 8 + 40_000)
+    assert big == (32, 32 * 5)
+    assert small[0] < 32 or small[1] < 32 * 5
+    seen = []
+    orig = engine._micro_batch
+    monkeypatch.setattr(engine, "_micro_batch", lambda m, xb, *a: seen.append(xb.shape[0]) or orig(m, xb, *a))
+    tight, _ = per_sample_grad_norms(model, x, label_cot, max_memory=3 * engine.CHUNK_ELEMENTS * 8 + 40_000)
+    assert max(seen) == small[0]
+    roomy, _ = per_sample_grad_norms(model, x, label_cot, batch_size=32)
+    torch.testing.assert_close(tight, roomy, rtol=1e-12, atol=0)
+    assert_rel(roomy, naive_norms(model, x, label_cot, "l1"))
+
+
+def test_max_memory_option_parses_sizes():
+    import argparse
+
+    from uvood.bench.cli import memory_size
+
+    assert memory_size("2G") == 2 * 2**30 and memory_size("500m") == 500 * 2**20 and memory_size("1.5GB") == 3 * 2**29
+    assert memory_size("4096") == 4096
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
+        memory_size("lots")

@@ -237,8 +237,8 @@ def _what(what: tuple) -> str:
     return "Label-norm cache" if what[0] == "label" else "Score cache"
 
 
-def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, cache: Path, progress: bool
-                 ) -> dict[str, np.ndarray]:
+def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, cache: Path, progress: bool,
+                 max_memory: int | None = None) -> dict[str, np.ndarray]:
     """The values of every score that needs the model (``{full spec: score}``) on ``inputs``.
 
     Cache entries stay per score (:func:`_deep_entry`: a bumped score version recomputes that score, the
@@ -258,7 +258,7 @@ def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, 
                 found[path] = load_verified(path, by_path[path][0], _what(by_path[path][1]))
             todo = {path: by_path[path] for path, v in found.items() if v is None}
             if todo:
-                found.update(_compute_deep(todo, scores, model, inputs, progress))
+                found.update(_compute_deep(todo, scores, model, inputs, progress, max_memory))
     out = {}
     for full, sc in scores.items():
         got = found[entries[full][1]]
@@ -271,7 +271,7 @@ def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, 
     return out
 
 
-def _compute_deep(todo: dict, scores: dict, model, inputs: Inputs, progress: bool) -> dict:
+def _compute_deep(todo: dict, scores: dict, model, inputs: Inputs, progress: bool, max_memory: int | None) -> dict:
     """Compute and save the cache entries ``todo`` (``{path: (key, what)}``): the fusable scores and the label
     norms in one fused pass over the images, other model scores (products with a deep factor) one by one."""
     by_spec = {sc.spec: sc for sc in scores.values()}
@@ -279,7 +279,8 @@ def _compute_deep(todo: dict, scores: dict, model, inputs: Inputs, progress: boo
     fus = [by_spec[what[1]] for _, what in todo.values() if what[0] == "score" and fused.fusable(by_spec[what[1]])]
     done: dict = {}
     if fus or temps:
-        parts = _chunked(lambda xb: fused.deep_pass(model, xb, fus, label_norms=temps, batch_size=DEEP_BATCH_SIZE),
+        parts = _chunked(lambda xb: fused.deep_pass(model, xb, fus, label_norms=temps, batch_size=DEEP_BATCH_SIZE,
+                                                    max_memory=max_memory),
                          inputs.x, DEEP_BATCH_SIZE, progress, f"fused deep pass, {inputs.identity}")
         for path, (_, what) in todo.items():
             if what[0] == "label":
@@ -336,11 +337,12 @@ def _accuracy(dataset: str | None, logits: torch.Tensor, y: np.ndarray, data_dir
 
 def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n: int | None = None,
         data_dir=None, cache_dir=None, progress: bool = True, log=print, n_boot: int = 1000,
-        deep_n: int | None = None) -> RunResult:
+        deep_n: int | None = None, max_memory: int | None = None) -> RunResult:
     """Run ``spec`` and return every (pair, score) row with the metrics of :data:`COLUMNS`.
 
     ``deep_n`` evaluates the scores that need the model (deep gradients, BatchGrad) on an evenly
     spaced subset of that many images per set (their rows' n_id / n_ood say so); None = all.
+    ``max_memory``: the deep pass's memory budget in bytes (None: the engine's default, a quarter of the RAM).
     """
     t_start = time.time()
     n = n or (spec.quick_n if quick else spec.n)
@@ -409,7 +411,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             if deep:
                 x = inputs.subset(len(f), deep_n) if deep_n and deep_n < len(f) else inputs
                 t = time.time()
-                values = _deep_scores(deep, model, model_name, fp, x, cache, progress)
+                values = _deep_scores(deep, model, model_name, fp, x, cache, progress, max_memory)
                 timings[f"{model_name}/{ds_name}/fused deep pass"] = round(time.time() - t, 2)
                 for full, s in values.items():
                     all_scores[(id_name, ds_name, full)] = s
@@ -437,7 +439,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,
             "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n, "quick": quick,
-            "scores": scores, "n_boot": n_boot, "feature_sets": len(feature_sets),
+            "scores": scores, "n_boot": n_boot, "feature_sets": len(feature_sets), "max_memory": max_memory,
             "feature_sets_computed": sum(feature_sets),
             "versions": {"features": FEATURES_VERSION, "label_norms": LABEL_NORMS_VERSION,
                          "metrics": metrics.METRICS_VERSION,

@@ -86,8 +86,8 @@ BATCHED_BACKWARD = False
 CHUNK_ELEMENTS = 2**23
 
 #: cost of one ghost-norm multiply-add relative to one of the per-sample weight-gradient kernel
-#: (:meth:`ConvRule.ghost_cheaper`); measured on CPU with benchmarks/fused_pass.py
-GHOST_FACTOR = 1.0
+#: (:meth:`ConvRule.ghost_cheaper`); measured on CPU with benchmarks/fused_pass.py: 1.1-2.0 on the CNN
+GHOST_FACTOR = 1.5
 
 log = logging.getLogger(__name__)
 _GHOST_LOGGED: dict = {}  # (layer, input shape, K) -> last choice logged
