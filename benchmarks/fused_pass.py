@@ -17,8 +17,9 @@ mode, float32). All ratios come from paths timed in this run, interleaved, best 
 * ghost factor: per CNN convolution, the ghost norm's and the per-sample kernel's time per
   multiply-add of the cost model (:meth:`uvood.scores.engine.ConvRule.ghost_cheaper`).
 
-Peak memory: each job runs in a fresh process (``--rss-job``), which reports its peak RSS
-(``ru_maxrss``); the baseline is the same process after building the model and the batch.
+Peak memory: each job runs in a fresh process (``--rss-job``), which reports its peak resident
+set (VmHWM, reset before the job); the baseline is the same process after building the model and
+the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -173,20 +173,32 @@ def ghost_factor(args, lines):
     return rows
 
 
+def _vm(field: str) -> float:
+    """A field of /proc/self/status in MiB (VmHWM: peak resident set of this process image; VmRSS: now)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def rss_job(job, batch):
-    """Run one job in this (fresh) process; print the peak RSS before and after it, in MiB."""
+    """Run one job in this (fresh) process; print its resident memory before, and its peak during the job, MiB.
+
+    The peak is VmHWM after resetting it (``echo 5 > /proc/self/clear_refs``): ``ru_maxrss`` would also count
+    the parent's peak, which survives ``exec``."""
     torch.manual_seed(0)
     model, x = cnn().eval(), torch.rand(batch, 3, 32, 32)
+    sc = get_score("exgrad(depth=deep)")
+    sc.batch_size = batch  # the whole batch in one micro-batch, as the bound holds it
     with torch.no_grad():
         model(x[:2])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _vm("VmRSS")
     if job == "bound":
         bound(model, x, 10)
     else:
-        sc = get_score("exgrad(depth=deep)")
-        sc.batch_size = batch
         sc.from_model(model, x)
-    print(json.dumps({"base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"base": base, "peak": _vm("VmHWM")}))
 
 
 def rss(args, lines):
@@ -199,7 +211,8 @@ def rss(args, lines):
     lines += ["", f"Peak RSS on the CNN, batch {args.rss_batch} (fresh process each, MiB): forward + C backward "
               f"{b['peak']:.0f} (above the process after building model and batch: {b['peak'] - b['base']:.0f}); "
               f"deep ExGrad {e['peak']:.0f} ({e['peak'] - e['base']:.0f}); ratio of peaks "
-              f"{e['peak'] / b['peak']:.2f}x, of increments {(e['peak'] - e['base']) / max(1.0, b['peak'] - b['base']):.2f}x."]
+              f"{e['peak'] / b['peak']:.2f}x, of increments "
+              f"{(e['peak'] - e['base']) / max(1.0, b['peak'] - b['base']):.2f}x."]
     return out
 
 

@@ -117,7 +117,8 @@ def register(sub) -> None:
                    "results/NAME-quick with --quick; results/NAME-partial with --scores, --n or --deep-n)")
     p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
                    help="memory budget of the deep gradient pass, e.g. 2G or 500M; it sets the micro-batch and how "
-                   "many label cotangents are back-propagated at once (default: a quarter of the RAM)")
+                   "many label cotangents are back-propagated at once (default: about what a forward + backward of "
+                   "the batch holds)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
 

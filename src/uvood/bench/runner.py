@@ -342,7 +342,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
 
     ``deep_n`` evaluates the scores that need the model (deep gradients, BatchGrad) on an evenly
     spaced subset of that many images per set (their rows' n_id / n_ood say so); None = all.
-    ``max_memory``: the deep pass's memory budget in bytes (None: the engine's default, a quarter of the RAM).
+    ``max_memory``: the deep pass's memory budget in bytes (None: the engine's default, near what a forward +
+    backward of the batch holds).
     """
     t_start = time.time()
     n = n or (spec.quick_n if quick else spec.n)

@@ -17,8 +17,15 @@ How (Opacus / BackPACK style)
 2. ``torch.autograd.grad`` from the logits to the recorded outputs gives every layer's output
    gradient ``g`` (K x N x ...) for the K cotangents: one backward through the same graph per
    cotangent (or one vmapped backward, ``is_grads_batched``, with ``BATCHED_BACKWARD = True``;
-   slower on CPU where BatchNorm and max-pool backward have no batching rule), in chunks of
-   at most ``max_rows`` (sample, cotangent) rows. No parameter ``.grad`` is computed or touched.
+   slower on CPU where BatchNorm and max-pool backward have no batching rule), written into one
+   preallocated sample-major buffer per layer, in chunks of at most ``max_rows`` (sample,
+   cotangent) rows. No parameter ``.grad`` is computed or touched. The micro-batch and the rows
+   per chunk come from a memory budget (:func:`plan_micro_batch`, ``max_memory``).
+
+   Several row groups (:class:`RowGroup`: e.g. the C label cotangents and GradNorm's combined
+   one) share the forward of a micro-batch (:func:`per_sample_grad_reductions`); each group asks
+   for several reductions (:class:`Reduction`: l1 or l2sq, optionally of the gradient plus a
+   constant offset), all computed from the same output gradients (:mod:`uvood.scores.fused`).
 3. A table of per-layer rules, registered by module type with :func:`register_rule`, turns
    (a, g) into per-sample quantities:
 
@@ -30,7 +37,10 @@ How (Opacus / BackPACK style)
      convolution's own weight-gradient kernel, one call per sample for all K cotangents
      (stacked along the output channels); the norms path holds one sample's gradient at a
      time, the materialising path works in chunks of samples. The l1 norm of a sum over
-     positions is not separable, so no shortcut exists.
+     positions is not separable, so no shortcut exists. Squared l2 alone may instead come from
+     the ghost norm ||sum_t g_t a_t^T||^2 = sum_{t,t'} (a_t . a_t')(g_t . g_t') (Gram matrices of
+     the T output positions), chosen per layer by a cost model (:meth:`ConvRule.ghost_cheaper`):
+     cheaper where T (d + K Cout) < K Cout d, i.e. on late layers with few positions.
    * ``BatchNorm`` in eval mode: grad weight = sum over positions of g * x_hat, grad bias =
      sum of g, with x_hat from the running statistics.
    * anything else that owns parameters: ``torch.func`` (``functional_call`` + ``vjp`` under
@@ -762,8 +772,8 @@ def per_sample_grad_norms(
         max_rows: at most this many (sample, cotangent) rows of layer output gradients are held
             at once; the K cotangents of a micro-batch are back-propagated in chunks of
             max(1, max_rows // batch). None: chosen from ``max_memory`` (:func:`plan_micro_batch`).
-        max_memory: the memory budget in bytes for the pass (None: :func:`default_memory`, a
-            quarter of the machine's RAM); ignored when ``max_rows`` is given.
+        max_memory: the memory budget in bytes for the pass (None: about what a forward + backward
+            of the batch holds, :func:`plan_micro_batch`); ignored when ``max_rows`` is given.
 
     Returns:
         ``(norms, logits)``: K x N float64 and N x C float64.
@@ -813,8 +823,7 @@ def per_sample_grad_reductions(
     plan: dict = {}  # filled on the first micro-batch: the parameters the records do not cover
     with torch.enable_grad():
         if max_rows is None:
-            batch_size, max_rows = plan_micro_batch(model, x, groups, head, modules, batch_size,
-                                                    default_memory() if max_memory is None else max_memory)
+            batch_size, max_rows = plan_micro_batch(model, x, groups, head, modules, batch_size, max_memory)
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size]
             values, logits = _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan)
@@ -835,16 +844,24 @@ def default_memory() -> int:
 #: the smallest micro-batch the planner prefers before it splits the K cotangents into chunks
 MIN_BATCH = 16
 
+#: default budget of a deep pass: this times what a plain forward + backward of the batch holds (plan_micro_batch)
+BOUND_FACTOR = 1.2
 
-def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: int) -> tuple[int, int]:
+
+def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: int | None) -> tuple[int, int]:
     """(samples per micro-batch, max_rows) that fit ``budget`` bytes, measured on a probe of 2 samples.
 
     Per sample: ``act`` = bytes autograd saves in the forward (``saved_tensors_hooks``) plus the
     recorded module outputs; ``row`` = bytes of one cotangent's output gradients at the recorded
     modules. A micro-batch of n samples with k cotangents at once needs about
-    n (act + (k + 1) row) + the materialised chunks (3 x CHUNK_ELEMENTS elements). All K cotangents
-    at once (the per-sample kernels then run once per sample) with up to ``batch_size`` samples if
-    that fits; else fewer cotangents per chunk with at least MIN_BATCH samples; else fewer samples.
+    n (act + (k + 1) row) + the materialised chunks (3 x CHUNK_ELEMENTS elements).
+
+    ``budget=None``: the memory a plain forward + backward of the batch (min(batch_size, N)
+    samples) holds, m act, times BOUND_FACTOR (and at most :func:`default_memory`): the deep pass
+    stays near that bound, with smaller micro-batches rather than stacked copies.
+
+    All K cotangents at once (the per-sample kernels then run once per sample) with as many samples
+    (up to ``batch_size``) as fit; below MIN_BATCH samples, the cotangents are split into chunks.
     """
     saved: dict = {}
 
@@ -863,17 +880,17 @@ def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: i
     act = sum(saved.values()) / m + rows
     z64 = logits.detach().to(torch.float64)
     K = max(grp.cotangents(z64).shape[0] for grp in groups)
-    avail = budget - 3 * CHUNK_ELEMENTS * logits.element_size()
     n = min(batch_size, x.shape[0])
-    per = act + (K + 1) * rows
-    if n * per <= avail:
-        k = K
-    else:
-        n = max(1, min(n, MIN_BATCH)) if n * (act + 2 * rows) > avail else n
-        k = int((avail / n - act) // max(rows, 1.0)) - 1
-        if k < 1:
-            k, n = 1, max(1, int(avail // (act + 2 * rows)))
-        k = min(K, k)
+    fixed = 3 * CHUNK_ELEMENTS * logits.element_size()
+    if budget is None:
+        budget = min(default_memory(), int(BOUND_FACTOR * n * act) + fixed)
+    avail = budget - fixed
+    k = K
+    if n * (act + (K + 1) * rows) > avail:
+        n = int(avail // (act + (K + 1) * rows))
+        if n < min(MIN_BATCH, x.shape[0]):  # too few samples: split the cotangents instead
+            n = max(1, min(MIN_BATCH, x.shape[0], int(avail // (act + 2 * rows))))
+            k = max(1, min(K, int((avail / n - act) // max(rows, 1.0)) - 1))
     log.debug("deep pass plan: %d samples x %d cotangents per chunk (act %.0f kB, row %.0f kB per sample, "
               "budget %.0f MB)", n, k, act / 1e3, rows / 1e3, budget / 1e6)
     return n, n * k
