@@ -349,27 +349,40 @@ class ConvRule(LayerRule):
                 b = _vector_norm(g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g, "l2sq")
                 out["bias"] = b if single else b.expand(len(wanted), *b.shape)
             return out
-        # l2sq first: l1 takes |.| in place on the fresh temporary gw
-        order = sorted(range(len(wanted)), key=lambda j: wanted[j] == "l1")
         out = {}
-        K, n = g.shape[:2]
-        if "weight" in names:
-            res = torch.empty(len(wanted), n, K, dtype=g.dtype, device=g.device)
-            for i, gw in self._per_sample_weight_grads(module, inputs[0], g):
-                flat = self._label_major(gw, K, module.groups)
-                for j in order:
-                    if wanted[j] == "l1":
-                        torch.sum(flat.abs_(), dim=1, out=res[j, i])
-                    else:
-                        torch.linalg.vector_norm(flat, 2, dim=1, out=res[j, i])
-            res = res.transpose(1, 2).to(torch.float64)
-            res = torch.stack([res[j] if wanted[j] == "l1" else res[j] ** 2 for j in range(len(wanted))])
-            out["weight"] = res[0] if single else res
-        if "bias" in names:
-            b = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g
-            vals = torch.stack([_vector_norm(b, nm) for nm in wanted])
-            out["bias"] = vals[0] if single else vals
+        for name in ("weight", "bias"):
+            if name in names:
+                vals = self.reduce(module, inputs, g, name, [(nm, None) for nm in wanted])
+                out[name] = vals[0] if single else vals
         return out
+
+    def reduce(self, module, inputs, g, name, reds) -> torch.Tensor:
+        """R x K x n (float64): for each (norm, offset) of ``reds``, the norm of the per-sample gradient of
+        parameter ``name`` plus ``offset`` (a tensor of the parameter's shape, or None), from ONE kernel
+        call per sample for every reduction (BatchGrad's anchor offset included: no gradient is stored)."""
+        K, n = g.shape[:2]
+        if name == "bias":
+            b = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g
+            return torch.stack([_vector_norm(b if off is None else b + off.to(b.dtype), nm) for nm, off in reds])
+        offs = [None if off is None else off.detach().to(g.dtype).reshape(1, -1) for _, off in reds]
+        # offset reductions first (on a temporary), then plain l2sq, then plain l1 (|.| in place on gw)
+        order = sorted(range(len(reds)), key=lambda j: (offs[j] is None, reds[j][0] == "l1"))
+        res = torch.empty(len(reds), n, K, dtype=g.dtype, device=g.device)
+        tmp = None
+        for i, gw in self._per_sample_weight_grads(module, inputs[0], g):
+            flat = self._label_major(gw, K, module.groups)
+            for j in order:
+                t = flat
+                if offs[j] is not None:
+                    if tmp is None or tmp.shape != flat.shape:
+                        tmp = torch.empty_like(flat)
+                    t = torch.add(flat, offs[j], out=tmp)
+                if reds[j][0] == "l1":
+                    torch.sum(t.abs_(), dim=1, out=res[j, i])
+                else:
+                    torch.linalg.vector_norm(t, 2, dim=1, out=res[j, i])
+        res = res.transpose(1, 2).to(torch.float64)
+        return torch.stack([res[j] if reds[j][0] == "l1" else res[j] ** 2 for j in range(len(reds))])
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -623,8 +636,9 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
     Per (record, parameter): the rule's own norms (no gradient formed: rank-one Linear, the conv's
     per-sample kernel or ghost norm) serve the reductions without an offset; reductions with an
     offset, and parameters shared between records, are formed per sample (in chunks) and reduced
-    there. Rules with ``materialises = True`` (convolutions: their norms cost one kernel call per
-    sample, as forming the gradient does) serve every reduction of a parameter from ONE formed
+    there. Rules with a ``reduce`` method (convolutions) serve every reduction of an unshared
+    parameter, offsets included, from one kernel call per sample without storing the gradients;
+    rules with ``materialises = True`` serve every reduction of a parameter from ONE formed
     gradient when any reduction needs it formed."""
     R = len(reductions)
     total = torch.zeros(R, K, n, dtype=torch.float64, device=device)
@@ -648,6 +662,10 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
         for nm in names[i]:
             pid = id(r.params[nm])
             with_offset = [j for j, red in enumerate(reductions) if red.offsets and pid in red.offsets]
+            if with_offset and pid not in shared and hasattr(r.rule, "reduce"):  # offsets without storing gradients
+                total += r.rule.reduce(r.module, r.inputs, r.grad, nm, [
+                    (red.norm, red.offsets.get(pid) if red.offsets else None) for red in reductions])
+                continue
             if pid in shared or (with_offset and getattr(r.rule, "materialises", False)):
                 mat[nm] = list(range(R))
                 continue
