@@ -860,7 +860,7 @@ def default_memory() -> int:
 
 
 #: the smallest micro-batch the planner prefers before it splits the K cotangents into chunks
-MIN_BATCH = 16
+MIN_BATCH = 4
 
 #: default budget of a deep pass: this times what a plain forward + backward of the batch holds (plan_micro_batch)
 BOUND_FACTOR = 1.2
