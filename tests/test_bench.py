@@ -166,7 +166,9 @@ def test_bumped_score_version_recomputes_that_score_only(tmp_path, data_dir, mon
 
     monkeypatch.setattr(runner, "_from_features", spy("features", runner._from_features))
     monkeypatch.setattr(runner, "score_model", spy("model", runner.score_model))
-    monkeypatch.setattr(runner, "deep_label_norms", spy("label norms", runner.deep_label_norms))
+    deep_pass = runner.fused.deep_pass
+    monkeypatch.setattr(runner.fused, "deep_pass", lambda model, x, scores, **k: calls.append(
+        ("deep", tuple(sc.spec for sc in scores), tuple(k["label_norms"]))) or deep_pass(model, x, scores, **k))
     monkeypatch.setattr(uvood.metrics, "evaluate", spy("metrics", uvood.metrics.evaluate))
     assert [r["auroc"] for r in run(spec, **kw).rows] == [r["auroc"] for r in first.rows] and calls == []
     # a fix of energy's and of gradnorm's formulas: those and the products with energy are recomputed, on each set
@@ -174,14 +176,15 @@ def test_bumped_score_version_recomputes_that_score_only(tmp_path, data_dir, mon
     monkeypatch.setattr(entries()["gradnorm"], "version", 3)
     with pytest.warns(UserWarning, match="code version"):
         again = run(spec, **kw)
-    assert set(calls) == {("features", "energy"), ("features", "norm(1)*energy"), ("model", "gradnorm(depth=deep)")}
+    assert set(calls) == {("features", "energy"), ("features", "norm(1)*energy"),
+                          ("deep", ("gradnorm(depth=deep)",), ())}
     assert calls.count(("features", "energy")) == 2  # once per feature set
     assert [r["auroc"] for r in again.rows] == [r["auroc"] for r in first.rows]
     calls.clear()
     monkeypatch.setattr(runner, "LABEL_NORMS_VERSION", 2)  # a fix of the deep per-label norms
     with pytest.warns(UserWarning, match="Label-norm cache .* stale"):
         run(spec, **kw)
-    assert set(calls) == {("label norms", "")}
+    assert set(calls) == {("deep", (), (1.0,))}
     calls.clear()
     monkeypatch.setattr(uvood.metrics, "METRICS_VERSION", 2)  # a fix of the metrics: every row's metrics again
     run(spec, **kw)
@@ -213,7 +216,7 @@ def test_bench_small_quick_cli(tmp_path, data_dir, capsys):
                  "--no-progress", "--data-dir", str(data_dir)]) == 0
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert "Table 1" in report and "Table 2" in report and "Honest selection" in report
-    assert "## Where the time goes" in report and "deep label norms" in report
+    assert "## Where the time goes" in report and "fused deep pass" in report
     history = json.loads((tmp_path / "out" / "timings.json").read_text())
     assert len(history) == 1 and history[0]["quick"] and history[0]["breakdown"] and history[0]["cold"]
 
@@ -294,7 +297,7 @@ def test_warm_rerun_reads_no_image_and_recomputes_no_score(tmp_path, data_dir, m
     monkeypatch.setattr(runner.uvdata, "load", lambda name, split, **k: refuse() if split == "test" else
                         load(name, split, **k))
     monkeypatch.setattr(runner, "score_model", refuse)
-    monkeypatch.setattr(runner, "deep_label_norms", refuse)
+    monkeypatch.setattr(runner.fused, "deep_pass", refuse)
     monkeypatch.setattr(uvood.scores.registry.ProductScore, "from_features", refuse)
     second = run(spec, **kw)
     assert [(r["score"], r["auroc"]) for r in first.rows] == [(r["score"], r["auroc"]) for r in second.rows]

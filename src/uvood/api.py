@@ -27,9 +27,14 @@ def score_features(spec: str | Score, h, logits) -> torch.Tensor:
     return _checked_output(score.from_features(h, logits), score.spec)
 
 
-def score_model(spec: str | Score, model: torch.nn.Module, data, batch_size: int = 128, head=None,
-                progress: bool = True, dtype=None) -> torch.Tensor:
+def score_model(spec: str | Score | list, model: torch.nn.Module, data, batch_size: int = 128, head=None,
+                progress: bool = True, dtype=None):
     """Score raw inputs with ``model`` (needed for deep gradient scores); returns float64 (N,).
+
+    ``spec``: one spec (returns a tensor), or a list of specs (returns ``{canonical spec: tensor}``):
+    then every deep gradient score of the list (deep ``grad`` rows, GradNorm, ExGrad, deep BatchGrad)
+    comes from ONE deep pass per batch (:func:`uvood.scores.fused.deep_pass`: one forward, the C label
+    cotangents shared), and the scores computed from features share one forward.
 
     ``data``: a tensor or array, an ``(x, y)`` pair or a DataLoader; every batch goes through
     :func:`uvood.validation.model_input` (uint8 images are scaled to [0, 1], image layouts follow
@@ -46,22 +51,52 @@ def score_model(spec: str | Score, model: torch.nn.Module, data, batch_size: int
     from .model import input_range, model_channels, model_dtype, with_dtype
     from .validation import model_input, warn_range
 
-    score = get_score(spec)
-    if score.needs_fit and not score.state():
-        raise UvoodError(f"Score {score.spec!r} must be fitted on ID data first: use uvood.Detector(...).fit(id_data).")
+    many = isinstance(spec, (list, tuple))
+    scores = [get_score(s) for s in (spec if many else [spec])]
+    if not scores:
+        raise UvoodError("score_model got an empty list of specs: pass at least one, e.g. ['gradnorm(depth=deep)'].")
+    for score in scores:
+        if score.needs_fit and not score.state():
+            raise UvoodError(f"Score {score.spec!r} must be fitted on ID data first: use "
+                             "uvood.Detector(...).fit(id_data).")
     model, head = with_dtype(model, head, dtype)
     run_dtype, channels, expected = model_dtype(model), model_channels(model), input_range(model)
     warned: dict = {}
-    outs = []
-    pbar = bar(data_length(data), score.spec, progress)
+    outs: dict[str, list] = {sc.spec: [] for sc in scores}
+    pbar = bar(data_length(data), ", ".join(outs), progress)
     for x, _ in iter_batches(data, batch_size):
         if x.ndim > 0 and x.shape[0] == 0:
             continue
         x = model_input(x, run_dtype, channels)
         warn_range(x, expected, warned)
-        outs.append(score.from_model(model, x, head).detach().to(torch.float64).cpu())
+        for name, values in _score_batch(scores, model, x, head).items():
+            outs[name].append(values.detach().to(torch.float64).cpu())
         pbar.update(x.shape[0])
     pbar.close()
-    if not outs:
+    if not any(outs.values()):
         raise UvoodError("The data is empty: nothing to score. Pass at least one sample.")
-    return _checked_output(torch.cat(outs), score.spec)
+    result = {name: _checked_output(torch.cat(v), name) for name, v in outs.items()}
+    return result if many else result[scores[0].spec]
+
+
+def _score_batch(scores: list[Score], model, x: torch.Tensor, head) -> dict[str, torch.Tensor]:
+    """Every score on one batch: the fusable deep ones from one deep pass, the plain feature scores from one
+    forward, the rest by their own ``from_model``."""
+    if len(scores) == 1:
+        return {scores[0].spec: scores[0].from_model(model, x, head)}
+    from .model import eval_mode, forward_features
+    from .scores.fused import deep_pass, fusable
+
+    out: dict[str, torch.Tensor] = {}
+    deep = [sc for sc in scores if fusable(sc)]
+    if deep:
+        out.update(deep_pass(model, x, deep, head=head, batch_size=min(sc.batch_size for sc in deep)).scores)
+    plain = [sc for sc in scores if not sc.needs_model and type(sc).from_model is Score.from_model]
+    if len(plain) > 1:
+        with torch.no_grad(), eval_mode(model):
+            h, logits = forward_features(model, x, head)
+        out.update({sc.spec: sc.from_features(h, logits) for sc in plain})
+    for sc in scores:
+        if sc.spec not in out:
+            out[sc.spec] = sc.from_model(model, x, head)
+    return out

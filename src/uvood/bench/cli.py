@@ -57,7 +57,8 @@ def _cmd_bench(args) -> int:
     read_history(out / "timings.json")  # before any work: a bad file stops the run at once, untouched
     t = time.time()
     result = run(spec, scores=args.scores, quick=args.quick, n=args.n, data_dir=args.data_dir,
-                 cache_dir=args.cache_dir, progress=not args.no_progress, deep_n=args.deep_n)
+                 cache_dir=args.cache_dir, progress=not args.no_progress, deep_n=args.deep_n,
+                 max_memory=args.max_memory)
     argv = _portable(sys.argv[1:])
     command = "uvood " + " ".join(shlex.quote(a) for a in argv) if sys.argv[0].endswith("uvood") else \
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
@@ -114,5 +115,20 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", help="feature/score cache (default: $UVOOD_CACHE or ~/.cache/uvood)")
     p.add_argument("--out", help="output folder (default: results/NAME for the full reference run; "
                    "results/NAME-quick with --quick; results/NAME-partial with --scores, --n or --deep-n)")
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="memory budget of the deep gradient pass, e.g. 2G or 500M; it sets the micro-batch and how "
+                   "many label cotangents are back-propagated at once (default: about what a forward + backward of "
+                   "the batch holds)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
+
+
+def memory_size(text: str) -> int:
+    """``2G``, ``500M``, ``1.5GB``, ``64k`` or a number of bytes -> bytes (powers of 1024)."""
+    import argparse
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"--max-memory {text!r} is not a size; write e.g. 2G, 500M or 1.5GB.")
+    return int(float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b"))

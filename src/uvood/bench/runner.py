@@ -16,6 +16,7 @@ run waits for the item another run is computing and then reads it, instead of re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -38,13 +39,12 @@ from ..data import transforms
 from ..errors import UvoodError
 from ..features import FORMAT_VERSION as FEATURES_VERSION
 from ..features import extract, model_fingerprint
-from ..model import eval_mode
+from ..scores import fused
 from ..scores.gradient import (
     DEEP_BATCH_SIZE,
     LABEL_NORMS_VERSION,
     GradScore,
     check_head_bias,
-    deep_label_norms,
     mean_of_norm_from_label_norms,
 )
 from ..scores.registry import get_score
@@ -264,41 +264,88 @@ def _chunked(fn, x: torch.Tensor, chunk: int, progress: bool, desc: str) -> list
     return out
 
 
-def _label_norms(model, inputs: Inputs, key: str, path: Path, T: float, progress: bool = False
-                 ) -> dict[str, torch.Tensor]:
-    """Per-label deep gradient norms (l1, l2sq) and logits of ``x``, computed once and cached:
-    every deep ``mean_of_norm`` row of Table 1 is a weighted sum of them over labels."""
-    cached = load_verified(path, key, "Label-norm cache")
-    if cached is None:
-        with claim(path):
-            cached = load_verified(path, key, "Label-norm cache")  # made by another run while we waited?
-            if cached is None:
-                with eval_mode(model):
-                    parts = _chunked(lambda xb: deep_label_norms(model, xb, T=T, norms=("l1", "l2sq"),
-                                                                 batch_size=DEEP_BATCH_SIZE),
-                                     inputs.x, DEEP_BATCH_SIZE, progress, f"deep label norms, {inputs.identity}")
-                cached = {k: torch.cat([n[k] for n, _ in parts], dim=1).numpy() for k in ("l1", "l2sq")}
-                cached["logits"] = torch.cat([z for _, z in parts]).numpy()
-                save_verified(path, key, cached)
-    return {k: torch.from_numpy(v) for k, v in cached.items()}
-
-
 def _shares_label_norms(score) -> bool:
     return isinstance(score, GradScore) and score.depth == "deep" and score.agg == "mean_of_norm"
 
 
-def _model_scores(score, model, inputs: Inputs, key: str, path: Path, progress: bool) -> np.ndarray:
-    cached = load_verified(path, key, "Score cache")
-    if cached is not None:
-        return cached["s"]
-    with claim(path):
-        cached = load_verified(path, key, "Score cache")  # made by another run while we waited?
-        if cached is not None:
-            return cached["s"]
-        s = torch.cat(_chunked(lambda xb: score_model(score, model, xb, batch_size=64), inputs.x, 64, progress,
-                               f"{score.spec}, {inputs.identity}")).numpy()
-        save_verified(path, key, {"s": s})
-    return s
+def _deep_entry(fp: str, inputs: Inputs, model_name: str, cache: Path, score) -> tuple[str, Path, tuple]:
+    """(cache key, cache path, what) of one score that needs the model: a deep ``mean_of_norm`` row reads the
+    per-label norms at its T (``what = ("label", T)``), every other one its own entry (``("score", spec)``)."""
+    if _shares_label_norms(score):
+        key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "label-norms", score.T,
+                                         LABEL_NORMS_VERSION]).encode()).hexdigest()
+        return key, cache / f"labelnorms-{_slug(f'{model_name}__{inputs.identity}__T={score.T}')}.npz", \
+            ("label", score.T)
+    key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, score.spec, score.version_tag,
+                                     _fit_state_digest(score)]).encode()).hexdigest()
+    return key, cache / f"scores-{_slug(model_name + '__' + inputs.identity + '__' + score.spec)}.npz", \
+        ("score", score.spec)
+
+
+def _what(what: tuple) -> str:
+    return "Label-norm cache" if what[0] == "label" else "Score cache"
+
+
+def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, cache: Path, progress: bool,
+                 max_memory: int | None = None) -> dict[str, np.ndarray]:
+    """The values of every score that needs the model (``{full spec: score}``) on ``inputs``.
+
+    Cache entries stay per score (:func:`_deep_entry`: a bumped score version recomputes that score, the
+    per-label norms carry ``LABEL_NORMS_VERSION``); what misses is computed in ONE fused deep pass
+    (:func:`uvood.scores.fused.deep_pass`: one forward and one set of C label cotangents per micro-batch for
+    every deep row, BatchGrad included; the predicted-label norm-of-mean rows from their closed form 0).
+    The missing entries are claimed together, in sorted order (two runs never wait on each other in a cycle).
+    """
+    entries = {full: _deep_entry(fp, inputs, model_name, cache, sc) for full, sc in scores.items()}
+    by_path = {path: (key, what) for key, path, what in entries.values()}
+    found = {path: load_verified(path, key, _what(w)) for path, (key, w) in by_path.items()}
+    if any(v is None for v in found.values()):
+        with contextlib.ExitStack() as stack:
+            for path in sorted(p for p, v in found.items() if v is None):
+                stack.enter_context(claim(path))
+            for path in [p for p, v in found.items() if v is None]:  # made by another run while we waited?
+                found[path] = load_verified(path, by_path[path][0], _what(by_path[path][1]))
+            todo = {path: by_path[path] for path, v in found.items() if v is None}
+            if todo:
+                found.update(_compute_deep(todo, scores, model, inputs, progress, max_memory))
+    out = {}
+    for full, sc in scores.items():
+        got = found[entries[full][1]]
+        if _shares_label_norms(sc):
+            raw = mean_of_norm_from_label_norms(torch.from_numpy(got[sc.norm]), torch.from_numpy(got["logits"]),
+                                                label=sc.label, weight=sc.weight, T=sc.T, official=sc.official)
+            out[full] = (sc.sign * raw).numpy()
+        else:
+            out[full] = got["s"]
+    return out
+
+
+def _compute_deep(todo: dict, scores: dict, model, inputs: Inputs, progress: bool, max_memory: int | None) -> dict:
+    """Compute and save the cache entries ``todo`` (``{path: (key, what)}``): the fusable scores and the label
+    norms in one fused pass over the images, other model scores (products with a deep factor) one by one."""
+    by_spec = {sc.spec: sc for sc in scores.values()}
+    temps = sorted({what[1] for _, what in todo.values() if what[0] == "label"})
+    fus = [by_spec[what[1]] for _, what in todo.values() if what[0] == "score" and fused.fusable(by_spec[what[1]])]
+    done: dict = {}
+    if fus or temps:
+        parts = _chunked(lambda xb: fused.deep_pass(model, xb, fus, label_norms=temps, batch_size=DEEP_BATCH_SIZE,
+                                                    max_memory=max_memory),
+                         inputs.x, DEEP_BATCH_SIZE, progress, f"fused deep pass, {inputs.identity}")
+        for path, (_, what) in todo.items():
+            if what[0] == "label":
+                done[path] = {nm: torch.cat([p.label_norms[what[1]][nm] for p in parts], dim=1).numpy()
+                              for nm in ("l1", "l2sq")}
+                done[path]["logits"] = torch.cat([p.logits for p in parts]).numpy()
+            elif fused.fusable(by_spec[what[1]]):
+                done[path] = {"s": torch.cat([p.scores[what[1]] for p in parts]).numpy()}
+    for path, (_, what) in todo.items():
+        if path not in done:
+            sc = by_spec[what[1]]
+            done[path] = {"s": torch.cat(_chunked(lambda xb, sc=sc: score_model(sc, model, xb, batch_size=64),
+                                                  inputs.x, 64, progress, f"{sc.spec}, {inputs.identity}")).numpy()}
+    for path, (key, _) in todo.items():
+        save_verified(path, key, done[path])
+    return done
 
 
 def _read_memo(path: Path) -> dict:
@@ -378,11 +425,13 @@ def _feature_fits(spec: BenchSpec, id_name: str, model, model_name: str, fp: str
 
 def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n: int | None = None,
         data_dir=None, cache_dir=None, progress: bool = True, log=print, n_boot: int = 1000,
-        deep_n: int | None = None) -> RunResult:
+        deep_n: int | None = None, max_memory: int | None = None) -> RunResult:
     """Run ``spec`` and return every (pair, score) row with the metrics of :data:`COLUMNS`.
 
     ``deep_n`` evaluates the scores that need the model (deep gradients, BatchGrad) on an evenly
     spaced subset of that many images per set (their rows' n_id / n_ood say so); None = all.
+    ``max_memory``: the deep pass's memory budget in bytes (None: the engine's default, near what a forward +
+    backward of the batch holds).
     """
     t_start = time.time()
     n = n or (spec.quick_n if quick else spec.n)
@@ -454,26 +503,14 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                     continue
                 if not sc.needs_model:
                     all_scores[(id_name, ds_name, full)] = values[_score_key(sc, fits.get(sc))]
-                    continue
+            deep = {full: score_objs[full] for _, full, _ in rows_spec if score_objs[full].needs_model}
+            if deep:
                 x = inputs.subset(len(f), deep_n) if deep_n and deep_n < len(f) else inputs
-                if _shares_label_norms(sc):
-                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, "label-norms", sc.T,
-                                                     LABEL_NORMS_VERSION]).encode())
-                    path = cache / f"labelnorms-{_slug(f'{model_name}__{x.identity}__T={sc.T}')}.npz"
-                    t = time.time()
-                    ln = _label_norms(model, x, key.hexdigest(), path, sc.T, progress)
-                    timings.setdefault(f"{model_name}/{ds_name}/deep label norms", round(time.time() - t, 2))
-                    raw = mean_of_norm_from_label_norms(ln[sc.norm], ln["logits"], label=sc.label, weight=sc.weight,
-                                                        T=sc.T, official=sc.official)
-                    s = (sc.sign * raw).numpy()
-                else:
-                    key = hashlib.sha256(json.dumps([fp, x.identity, x.desc, sc.spec, sc.version_tag,
-                                                     _fit_state_digest(sc)]).encode())
-                    path = cache / f"scores-{_slug(model_name + '__' + x.identity + '__' + sc.spec)}.npz"
-                    t = time.time()
-                    s = _model_scores(sc, model, x, key.hexdigest(), path, progress)
-                    timings[f"{model_name}/{ds_name}/{sc.spec}"] = round(time.time() - t, 2)
-                all_scores[(id_name, ds_name, full)] = s
+                t = time.time()
+                values = _deep_scores(deep, model, model_name, fp, x, cache, progress, max_memory)
+                timings[f"{model_name}/{ds_name}/fused deep pass"] = round(time.time() - t, 2)
+                for full, s in values.items():
+                    all_scores[(id_name, ds_name, full)] = s
         timings[f"{model_name}/all"] = round(time.time() - t0, 1)
         log(f"[{spec.name}] {id_name} ({model_name}): done in {time.time() - t0:.0f} s")
     rows, t = [], time.time()
@@ -501,6 +538,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,
             "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n, "quick": quick,
             "scores": scores, "n_boot": n_boot, "feature_sets": len(feature_sets), "fit_n": fit_n,
+            "max_memory": max_memory,
             "feature_sets_computed": sum(feature_sets),
             "versions": {"features": FEATURES_VERSION, "label_norms": LABEL_NORMS_VERSION,
                          "metrics": metrics.METRICS_VERSION,

@@ -17,8 +17,15 @@ How (Opacus / BackPACK style)
 2. ``torch.autograd.grad`` from the logits to the recorded outputs gives every layer's output
    gradient ``g`` (K x N x ...) for the K cotangents: one backward through the same graph per
    cotangent (or one vmapped backward, ``is_grads_batched``, with ``BATCHED_BACKWARD = True``;
-   slower on CPU where BatchNorm and max-pool backward have no batching rule), in chunks of
-   at most ``max_rows`` (sample, cotangent) rows. No parameter ``.grad`` is computed or touched.
+   slower on CPU where BatchNorm and max-pool backward have no batching rule), written into one
+   preallocated sample-major buffer per layer, in chunks of at most ``max_rows`` (sample,
+   cotangent) rows. No parameter ``.grad`` is computed or touched. The micro-batch and the rows
+   per chunk come from a memory budget (:func:`plan_micro_batch`, ``max_memory``).
+
+   Several row groups (:class:`RowGroup`: e.g. the C label cotangents and GradNorm's combined
+   one) share the forward of a micro-batch (:func:`per_sample_grad_reductions`); each group asks
+   for several reductions (:class:`Reduction`: l1 or l2sq, optionally of the gradient plus a
+   constant offset), all computed from the same output gradients (:mod:`uvood.scores.fused`).
 3. A table of per-layer rules, registered by module type with :func:`register_rule`, turns
    (a, g) into per-sample quantities:
 
@@ -30,7 +37,10 @@ How (Opacus / BackPACK style)
      convolution's own weight-gradient kernel, one call per sample for all K cotangents
      (stacked along the output channels); the norms path holds one sample's gradient at a
      time, the materialising path works in chunks of samples. The l1 norm of a sum over
-     positions is not separable, so no shortcut exists.
+     positions is not separable, so no shortcut exists. Squared l2 alone may instead come from
+     the ghost norm ||sum_t g_t a_t^T||^2 = sum_{t,t'} (a_t . a_t')(g_t . g_t') (Gram matrices of
+     the T output positions), chosen per layer by a cost model (:meth:`ConvRule.ghost_cheaper`):
+     cheaper where T (d + K Cout) < K Cout d, i.e. on late layers with few positions.
    * ``BatchNorm`` in eval mode: grad weight = sum over positions of g * x_hat, grad bias =
      sum of g, with x_hat from the running statistics.
    * anything else that owns parameters: ``torch.func`` (``functional_call`` + ``vjp`` under
@@ -64,6 +74,9 @@ benchmark reference, :mod:`uvood.scores.reference`.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -81,6 +94,13 @@ BATCHED_BACKWARD = False
 
 #: elements (per micro-batch chunk) allowed for materialised per-sample gradients
 CHUNK_ELEMENTS = 2**23
+
+#: cost of one ghost-norm multiply-add relative to one of the per-sample weight-gradient kernel
+#: (:meth:`ConvRule.ghost_cheaper`); measured on CPU with benchmarks/fused_pass.py: 1.1-2.0 on the CNN
+GHOST_FACTOR = 1.5
+
+log = logging.getLogger(__name__)
+_GHOST_LOGGED: dict = {}  # (layer, input shape, K) -> last choice logged
 
 
 def reduce_norm(t: torch.Tensor, norm: str, inplace: bool = False) -> torch.Tensor:
@@ -218,15 +238,18 @@ class ConvRule(LayerRule):
     """
 
     @staticmethod
+    def _padded(module, a):
+        """(input, padding list) with padding modes other than zeros, and padding="same", applied to a."""
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return a, list(module.padding)
+        pad = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return (F.pad(a, pad, mode=mode) if any(pad) else a), [0] * (a.ndim - 2)
+
+    @staticmethod
     def _per_sample_weight_grads(module, a, g):
         """Yield (i, gradient of sample i as G*K*Cout/G x Cin/G x kernel, i.e. group-major) for every sample."""
-        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-            padding = list(module.padding)
-        else:
-            pad = module._reversed_padding_repeated_twice
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            a = F.pad(a, pad, mode=mode) if any(pad) else a
-            padding = [0] * (a.ndim - 2)
+        a, padding = ConvRule._padded(module, a)
         w = module.weight
         G = module.groups
         K, n = g.shape[:2]
@@ -259,37 +282,107 @@ class ConvRule(LayerRule):
                 res[:, i] = self._label_major(gw, K, module.groups).view(K, *w.shape)
             out["weight"] = res
         if "bias" in names:
-            out["bias"] = g.reshape(K, n, g.shape[2], -1).sum(-1)
+            out["bias"] = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g.clone()
         return out
 
     multi_norm = True
+    #: its norms cost one kernel call per sample, as forming the gradient does (see _norms_from_records)
+    materialises = True
+
+    @staticmethod
+    def ghost_cheaper(module, a, g) -> bool:
+        """Whether the ghost norm beats the per-sample kernel for this layer's squared l2 norm (cost model).
+
+        Per sample, with T output positions, d = Cin k^2 patch elements, K cotangents: the kernel costs
+        K Cout d T multiply-adds, the ghost norm T^2 d (patch Gram) + K T^2 Cout (gradient Grams). The
+        ghost norm is chosen when GHOST_FACTOR times its count is smaller (GHOST_FACTOR measured:
+        benchmarks/fused_pass.py); only for 2-D convolutions without groups. Logged at debug level."""
+        if not isinstance(module, nn.Conv2d) or module.groups != 1 or a.ndim != 4:
+            return False
+        K = g.shape[0]
+        T = math.prod(g.shape[3:])
+        cout, d = module.weight.shape[0], module.weight[0].numel()
+        kernel, ghost = K * cout * d * T, T * T * (d + K * cout)
+        choice = GHOST_FACTOR * ghost < kernel
+        key = (id(module), tuple(a.shape[1:]), K)
+        if _GHOST_LOGGED.get(key) != choice:
+            _GHOST_LOGGED[key] = choice
+            log.debug("conv %s (T=%d, d=%d, Cout=%d, K=%d): %s (kernel %.3g, ghost %.3g x %.1f multiply-adds)",
+                      tuple(module.weight.shape), T, d, cout, K, "ghost norm" if choice else "per-sample kernel",
+                      kernel, ghost, GHOST_FACTOR)
+        return choice
+
+    @staticmethod
+    def ghost_l2sq(module, a, g) -> torch.Tensor:
+        """K x n squared l2 norms of the per-sample weight gradients by the ghost-norm identity
+
+            ||sum_t g_t a_t^T||_2^2 = sum_{t,t'} (a_t . a_t') (g_t . g_t')
+
+        with a_t the unfolded input patch at output position t and g_t the output gradient there,
+        from the Gram matrices of the patches (n x T x T) and of the gradients (K x n x T x T),
+        in chunks of samples; no per-sample gradient is formed."""
+        a, padding = ConvRule._padded(module, a)
+        K, n = g.shape[:2]
+        T = math.prod(g.shape[3:])
+        out = torch.empty(K, n, dtype=g.dtype, device=g.device)
+        chunk = max(1, CHUNK_ELEMENTS // max(1, (K + 1) * T * T))
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            A = F.unfold(a[lo:hi], module.kernel_size, dilation=module.dilation, padding=padding,
+                         stride=module.stride)  # m x d x T
+            ga = torch.bmm(A.transpose(1, 2), A)  # m x T x T
+            gg = g.transpose(0, 1)[lo:hi].reshape((hi - lo) * K, g.shape[2], T)  # a view of sample-major g
+            gg = torch.bmm(gg.transpose(1, 2), gg).view(hi - lo, K, T, T)
+            out[:, lo:hi] = (gg * ga.unsqueeze(1)).sum((-1, -2)).T
+        return out
 
     def norms(self, module, inputs, kwargs, g, names, norm):
         """``norm`` may be a tuple of norms: then every value is L x K x n, from ONE pass over the
-        per-sample weight gradients (their kernel calls dominate the cost)."""
+        per-sample weight gradients (their kernel calls dominate the cost). Squared l2 alone, where
+        the cost model says so (:meth:`ghost_cheaper`), comes from the ghost norm instead."""
         single = isinstance(norm, str)
         wanted = (norm,) if single else tuple(norm)
-        # l2sq first: l1 takes |.| in place on the fresh temporary gw
-        order = sorted(range(len(wanted)), key=lambda j: wanted[j] == "l1")
+        if "weight" in names and set(wanted) == {"l2sq"} and self.ghost_cheaper(module, inputs[0], g):
+            sq = self.ghost_l2sq(module, inputs[0], g).to(torch.float64)
+            out = {"weight": sq if single else sq.expand(len(wanted), *sq.shape)}
+            if "bias" in names:
+                b = _vector_norm(g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g, "l2sq")
+                out["bias"] = b if single else b.expand(len(wanted), *b.shape)
+            return out
         out = {}
-        K, n = g.shape[:2]
-        if "weight" in names:
-            res = torch.empty(len(wanted), n, K, dtype=g.dtype, device=g.device)
-            for i, gw in self._per_sample_weight_grads(module, inputs[0], g):
-                flat = self._label_major(gw, K, module.groups)
-                for j in order:
-                    if wanted[j] == "l1":
-                        torch.sum(flat.abs_(), dim=1, out=res[j, i])
-                    else:
-                        torch.linalg.vector_norm(flat, 2, dim=1, out=res[j, i])
-            res = res.transpose(1, 2).to(torch.float64)
-            res = torch.stack([res[j] if wanted[j] == "l1" else res[j] ** 2 for j in range(len(wanted))])
-            out["weight"] = res[0] if single else res
-        if "bias" in names:
-            b = g.reshape(*g.shape[:3], -1).sum(-1)
-            vals = torch.stack([_vector_norm(b, nm) for nm in wanted])
-            out["bias"] = vals[0] if single else vals
+        for name in ("weight", "bias"):
+            if name in names:
+                vals = self.reduce(module, inputs, g, name, [(nm, None) for nm in wanted])
+                out[name] = vals[0] if single else vals
         return out
+
+    def reduce(self, module, inputs, g, name, reds) -> torch.Tensor:
+        """R x K x n (float64): for each (norm, offset) of ``reds``, the norm of the per-sample gradient of
+        parameter ``name`` plus ``offset`` (a tensor of the parameter's shape, or None), from ONE kernel
+        call per sample for every reduction (BatchGrad's anchor offset included: no gradient is stored)."""
+        K, n = g.shape[:2]
+        if name == "bias":
+            b = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g
+            return torch.stack([_vector_norm(b if off is None else b + off.to(b.dtype), nm) for nm, off in reds])
+        offs = [None if off is None else off.detach().to(g.dtype).reshape(1, -1) for _, off in reds]
+        # offset reductions first (on a temporary), then plain l2sq, then plain l1 (|.| in place on gw)
+        order = sorted(range(len(reds)), key=lambda j: (offs[j] is None, reds[j][0] == "l1"))
+        res = torch.empty(len(reds), n, K, dtype=g.dtype, device=g.device)
+        tmp = None
+        for i, gw in self._per_sample_weight_grads(module, inputs[0], g):
+            flat = self._label_major(gw, K, module.groups)
+            for j in order:
+                t = flat
+                if offs[j] is not None:
+                    if tmp is None or tmp.shape != flat.shape:
+                        tmp = torch.empty_like(flat)
+                    t = torch.add(flat, offs[j], out=tmp)
+                if reds[j][0] == "l1":
+                    torch.sum(t.abs_(), dim=1, out=res[j, i])
+                else:
+                    torch.linalg.vector_norm(t, 2, dim=1, out=res[j, i])
+        res = res.transpose(1, 2).to(torch.float64)
+        return torch.stack([res[j] if reds[j][0] == "l1" else res[j] ** 2 for j in range(len(reds))])
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -518,17 +611,37 @@ def _rule_norms(rule: LayerRule, module, inputs, kwargs, g, names, norms: tuple[
     return {name: torch.stack([p[name] for p in parts]) for name in parts[0] if all(name in p for p in parts)}
 
 
-def _reduce_norms(grad: torch.Tensor, norms: tuple[str, ...]) -> torch.Tensor:
-    """L x K x n norms of materialised per-sample gradients (l1 last: it overwrites ``grad``)."""
-    out = [None] * len(norms)
-    for j in sorted(range(len(norms)), key=lambda j: norms[j] == "l1"):
-        out[j] = reduce_norm(grad, norms[j], inplace=norms[j] == "l1")
+def _reduce_many(grad: torch.Tensor, pid: int, reductions: list[Reduction]) -> torch.Tensor:
+    """R x K x n values of materialised per-sample gradients ``grad`` (K x n x ...) of one parameter:
+    each reduction's norm of ``grad + offset`` (offset 0 where the reduction has none for ``pid``).
+
+    Offset reductions first (each on a fresh ``grad + offset``, |.| in place), then the plain
+    ones, l2sq before l1 (the last l1 overwrites ``grad`` with |grad|)."""
+    out: list = [None] * len(reductions)
+    off = [r.offsets.get(pid) if r.offsets else None for r in reductions]
+    plain = [j for j in range(len(reductions)) if off[j] is None]
+    for j in range(len(reductions)):
+        if off[j] is not None:
+            out[j] = reduce_norm(grad + off[j].to(grad.dtype), reductions[j].norm, inplace=True)
+    plain.sort(key=lambda j: reductions[j].norm == "l1")
+    for i, j in enumerate(plain):
+        out[j] = reduce_norm(grad, reductions[j].norm, inplace=i == len(plain) - 1)
     return torch.stack(out)
 
 
-def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Parameter], norms: tuple[str, ...],
-                        offsets: dict[int, torch.Tensor] | None, K: int, n: int, device) -> torch.Tensor:
-    total = torch.zeros(len(norms), K, n, dtype=torch.float64, device=device)
+def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Parameter],
+                        reductions: tuple[Reduction, ...], K: int, n: int, device) -> torch.Tensor:
+    """R x K x n: every reduction of every per-sample gradient row, summed over the selected parameters.
+
+    Per (record, parameter): the rule's own norms (no gradient formed: rank-one Linear, the conv's
+    per-sample kernel or ghost norm) serve the reductions without an offset; reductions with an
+    offset, and parameters shared between records, are formed per sample (in chunks) and reduced
+    there. Rules with a ``reduce`` method (convolutions) serve every reduction of an unshared
+    parameter, offsets included, from one kernel call per sample without storing the gradients;
+    rules with ``materialises = True`` serve every reduction of a parameter from ONE formed
+    gradient when any reduction needs it formed."""
+    R = len(reductions)
+    total = torch.zeros(R, K, n, dtype=torch.float64, device=device)
     # (record, name) pairs; group the records into units that share parameters
     owners: dict[int, list[int]] = {}
     names: list[list[str]] = []
@@ -538,18 +651,36 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
         for nm in own:
             owners.setdefault(id(r.params[nm]), []).append(i)
     shared = {pid for pid, idx in owners.items() if len(idx) > 1}
-    offsets = offsets or {}
-    # fast path: per-record norms for unshared, offset-free parameters
-    todo: list[list[str]] = []
+    # fast path: the rule's norms for unshared parameters, reductions without an offset
+    todo: list[dict[str, list[int]]] = []  # per record: name -> reductions to form the gradient for
     for i, r in enumerate(records):
+        mat: dict[str, list[int]] = {}
+        todo.append(mat)
         if r.grad is None:
-            todo.append([])
             continue
-        easy = [nm for nm in names[i] if id(r.params[nm]) not in shared and id(r.params[nm]) not in offsets]
-        got = _rule_norms(r.rule, r.module, r.inputs, r.kwargs, r.grad, easy, norms) if easy else {}
-        for v in got.values():
-            total += v
-        todo.append([nm for nm in names[i] if nm not in got])
+        fast_groups: dict[tuple[int, ...], list[str]] = {}
+        for nm in names[i]:
+            pid = id(r.params[nm])
+            with_offset = [j for j, red in enumerate(reductions) if red.offsets and pid in red.offsets]
+            if with_offset and pid not in shared and hasattr(r.rule, "reduce"):  # offsets without storing gradients
+                total += r.rule.reduce(r.module, r.inputs, r.grad, nm, [
+                    (red.norm, red.offsets.get(pid) if red.offsets else None) for red in reductions])
+                continue
+            if pid in shared or (with_offset and getattr(r.rule, "materialises", False)):
+                mat[nm] = list(range(R))
+                continue
+            if with_offset:
+                mat[nm] = with_offset
+            fast = tuple(j for j in range(R) if j not in with_offset)
+            if fast:
+                fast_groups.setdefault(fast, []).append(nm)
+        for js, nms in fast_groups.items():
+            got = _rule_norms(r.rule, r.module, r.inputs, r.kwargs, r.grad, nms, tuple(reductions[j].norm for j in js))
+            for v in got.values():
+                total[list(js)] += v
+            for nm in nms:
+                if nm not in got:
+                    mat[nm] = sorted(set(mat.get(nm, [])) | set(js))
     # materialised path, unit by unit (a unit = records linked by shared parameters)
     parent = list(range(len(records)))
 
@@ -567,9 +698,14 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
         if todo[i] and records[i].grad is not None:
             units.setdefault(find(i), []).append(i)
     for members in units.values():
-        pids = {id(records[i].params[nm]) for i in members for nm in todo[i]}
-        per_sample = sum(selected[pid].numel() for pid in pids) * K
-        per_sample += sum(records[i].rule.sample_elements(records[i].module, records[i].inputs, todo[i])
+        wanted: dict[int, list[int]] = {}
+        for i in members:
+            for nm, js in todo[i].items():
+                pid = id(records[i].params[nm])
+                wanted[pid] = sorted(set(wanted.get(pid, [])) | set(js))
+        per_sample = sum(selected[pid].numel() for pid in wanted) * K * (2 if any(
+            red.offsets for red in reductions) else 1)
+        per_sample += sum(records[i].rule.sample_elements(records[i].module, records[i].inputs, list(todo[i]))
                           for i in members)
         chunk = max(1, CHUNK_ELEMENTS // max(1, per_sample))
         for lo in range(0, n, chunk):
@@ -577,15 +713,14 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
             acc: dict[int, torch.Tensor] = {}
             for i in members:
                 r = records[i]
-                gs = r.rule.grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs, r.grad[:, lo:hi], todo[i])
+                gs = r.rule.grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs, r.grad[:, lo:hi],
+                                        list(todo[i]))
                 for nm in todo[i]:
                     pid = id(r.params[nm])
                     acc[pid] = gs[nm] if pid not in acc else acc[pid] + gs[nm]
             for pid, grad in acc.items():
-                if pid in offsets:
-                    grad = grad + offsets[pid].to(grad.dtype)
-                total[:, :, lo:hi] += _reduce_norms(grad, norms)
-    # offset-only parameters whose module never produced a gradient (unused in the forward)
+                js = wanted[pid]
+                total[js, :, lo:hi] += _reduce_many(grad, pid, [reductions[j] for j in js])
     return total
 
 
@@ -603,6 +738,27 @@ def _select(model: nn.Module, params) -> dict[int, nn.Parameter]:
     return {id(p): p for p in chosen}
 
 
+@dataclass(eq=False)
+class Reduction:
+    """One reduction of every per-sample gradient row: ``norm`` ("l1" or "l2sq") of the gradient
+    plus ``offsets`` (``{id(param): tensor}``, a constant added to that parameter's per-sample
+    gradient first: BatchGrad's anchor gradient; None = no offset)."""
+
+    norm: str
+    offsets: dict | None = None
+
+
+@dataclass(eq=False)
+class RowGroup:
+    """Cotangent rows back-propagated from the logits and the reductions wanted of their gradients.
+
+    ``cotangents`` maps the logits of a micro-batch (n x C, float64) to K x n x C cotangents.
+    """
+
+    cotangents: Callable[[torch.Tensor], torch.Tensor]
+    reductions: tuple[Reduction, ...]
+
+
 def per_sample_grad_norms(
     model: nn.Module,
     x: torch.Tensor,
@@ -613,7 +769,8 @@ def per_sample_grad_norms(
     params: Iterable[nn.Parameter] | None = None,
     offsets: dict[int, torch.Tensor] | None = None,
     batch_size: int = 128,
-    max_rows: int = 1024,
+    max_rows: int | None = None,
+    max_memory: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gradient norms ``norms[k, n] = || d <v_{k,n}, z_n> / d theta ||`` and the logits.
 
@@ -628,10 +785,13 @@ def per_sample_grad_norms(
         params: the parameters theta (default: all with ``requires_grad``).
         offsets: ``{id(param): tensor}`` constant gradients added to every per-sample gradient
             before the norm (BatchGrad's anchor gradient).
-        batch_size: samples per forward/backward micro-batch (memory bound).
+        batch_size: samples per forward/backward micro-batch (at most; fewer where ``max_memory``
+            cannot hold them).
         max_rows: at most this many (sample, cotangent) rows of layer output gradients are held
             at once; the K cotangents of a micro-batch are back-propagated in chunks of
-            max(1, max_rows // batch) (memory bound for mean_of_norm scores, K = C).
+            max(1, max_rows // batch). None: chosen from ``max_memory`` (:func:`plan_micro_batch`).
+        max_memory: the memory budget in bytes for the pass (None: about what a forward + backward
+            of the batch holds, :func:`plan_micro_batch`); ignored when ``max_rows`` is given.
 
     Returns:
         ``(norms, logits)``: K x N float64 and N x C float64.
@@ -639,27 +799,119 @@ def per_sample_grad_norms(
     wanted = (norm,) if isinstance(norm, str) else tuple(norm)
     if not wanted or any(nm not in NORMS for nm in wanted):
         raise UvoodError(f"norm={norm!r} is not valid; choose one of {', '.join(NORMS)} (or a tuple of them).")
+    group = RowGroup(cotangents, tuple(Reduction(nm, dict(offsets) if offsets else None) for nm in wanted))
+    (norms,), logits = per_sample_grad_reductions(model, x, [group], head=head, params=params,
+                                                  batch_size=batch_size, max_rows=max_rows, max_memory=max_memory)
+    return (norms[0] if isinstance(norm, str) else norms), logits
+
+
+def per_sample_grad_reductions(
+    model: nn.Module,
+    x: torch.Tensor,
+    groups: list[RowGroup],
+    *,
+    head=None,
+    params: Iterable[nn.Parameter] | None = None,
+    batch_size: int = 128,
+    max_rows: int | None = None,
+    max_memory: int | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """ONE forward per micro-batch, every group's cotangent rows back-propagated through that same
+    graph, and every group's reductions of the per-sample gradients (:class:`RowGroup`).
+
+    Returns ``([R_g x K_g x N float64 per group], logits N x C float64)``: entry ``[r, k, n]`` of a
+    group is ``|| d <v_{k,n}, z_n> / d theta + offset_r ||`` in the norm of its reduction r. The
+    other arguments are those of :func:`per_sample_grad_norms`.
+    """
+    for grp in groups:
+        if not grp.reductions or any(r.norm not in NORMS for r in grp.reductions):
+            raise UvoodError(f"norms {[r.norm for r in grp.reductions]} are not valid; choose among "
+                             f"{', '.join(NORMS)}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UvoodError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if x.ndim == 0 or x.shape[0] == 0:
         raise UvoodError(f"x is empty (shape {tuple(x.shape)}): pass at least one sample.")
     check_independent(model)
     selected = _select(model, params)
-    offsets = dict(offsets or {})
     modules = [m for m in model.modules() if any(id(p) in selected for p in m.parameters(recurse=False))]
     if x.is_inference():
         x = x.clone()
-    all_norms, all_logits = [], []
+    parts: list[list[torch.Tensor]] = [[] for _ in groups]
+    all_logits = []
     plan: dict = {}  # filled on the first micro-batch: the parameters the records do not cover
     with torch.enable_grad():
+        if max_rows is None:
+            batch_size, max_rows = plan_micro_batch(model, x, groups, head, modules, batch_size, max_memory)
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size]
-            norms, logits = _micro_batch(model, xb, cotangents, wanted, head, modules, selected, offsets, max_rows,
-                                         plan)
-            all_norms.append(norms)
+            values, logits = _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan)
+            for acc, v in zip(parts, values):
+                acc.append(v)
             all_logits.append(logits)
-    norms = torch.cat(all_norms, dim=2)
-    return (norms[0] if isinstance(norm, str) else norms), torch.cat(all_logits, dim=0)
+    return [torch.cat(p, dim=2) for p in parts], torch.cat(all_logits, dim=0)
+
+
+def default_memory() -> int:
+    """The default memory budget of a deep pass: a quarter of the machine's RAM (bytes; 4 GiB if unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 * 2**30
+
+
+#: the smallest micro-batch the planner prefers before it splits the K cotangents into chunks
+MIN_BATCH = 4
+
+#: default budget of a deep pass: this times what a plain forward + backward of the batch holds (plan_micro_batch)
+BOUND_FACTOR = 1.2
+
+
+def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: int | None) -> tuple[int, int]:
+    """(samples per micro-batch, max_rows) that fit ``budget`` bytes, measured on a probe of 2 samples.
+
+    Per sample: ``act`` = bytes autograd saves in the forward (``saved_tensors_hooks``) plus the
+    recorded module outputs; ``row`` = bytes of one cotangent's output gradients at the recorded
+    modules. A micro-batch of n samples with k cotangents at once needs about
+    n (act + (k + 1) row) + the materialised chunks (3 x CHUNK_ELEMENTS elements).
+
+    ``budget=None``: the memory a plain forward + backward of the batch (min(batch_size, N)
+    samples) holds, m act, times BOUND_FACTOR (and at most :func:`default_memory`): the deep pass
+    stays near that bound, with smaller micro-batches rather than stacked copies.
+
+    All K cotangents at once (the per-sample kernels then run once per sample) with as many samples
+    (up to ``batch_size``) as fit; below MIN_BATCH samples, the cotangents are split into chunks.
+    """
+    saved: dict = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    tape = _Tape(modules, False)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, _, logits = forward_head(model, x[:2], head)
+    finally:
+        tape.remove()
+    m = logits.shape[0]
+    rows = sum(r.output.numel() * r.output.element_size() for r in tape.records) / m
+    act = sum(saved.values()) / m + rows
+    z64 = logits.detach().to(torch.float64)
+    K = max(grp.cotangents(z64).shape[0] for grp in groups)
+    n = min(batch_size, x.shape[0])
+    fixed = 3 * CHUNK_ELEMENTS * logits.element_size()
+    if budget is None:
+        budget = min(default_memory(), int(BOUND_FACTOR * n * act) + fixed)
+    avail = budget - fixed
+    k = K
+    if n * (act + (K + 1) * rows) > avail:
+        n = int(avail // (act + (K + 1) * rows))
+        if n < min(MIN_BATCH, x.shape[0]):  # too few samples: split the cotangents instead
+            n = max(1, min(MIN_BATCH, x.shape[0], int(avail // (act + 2 * rows))))
+            k = max(1, min(K, int((avail / n - act) // max(rows, 1.0)) - 1))
+    log.debug("deep pass plan: %d samples x %d cotangents per chunk (act %.0f kB, row %.0f kB per sample, "
+              "budget %.0f MB)", n, k, act / 1e3, rows / 1e3, budget / 1e6)
+    return n, n * k
 
 
 def _plan_coverage(model, logits, records, selected, head_module, plan):
@@ -672,7 +924,32 @@ def _plan_coverage(model, logits, records, selected, head_module, plan):
     return plan["uncovered"]
 
 
-def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, offsets, max_rows, plan):
+def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tensor, last: bool) -> list:
+    """Gradients of <vk[k], logits> w.r.t. every recorded output, K x output shape each (None where
+    unused), written into one preallocated buffer per output (no list of K copies to stack)."""
+    K = vk.shape[0]
+    if K == 1:
+        grads = torch.autograd.grad(logits, outs, vk[0], allow_unused=True, retain_graph=not last)
+        return [None if gr is None else gr.unsqueeze(0) for gr in grads]
+    if BATCHED_BACKWARD:
+        return list(torch.autograd.grad(logits, outs, vk, allow_unused=True, is_grads_batched=True,
+                                        retain_graph=not last))
+    # sample-major buffers (n x K x ...), returned as K x n views: a sample's K gradients are then one
+    # contiguous block, which the convolution rule passes to its per-sample kernel without a copy
+    bufs: list = [None] * len(outs)
+    for k in range(K):
+        gk = torch.autograd.grad(logits, outs, vk[k], allow_unused=True, retain_graph=not (last and k == K - 1))
+        for j, gr in enumerate(gk):
+            if gr is None:
+                continue
+            if bufs[j] is None:
+                bufs[j] = torch.empty((gr.shape[0], K, *gr.shape[1:]), dtype=gr.dtype, device=gr.device)
+            bufs[j][:, k].copy_(gr)
+        del gk
+    return [None if b is None else b.transpose(0, 1) for b in bufs]
+
+
+def _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan):
     for safe in (False, True):
         tape = _Tape(modules, safe)
         try:
@@ -685,11 +962,12 @@ def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, o
         raise UvoodError("A recorded activation was modified in place during the forward pass.")
     n = logits.shape[0]
     z64 = logits.detach().to(torch.float64)
-    v = cotangents(z64)
-    if v.ndim != 3 or v.shape[1:] != z64.shape:
-        raise UvoodError(f"cotangents must return K x n x C = K x {n} x {z64.shape[1]}, got {tuple(v.shape)}.")
-    K = v.shape[0]
-    v = v.to(logits.dtype)
+    vs = []
+    for grp in groups:
+        v = grp.cotangents(z64)
+        if v.ndim != 3 or v.shape[1:] != z64.shape:
+            raise UvoodError(f"cotangents must return K x n x C = K x {n} x {z64.shape[1]}, got {tuple(v.shape)}.")
+        vs.append(v.to(logits.dtype))
     records = [r for r in tape.records if r.output.requires_grad]
     uncovered = _plan_coverage(model, logits, records, selected, head_module, plan)
     whole = None
@@ -701,39 +979,34 @@ def _micro_batch(model, xb, cotangents, norms_wanted, head, modules, selected, o
     for r in records:
         r.inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in r.inputs)
     outs = [r.output for r in records]
+    everything = records + ([whole] if whole is not None else [])
     # the K cotangents in chunks, so that at most max_rows (sample, cotangent) rows of output
     # gradients are held at once
     k_chunk = max(1, max_rows // max(1, n))
-    parts = []
-    for k0 in range(0, K, k_chunk):
-        vk = v[k0:k0 + k_chunk]
-        last = k0 + k_chunk >= K
-        if records:
-            if vk.shape[0] == 1:
-                grads = torch.autograd.grad(logits, outs, vk[0], allow_unused=True, retain_graph=not last)
-                grads = [None if gr is None else gr.unsqueeze(0) for gr in grads]
-            elif BATCHED_BACKWARD:
-                grads = torch.autograd.grad(logits, outs, vk, allow_unused=True, is_grads_batched=True,
-                                            retain_graph=not last)
-            else:
-                per_k = [torch.autograd.grad(logits, outs, vk[k], allow_unused=True,
-                                             retain_graph=not (last and k == vk.shape[0] - 1))
-                         for k in range(vk.shape[0])]
-                grads = [None if per_k[0][j] is None else torch.stack([gk[j] for gk in per_k])
-                         for j in range(len(outs))]
-            for r, gr in zip(records, grads):
-                r.grad = gr
-        everything = records
-        if whole is not None:
-            whole.grad = vk
-            everything = records + [whole]
-        with torch.no_grad():
-            parts.append(_norms_from_records(everything, selected, norms_wanted, offsets, vk.shape[0], n,
-                                             z64.device))
-    norms = torch.cat(parts, dim=1)
-    # parameters with an offset but no recorded gradient contribute ||offset|| for every sample
-    seen = {id(p) for r in everything if r.grad is not None for p in r.params.values()}
-    for pid, off in offsets.items():
-        if pid in selected and pid not in seen:
-            norms += torch.stack([reduce_norm(off.reshape(1, 1, -1), nm) for nm in norms_wanted])
-    return norms, z64
+    results = []
+    for gi, (grp, v) in enumerate(zip(groups, vs)):
+        K = v.shape[0]
+        parts = []
+        for k0 in range(0, K, k_chunk):
+            vk = v[k0:k0 + k_chunk]
+            last = gi == len(groups) - 1 and k0 + k_chunk >= K
+            for r in everything:
+                r.grad = None  # free the previous chunk's buffers before the next backward
+            if records:
+                for r, gr in zip(records, _output_grads(logits, outs, vk, last)):
+                    r.grad = gr
+            if whole is not None:
+                whole.grad = vk
+            with torch.no_grad():
+                parts.append(_norms_from_records(everything, selected, grp.reductions, vk.shape[0], n, z64.device))
+        norms = torch.cat(parts, dim=1)
+        # parameters with an offset but no recorded gradient contribute ||offset|| for every sample
+        seen = {id(p) for r in everything if r.grad is not None for p in r.params.values()}
+        for j, red in enumerate(grp.reductions):
+            for pid, off in (red.offsets or {}).items():
+                if pid in selected and pid not in seen:
+                    norms[j] += reduce_norm(off.reshape(1, 1, -1), red.norm)[0, 0]
+        results.append(norms)
+    for r in everything:
+        r.grad = None
+    return results, z64

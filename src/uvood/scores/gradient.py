@@ -57,8 +57,9 @@ the closed form grows with confidence; nothing is flipped after the fact:
 
 The score-function identity: sum_k p^(k) grad log p^(k) = grad sum_k p^(k) = grad 1 = 0, so
 ``grad(label=predicted, agg=norm_of_mean, ...)`` is identically zero for every input and
-every depth. uvood computes it honestly (the gradient of sum_k sg(p^(k)) log p^(k), i.e. the
-cotangent p (1 - sum_k p^(k)) / T in float64), which gives ~1e-16 noise; the paper's AUROCs for
+every depth. The shallow closed form computes it honestly (the cotangent p (1 - sum_k p^(k)) / T
+in float64, ~1e-16 noise); the deep score is its closed form, exactly 0 for every input, with no
+deep pass (a pass over the float64 cotangent gave ~1e-16 noise, version 1); the paper's AUROCs for
 these rows (0.725 deep, 0.741 shallow, Table 1) can only come from float32 round-off or Monte
 Carlo label sampling (the seed code summed p_k * grad_k in float32 over 10 backward passes).
 """
@@ -229,6 +230,8 @@ def grad_deep(model, x: torch.Tensor, *, label: str = "uniform", agg: str = "nor
     raw = sum_k c_k ||grad log p^(k)||. The model must be in eval mode (see the engine).
     """
     check_axes(label, agg, norm, weight, "deep", T, False, official)
+    if label == "predicted" and agg == "norm_of_mean" and weight == "none":
+        return torch.zeros(x.shape[0], dtype=torch.float64)  # the score-function identity (module docstring)
     norms, logits = per_sample_grad_norms(model, x, _logit_cotangents(label, agg, weight, T, official),
                                           norm=norm, head=head, batch_size=batch_size)
     if agg == "norm_of_mean":
@@ -463,7 +466,8 @@ _AXES = {"label": "uniform", "agg": "norm_of_mean", "norm": "l1", "weight": "non
 _CHOICES = {"label": LABELS, "agg": AGGS, "norm": NORMS, "weight": WEIGHTS, "depth": DEPTHS,
             "bias": BOOLS, "official": BOOLS}
 
-register("grad", GradScore, params=dict(_AXES), kind="gradient", choices=dict(_CHOICES), doc=__doc__)
+# version 2: the deep predicted-label norm-of-mean is its closed form 0 (was a deep pass giving round-off)
+register("grad", GradScore, params=dict(_AXES), kind="gradient", choices=dict(_CHOICES), doc=__doc__, version=2)
 
 
 def _gradnorm(depth="shallow", T=1.0, bias=False, official=False):
