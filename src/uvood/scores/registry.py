@@ -140,7 +140,7 @@ def list_scores() -> list[str]:
 
 def _ensure_loaded() -> None:
     # the modules that register terms; importing them fills the registry
-    from . import encoding, fitted, gen, gradient, odin, output, shaping  # noqa: F401
+    from . import encoding, fitted, gen, gradient, odin, output, shaping, since  # noqa: F401
 
 
 # ---------------------------------------------------------------- parsing

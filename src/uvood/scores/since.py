@@ -1,0 +1,419 @@
+"""Gradient OOD detectors published since the paper, each with its head closed form as U * V.
+
+Every score is oriented higher = more in-distribution; all values are float64. Notation as in
+:mod:`uvood.scores.gradient`: h the head's input (N x D), z = W h + b the logits (N x C),
+p = softmax(z / T), u = (1/C, ..., 1/C) the uniform distribution. The derivations are in
+docs/gradient_scores.md, "Gradient methods since the paper"; the float64 per-sample autograd
+references are in :mod:`uvood.scores.reference` (``reference_gaia``, ``reference_gradorth``,
+``reference_lowdim``; the Fisher trace is ``reference_grad_score`` of its grad(...) axes).
+
+* ``gaia(variant=a|z, layer=auto)`` -- GAIA (Chen et al., NeurIPS 2023): gradients of the
+  KL-to-uniform loss w.r.t. intermediate feature maps (deep only, needs the model).
+* ``gaia_v`` -- GAIA-A at the head's input: -||W^T (p - u)||_2 / T, a pure output term (U = 1).
+* ``gradorth(k=, energy=)`` -- GradOrth (Behpour et al., NeurIPS 2023), fitted on ID features;
+  ``gradorth_u(k=, energy=) * gradorth_v`` is its U * V form (identical values at the head).
+* ``lowdim(k, bias)`` -- low-dimensional gradients (Wu et al., 2023, arXiv:2310.17163) at the
+  head, fitted on ID features: the head gradient of logsumexp(z) projected onto the top-k
+  principal directions of the ID gradients, scored by a Mahalanobis distance there.
+* ``fisher(depth, T, bias)`` -- the trace of the Fisher information of p(y|x) at x, shallow and
+  deep; ``sqnorm * fisher_v`` is its U * V form (exact at the head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import UvoodError
+from .fitted import FittedScore, pinv_psd
+from .gradient import BOOLS, DEPTHS, GradScore
+from .output import softmax
+from .registry import Score, register
+
+#: samples per forward/backward micro-batch of GAIA (memory bound; no effect on values)
+GAIA_BATCH_SIZE = 128
+
+#: at most this many ID samples span the low-dimensional gradient subspace (an n x n Gram matrix)
+LOWDIM_FIT_MAX = 4096
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64).reshape(t.shape[0], -1)
+
+
+def _check_T(T, name):
+    if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0 or math.isinf(T):
+        raise UvoodError(f"{name}: the temperature T must be a finite number > 0, got {T!r}.")
+    return float(T)
+
+
+def uniform_gap(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """p - u (N x C): T times the gradient at z of the KL-to-uniform loss -(1/C) sum_k log p^(k)."""
+    p = softmax(logits, T)
+    return p - 1.0 / p.shape[1]
+
+
+# ---------------------------------------------------------------- GAIA
+
+
+def _spatial(t: torch.Tensor) -> bool:
+    """A feature map: N x channels x positions... with more than one position."""
+    return t.ndim >= 3 and math.prod(t.shape[2:]) > 1
+
+
+def gaia_layers(model: nn.Module, layer: str) -> list[tuple[str, nn.Module]]:
+    """The modules whose outputs GAIA differentiates: every convolution (``auto``), one named
+    module (names compared case-insensitively, as the spec grammar lower-cases them), or the
+    head (``head``: its input h, handled by the caller)."""
+    named = list(model.named_modules())
+    if layer == "auto":
+        chosen = [(n, m) for n, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if not chosen:
+            raise UvoodError(f"GAIA needs intermediate feature maps, but {type(model).__name__} has no "
+                             "convolution layer (no spatial map). Name a layer with a spatial output "
+                             "(gaia(layer=NAME)), or score the head's input with gaia(layer=head) or gaia_v.")
+        return chosen
+    chosen = [(n, m) for n, m in named if n and n.lower() == str(layer).lower()]
+    if not chosen:
+        names = [n for n, _ in named if n][:12]
+        raise UvoodError(f"GAIA: the model has no layer named {layer!r}. Layers: {', '.join(names)}"
+                         f"{' ...' if len(named) > 13 else ''}; or layer=auto (every convolution), layer=head.")
+    return chosen
+
+
+class _Outputs:
+    """Forward hooks that keep the chosen modules' outputs (or the head's input) of one forward."""
+
+    def __init__(self, modules: list[nn.Module], head_input: nn.Module | None = None):
+        self.out: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._keep) for m in modules]
+        if head_input is not None:
+            self.handles.append(head_input.register_forward_hook(lambda m, i, o: self.out.append(i[0])))
+
+    def _keep(self, module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise UvoodError(f"GAIA: the layer {type(module).__name__} returns {type(output).__name__}, not a "
+                             "tensor feature map; name another layer.")
+        self.out.append(output)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def gaia_statistic(g: torch.Tensor, variant: str) -> torch.Tensor:
+    """Per-channel abnormality of one layer's gradient map g (n x channels x positions...), n x channels:
+    A: |mean over positions of g|; Z: the share of positions where g != 0 (float64)."""
+    flat = g.detach().reshape(g.shape[0], g.shape[1], -1)
+    if variant == "a":
+        return flat.to(torch.float64).mean(-1).abs()
+    return (flat != 0).to(torch.float64).mean(-1)
+
+
+def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = "auto", T: float = 1.0,
+         head=None, batch_size: int = GAIA_BATCH_SIZE) -> torch.Tensor:
+    """GAIA score -||Lambda||_F (higher = more ID), one forward and ONE backward per micro-batch.
+
+    Lambda_{l,c} = gaia_statistic of dL/dA_l, channel c, for every chosen layer l, with the loss
+    L = -(1/C) sum_k log p^(k) (KL(u || p) up to a constant), so dL/dz = (p - u)/T. In eval mode
+    the samples do not interact: the batch gradient of sum_n L_n w.r.t. A_l holds each sample's own
+    gradient in its row, so one backward (cotangent (p - u)/T at the logits) serves the batch.
+    """
+    from ..model import eval_mode, find_head, forward_head
+    from .engine import check_independent
+
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise UvoodError(f"x is empty (shape {tuple(x.shape)}): pass at least one sample.")
+    with eval_mode(model):
+        check_independent(model)
+        head_module = find_head(model, x[:1], head)
+        chosen = [] if layer == "head" else [m for _, m in gaia_layers(model, layer)]
+        out = []
+        for lo in range(0, x.shape[0], batch_size):
+            xb = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
+            tape = _Outputs(chosen, head_module if layer == "head" else None)
+            try:
+                with torch.enable_grad():
+                    _, _, z = forward_head(model, xb, head_module)
+            finally:
+                tape.remove()
+            maps = tape.out
+            if layer not in ("auto", "head") and not any(_spatial(a) for a in maps):
+                raise UvoodError(f"GAIA: layer {layer!r} outputs shape {tuple(maps[0].shape)}, not a spatial "
+                                 "feature map (N x channels x positions); name a convolutional layer, or use "
+                                 "gaia(layer=head) for the head's input.")
+            maps = [a for a in maps if layer == "head" or _spatial(a)]
+            v = (uniform_gap(z, T) / T).to(z.dtype)
+            grads = torch.autograd.grad(z, maps, v, allow_unused=True)
+            sq = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+            for a, g in zip(maps, grads):
+                g = torch.zeros_like(a) if g is None else g
+                if layer == "head":
+                    g = g.reshape(g.shape[0], -1, 1)
+                sq += (gaia_statistic(g, variant) ** 2).sum(1)
+            out.append(-sq.sqrt())
+    return torch.cat(out)
+
+
+class GaiaScore(Score):
+    """GAIA (Chen et al., "GAIA: Delving into Gradient-based Attribution Abnormality for
+    Out-of-distribution Detection", NeurIPS 2023), oriented higher = more ID:
+
+        S(x) = -|| Lambda(x) ||_F,   Lambda_{l,c} = a statistic of dL/dA_{l,c}
+
+    A_{l,c} channel c of the feature map of layer l, L = -(1/C) sum_k log p^(k) (the KL divergence
+    from uniform, GradNorm's loss; dL/dz = (p - u)/T). ``variant=a`` (GAIA-A, channel-wise average
+    abnormality): Lambda_{l,c} = |mean over positions of dL/dA_{l,c}|; ``variant=z`` (GAIA-Z,
+    zero-deflation abnormality): Lambda_{l,c} = the share of positions where dL/dA_{l,c} != 0.
+    Both grow on OOD inputs (the paper's observation), hence the minus sign.
+    ``layer=auto``: the output of every convolution; ``layer=NAME``: one module (spatial output
+    required); ``layer=head``: the head's input h (each unit a channel with one position).
+
+    Assumptions (the authors' code was not available here): the loss is GradNorm's KL to the
+    uniform (a constant factor does not change Z and scales A for every input alike); layers are
+    the convolution outputs; GAIA-A is not divided by an output-layer term. Deep only (needs the
+    model); at the head GAIA-A has the closed form ``gaia_v``.
+    """
+
+    needs_model = True
+
+    def __init__(self, variant="a", layer="auto", T=1.0):
+        self.variant, self.layer, self.T = variant, str(layer), _check_T(T, "gaia")
+        self.batch_size = GAIA_BATCH_SIZE
+
+    def from_model(self, model, x, head=None):
+        return gaia(model, x, variant=self.variant, layer=self.layer, T=self.T, head=head, batch_size=self.batch_size)
+
+
+class GaiaHeadScore(FittedScore):
+    """GAIA-A at the head's input, closed form (a pure output term; U = 1), higher = more ID:
+
+        S(x) = -|| W^T (p - u) ||_2 / T
+
+    dL/dh = W^T dL/dz = W^T (p - u) / T, one position per unit of h, so Lambda_c = |[W^T (p - u)]_c| / T.
+    "Fitting" only stores the head's weight W (C x D). Equals ``gaia(layer=head)``.
+    """
+
+    needs_head = True
+    _keys = ("weight",)
+    method = "gaia_v"
+
+    def __init__(self, T=1.0):
+        self.T = _check_T(T, "gaia_v")
+        super().__init__()
+
+    def _fit(self, h, logits, y, weight, bias):
+        self.weight = weight.clone()
+
+    def _score(self, h, logits):
+        return -(uniform_gap(logits, self.T) @ self.weight).norm(dim=1) / self.T
+
+
+# ---------------------------------------------------------------- GradOrth
+
+
+def _check_k(k, name):
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise UvoodError(f"{name}(k) needs an integer rank k >= 1, got {k!r}.")
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many singular values exceed max(s) * max(shape) * eps (numpy.linalg.matrix_rank's rule)."""
+    if s.numel() == 0 or float(s.max()) == 0.0:
+        return 0
+    return int((s > s.max() * max(shape) * torch.finfo(s.dtype).eps).sum())
+
+
+class GradOrthU(FittedScore):
+    """GradOrth's U term: U(h) = || S_k^T h ||_2, the norm of h projected onto the ID subspace.
+
+    S_k (D x k): the top-k right singular vectors of the n x D matrix of ID features (uncentred, as
+    the representation matrix of GradOrth / GPM). ``k``: the rank; default (None): the smallest k
+    with sum_{i<=k} s_i^2 >= ``energy`` * sum_i s_i^2 (the paper's threshold on the captured energy).
+    A k larger than the numerical rank of the ID feature matrix is refused.
+    """
+
+    _keys = ("basis",)
+    method = "GradOrth"
+
+    def __init__(self, k=None, energy=0.97):
+        _check_k(k, "gradorth")
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+            raise UvoodError(f"gradorth(energy) must be a share in (0, 1], got {energy!r}.")
+        self.k, self.energy = k, float(energy)
+        super().__init__()
+
+    def _fit(self, h, logits, y, weight, bias):
+        _, s, vh = torch.linalg.svd(h, full_matrices=False)
+        rank = numerical_rank(s, tuple(h.shape))
+        if self.k is not None:
+            if self.k > rank:
+                raise UvoodError(f"{self.method}: the projection rank k = {self.k} is larger than the fitted data "
+                                 f"allows: the {h.shape[0]} x {h.shape[1]} ID feature matrix has rank {rank}. Use "
+                                 f"k <= {rank}, or fit on more ID samples.")
+            k = self.k
+        else:
+            share = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-300)
+            k = min(int((share < self.energy - 1e-12).sum()) + 1, max(rank, 1))
+        self.basis = vh[:k].T.contiguous()
+
+    def _score(self, h, logits):
+        return (h @ self.basis).norm(dim=1)
+
+
+class GradOrthV(Score):
+    """GradOrth's V term: V(p) = || p - u ||_2 / T (the l2 norm of the KL-to-uniform gradient at z)."""
+
+    def __init__(self, T=1.0):
+        self.T = _check_T(T, "gradorth_v")
+
+    def from_features(self, h, logits):
+        return uniform_gap(logits, self.T).norm(dim=1) / self.T
+
+
+class GradOrthScore(GradOrthU):
+    """GradOrth (Behpour et al., "GradOrth: A Simple yet Efficient Out-of-Distribution Detection
+    with Orthogonal Projection of Gradients", NeurIPS 2023), oriented higher = more ID:
+
+        S(x) = || grad_W L(x) S_k S_k^T ||_F,   L = -(1/C) sum_k log p^(k)  (KL(u || p) + const)
+
+    the norm of the head-weight gradient projected onto the subspace of the ID representations
+    (S_k as :class:`GradOrthU`). A small projection means OOD (the paper). Head closed form:
+    grad_W L = (p - u) h^T / T is rank one, so the projection is (p - u)(S_k S_k^T h)^T / T and
+
+        S(x) = ||p - u||_2 / T * ||S_k^T h||_2 = gradorth_v * gradorth_u        (exact)
+
+    Assumptions: GradNorm's loss, the head's weight only (no bias), the Frobenius norm, default
+    energy threshold 0.97 (the paper reports a threshold on the captured energy; its exact value
+    per model was not available here).
+    """
+
+    def __init__(self, k=None, energy=0.97, T=1.0):
+        super().__init__(k, energy)
+        self.T = _check_T(T, "gradorth")
+
+    def _score(self, h, logits):
+        return super()._score(h, logits) * uniform_gap(logits, self.T).norm(dim=1) / self.T
+
+
+# ---------------------------------------------------------------- low-dimensional gradients
+
+
+def _augment(h: torch.Tensor, bias: bool) -> torch.Tensor:
+    return torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1) if bias else h
+
+
+class LowDimScore(FittedScore):
+    """Low-dimensional gradients (Wu et al., "Low-Dimensional Gradient Helps Out-of-Distribution
+    Detection", arXiv:2310.17163), at the head, oriented higher = more ID:
+
+        g(x) = grad_[W(,b)] logsumexp(z) = p h~^T          (C x D, rank one; h~ = [h, 1] with bias)
+        phi(x) = ( <g(x), M_j> )_{j=1..k} = ( p^T M_j h~ )_j
+        S(x) = -(phi - mu)^T P (phi - mu)
+
+    M_1..M_k: the top-k principal directions (uncentred, as the authors' truncated SVD of the ID
+    gradient matrix) of the ID gradients g_i; mu, P = pinv(Sigma): mean and covariance of phi on
+    the ID data. The full gradients are never formed: the Gram matrix of the ID gradients is
+    K_ij = <g_i, g_j> = (p_i . p_j)(h~_i . h~_j) (at most ``LOWDIM_FIT_MAX`` ID samples, seeded),
+    its top eigenpairs (a_j, s_j^2) give M_j = sum_i a_ij g_i / s_j (k x C x D stored), and
+    phi costs k C D per sample. phi is a bilinear form p^T M_j h~, not a product U(h) V(p)
+    (M_j is not rank one): this method has no U * V form.
+
+    Assumptions: the authors' output is logsumexp(z) (their energy model), the detector in the
+    subspace a single-Gaussian Mahalanobis distance (they pair the subspace with several existing
+    detectors), the head only (their deep version projects all parameters' gradients). A k
+    larger than the rank of the ID gradients is refused.
+    """
+
+    _keys = ("basis", "mu", "precision")
+    method = "lowdim"
+
+    def __init__(self, k=10, bias=False):
+        _check_k(k, "lowdim")
+        self.k, self.bias = k, bool(bias)
+        super().__init__()
+
+    def _fit(self, h, logits, y, weight, bias):
+        hh, p = _augment(h, self.bias), softmax(logits)
+        n = hh.shape[0]
+        if n > LOWDIM_FIT_MAX:
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:LOWDIM_FIT_MAX]
+            hs, ps = hh[idx], p[idx]
+        else:
+            hs, ps = hh, p
+        vals, vecs = torch.linalg.eigh((ps @ ps.T) * (hs @ hs.T))
+        s = vals.clamp_min(0).flip(0).sqrt()
+        rank = numerical_rank(s, (hs.shape[0], ps.shape[1] * hs.shape[1]))
+        if self.k > rank:
+            raise UvoodError(f"lowdim: the projection rank k = {self.k} is larger than the fitted data allows: the "
+                             f"{hs.shape[0]} ID gradients span {rank} dimensions. Use k <= {rank}, or fit on more "
+                             "ID samples.")
+        a = vecs.flip(1)[:, :self.k] / s[:self.k]
+        self.basis = torch.einsum("nk,nc,nd->kcd", a, ps, hs).contiguous()
+        phi = self._project(hh, p)
+        self.mu = phi.mean(0)
+        centred = phi - self.mu
+        self.precision = pinv_psd(centred.T @ centred / n)
+
+    def _project(self, hh, p):
+        return torch.einsum("nc,kcd,nd->nk", p, self.basis, hh)
+
+    def _score(self, h, logits):
+        d = self._project(_augment(h, self.bias), softmax(logits)) - self.mu
+        return -((d @ self.precision) * d).sum(1)
+
+
+# ---------------------------------------------------------------- Fisher-information trace
+
+
+def _fisher(depth="shallow", T=1.0, bias=False):
+    """Trace of the Fisher information of p(y | x) at x, oriented higher = more ID (sign -1):
+
+        tr F(x) = E_{Y~p}[ || grad_theta log p^(Y)(x) ||_2^2 ]  = grad(label=predicted, agg=mean_of_norm, norm=l2sq)
+
+    shallow: theta = the head's weight (and bias with ``bias=true``); closed form
+    (1/T^2) ||h~||_2^2 (1 - ||p||_2^2) = sqnorm * fisher_v (U * V, exact); deep: every parameter
+    (engine). The trace is larger for uncertain inputs, hence the sign -1.
+    """
+    return GradScore("predicted", "mean_of_norm", "l2sq", "none", depth, T, bias, False)
+
+
+class SqNormScore(Score):
+    """U(h) = ||h||_2^2 (the Fisher trace's encoding term)."""
+
+    def from_features(self, h, logits):
+        return (_f64(h) ** 2).sum(1)
+
+
+class FisherVScore(Score):
+    """V(p) = -(1 - ||p||_2^2) / T^2 <= 0 (the Fisher trace's output term, with its sign -1).
+
+    A product ``sqnorm * fisher_v`` = -||h||^2 (1 - ||p||^2) / T^2 = ``fisher`` (weight only)."""
+
+    def __init__(self, T=1.0):
+        self.T = _check_T(T, "fisher_v")
+
+    def from_features(self, h, logits):
+        p = softmax(logits, self.T)
+        return -(1.0 - (p * p).sum(1)) / self.T**2
+
+
+# ---------------------------------------------------------------- registry
+
+VARIANTS = ("a", "z")
+
+register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "T": 1.0}, kind="gradient",
+         choices={"variant": VARIANTS}, doc=GaiaScore.__doc__)
+register("gaia_v", GaiaHeadScore, params={"T": 1.0}, kind="output", doc=GaiaHeadScore.__doc__)
+register("gradorth", GradOrthScore, params={"k": None, "energy": 0.97, "T": 1.0}, kind="gradient",
+         doc=GradOrthScore.__doc__)
+register("gradorth_u", GradOrthU, params={"k": None, "energy": 0.97}, kind="encoding", doc=GradOrthU.__doc__)
+register("gradorth_v", GradOrthV, params={"T": 1.0}, kind="output", doc=GradOrthV.__doc__)
+register("lowdim", LowDimScore, params={"k": 10, "bias": False}, positional=("k",), kind="gradient",
+         choices={"bias": BOOLS}, doc=LowDimScore.__doc__)
+register("fisher", _fisher, params={"depth": "shallow", "T": 1.0, "bias": False}, kind="gradient",
+         choices={"depth": DEPTHS, "bias": BOOLS}, doc=_fisher.__doc__)
+register("sqnorm", SqNormScore, kind="encoding", doc=SqNormScore.__doc__)
+register("fisher_v", FisherVScore, params={"T": 1.0}, kind="output", doc=FisherVScore.__doc__)

@@ -1,0 +1,157 @@
+"""Gradient methods since the paper (uvood.scores.since): every fast path and closed form against the
+per-sample float64 autograd references of uvood.scores.reference, on random models (an MLP, a CNN with
+BatchNorm in eval mode and max-pooling, C in {3, 10, 17}); and the bad-input errors."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from uvood.errors import UvoodError
+from uvood.scores.reference import reference_fisher, reference_gaia, reference_gradorth, reference_lowdim
+from uvood.scores.registry import get_score
+
+CLASSES = (3, 10, 17)
+
+
+def make_mlp(C):
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, C)).double().eval()
+
+
+class CNN(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 7, 3), nn.ReLU())
+        self.fc = nn.Linear(7, C)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def make_cnn(C):
+    m = CNN(C)
+    bn = m.features[1]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.3, 0.3)
+    return m.double().eval()
+
+
+MODELS = {"mlp": (make_mlp, (12,)), "cnn": (make_cnn, (3, 10, 10))}
+
+
+def _data(kind, C, n=7, n_id=60):
+    make, shape = MODELS[kind]
+    model = make(C)
+    return model, torch.randn(n, *shape, dtype=torch.float64) * 2, torch.randn(n_id, *shape, dtype=torch.float64)
+
+
+def _close(a, b, rel=1e-6):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=rel, atol=rel * np.abs(b).max())
+
+
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("variant", ["a", "z"])
+def test_gaia_one_backward_matches_per_sample_reference_on_cnn(C, variant):
+    model, x, _ = _data("cnn", C)
+    fast = get_score(f"gaia(variant={variant})").from_model(model, x)
+    ref = reference_gaia(model, x, variant=variant)
+    _close(fast, ref)
+    if variant == "z":  # ReLU and max-pool leave exact zeros: the share is a fraction strictly inside (0, 1)
+        assert (ref < 0).all()
+    one = get_score(f"gaia(variant={variant},layer=features.4)").from_model(model, x)
+    _close(one, reference_gaia(model, x, variant=variant, layer="features.4"))
+    assert not torch.allclose(one, fast)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
+def test_gaia_at_the_head_is_its_closed_form_output_term(kind, C):
+    """GAIA-A of the head's input h = -||W^T (p - u)||_2 / T: a pure V term (gaia_v, from features)."""
+    model, x, x_id = _data(kind, C)
+    ref = reference_gaia(model, x, layer="head", T=2.0)
+    _close(get_score("gaia(layer=head,T=2)").from_model(model, x), ref)
+    v = get_score("gaia_v(T=2)")
+    v.fit(model, x_id, None)
+    _close(v.from_model(model, x), ref)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
+def test_gradorth_closed_form_and_uv_product_match_autograd(kind, C):
+    model, x, x_id = _data(kind, C)
+    from uvood.features import extract
+
+    h_id = extract(model, x_id, progress=False).h
+    ref = reference_gradorth(model, x, h_id, 3, T=1.5)
+    for spec in ("gradorth(k=3,T=1.5)", "gradorth_u(k=3)*gradorth_v(T=1.5)"):
+        s = get_score(spec)
+        s.fit(model, x_id, None)
+        _close(s.from_model(model, x), ref)
+
+
+def test_gradorth_energy_rule_picks_the_smallest_rank_holding_the_share():
+    model, x, x_id = _data("mlp", 10, n_id=200)
+    from uvood.features import extract
+
+    h = extract(model, x_id, progress=False).h.double()
+    s = np.linalg.svd(h.numpy(), compute_uv=False)
+    share = np.cumsum(s**2) / (s**2).sum()
+    for energy in (0.5, 0.9, 0.99):
+        score = get_score(f"gradorth(energy={energy})")
+        score.fit(model, x_id, None)
+        k = int(np.argmax(share >= energy)) + 1
+        assert score.basis.shape[1] == k
+        _close(score.from_model(model, x), reference_gradorth(model, x, h, k))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_lowdim_projection_without_full_gradients_matches_materialised_svd(kind, C, bias):
+    model, x, x_id = _data(kind, C)
+    k = 4
+    s = get_score(f"lowdim({k},bias={str(bias).lower()})")
+    s.fit(model, x_id, None)
+    _close(s.from_model(model, x), reference_lowdim(model, x_id, x, k, bias=bias), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
+def test_fisher_trace_shallow_deep_and_uv_form_match_autograd(kind, C):
+    model, x, _ = _data(kind, C)
+    ref_shallow = reference_fisher(model, x, T=1.3)
+    _close(get_score("fisher(T=1.3)").from_model(model, x), ref_shallow)
+    _close(get_score("sqnorm*fisher_v(T=1.3)").from_model(model, x), ref_shallow)
+    _close(get_score("fisher(bias=true)").from_model(model, x), reference_fisher(model, x, bias=True))
+    _close(get_score("fisher(depth=deep)").from_model(model, x), reference_fisher(model, x, depth="deep"))
+
+
+def test_bad_inputs_are_named():
+    mlp, x, x_id = _data("mlp", 3)
+    cnn, xc, _ = _data("cnn", 3)
+    with pytest.raises(UvoodError, match="has no convolution layer"):
+        get_score("gaia").from_model(mlp, x)
+    with pytest.raises(UvoodError, match="has no layer named 'nope'"):
+        get_score("gaia(layer=nope)").from_model(cnn, xc)
+    with pytest.raises(UvoodError, match="not a spatial feature map"):
+        get_score("gaia(layer=fc)").from_model(cnn, xc)
+    with pytest.raises(UvoodError, match="variant='b' is not valid; choose one of a, z"):
+        get_score("gaia(variant=b)")
+    with pytest.raises(UvoodError, match="the temperature T must be a finite number > 0"):
+        get_score("gaia(T=0)")
+    with pytest.raises(UvoodError, match="projection rank k = 12 is larger than the fitted data allows.*rank 9"):
+        get_score("gradorth(k=12)").fit(mlp, x_id, None)
+    with pytest.raises(UvoodError, match="projection rank k = 20 is larger than the fitted data allows.*span 5"):
+        get_score("lowdim(20)").fit(mlp, x_id[:5], None)
+    for spec in ("gradorth", "gradorth_u*gradorth_v", "lowdim", "gaia_v"):
+        with pytest.raises(UvoodError, match="must be fitted on ID training data first"):
+            get_score(spec).from_model(mlp, x)
+    with pytest.raises(UvoodError, match="needs an integer rank k >= 1"):
+        get_score("lowdim(0)")
+    with pytest.raises(UvoodError, match="energy\\) must be a share in \\(0, 1\\]"):
+        get_score("gradorth(energy=1.5)")
