@@ -68,6 +68,13 @@ def test_gaia_one_backward_matches_per_sample_reference_on_cnn(C, variant):
     assert not torch.allclose(one, fast)
 
 
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("variant", ["a", "z"])
+def test_gaia_on_an_mlp_uses_the_hidden_linear_outputs(C, variant):
+    model, x, _ = _data("mlp", C)
+    _close(get_score(f"gaia(variant={variant})").from_model(model, x), reference_gaia(model, x, variant=variant))
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("C", CLASSES)
 def test_gaia_at_the_head_is_its_closed_form_output_term(kind, C):
@@ -134,8 +141,8 @@ def test_fisher_trace_shallow_deep_and_uv_form_match_autograd(kind, C):
 def test_bad_inputs_are_named():
     mlp, x, x_id = _data("mlp", 3)
     cnn, xc, _ = _data("cnn", 3)
-    with pytest.raises(UvoodError, match="has no convolution layer"):
-        get_score("gaia").from_model(mlp, x)
+    with pytest.raises(UvoodError, match="no convolution and no hidden linear layer"):
+        get_score("gaia").from_model(nn.Linear(12, 3).double(), x)
     with pytest.raises(UvoodError, match="has no layer named 'nope'"):
         get_score("gaia(layer=nope)").from_model(cnn, xc)
     with pytest.raises(UvoodError, match="not a spatial feature map"):
@@ -155,3 +162,35 @@ def test_bad_inputs_are_named():
         get_score("lowdim(0)")
     with pytest.raises(UvoodError, match="energy\\) must be a share in \\(0, 1\\]"):
         get_score("gradorth(energy=1.5)")
+
+
+def test_since_section_from_a_mini_run(tmp_path, data_dir):
+    """The group runs end to end on real data; the table's cells are the run's AUROCs (checked with
+    scikit-learn on the run's scores), and each sentence follows from the rows: GradOrth's and the shallow
+    Fisher trace's U·V forms are the same numbers, so they match on every pair."""
+    from sklearn.metrics import roc_auc_score
+
+    from test_bench import _mini_spec
+    from uvood.bench.runner import run
+    from uvood.bench.scoresets import with_depth
+    from uvood.bench.since import SINCE, section
+
+    spec = _mini_spec(tmp_path, quick_deep_n=12)
+    specs = [with_depth(s, d) for _, s, d in SINCE if not (s == "fisher" and d == "deep")]
+    result = run(spec, scores=specs, quick=True, data_dir=data_dir, cache_dir=tmp_path / "c", progress=False,
+                 log=lambda *a: 0, n_boot=50)
+    lines = section(result)
+    text = "\n".join(lines)
+    assert lines[0] == "## Gradients since the paper"
+    table = [ln for ln in lines if ln.startswith("| ") and "`" in ln]
+    assert len(table) == len(specs)
+    row = next(r for r in result.rows if r["score"] == "gradorth" and r["ood"] == "CIFAR-10")
+    s_id, s_ood = result.scores[("MNIST", "MNIST", "gradorth")], result.scores[("MNIST", "CIFAR-10", "gradorth")]
+    auc = roc_auc_score(np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))], np.r_[s_id, s_ood])
+    assert f"{auc:.3f} [" in next(ln for ln in table if ln.startswith("| GradOrth (shallow)"))
+    assert abs(row["auroc"] - auc) < 1e-12
+    assert "**GradOrth** (`gradorth` vs `gradorth_u*gradorth_v`): yes: the U·V form matches the full method " \
+           "within its CI on every pair (2 of 2 pairs inside" in text
+    assert "**Fisher trace** (`fisher` vs `sqnorm*fisher_v`): yes" in text
+    assert "**Low-dimensional gradients** (`lowdim`): no U·V form" in text
+    assert "**GAIA-A** (`gaia` vs `gaia_v`):" in text

@@ -192,8 +192,11 @@ def reference_gaia(model, x, *, variant="a", layer="auto", T=1.0, head=None, dty
     KL-to-uniform loss, then Lambda_{l,c} = |mean over positions| (a) or share of non-zeros (z), and
     S = -sqrt(sum_{l,c} Lambda_{l,c}^2) with explicit loops over channels."""
     m, hm = float_copy(model, x, head, dtype)
+    flat = layer == "head"
     if layer == "auto":
         chosen = [mod for mod in m.modules() if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if not chosen:  # an MLP: the hidden linear layers' outputs, one position per unit
+            chosen, flat = [mod for mod in m.modules() if isinstance(mod, nn.Linear) and mod is not hm], True
     elif layer == "head":
         chosen = []
     else:
@@ -221,7 +224,7 @@ def reference_gaia(model, x, *, variant="a", layer="auto", T=1.0, head=None, dty
         total = 0.0
         for a in kept:
             g = a.grad[0]
-            if layer == "head":
+            if flat:
                 g = g.reshape(-1, 1)
             elif g.ndim < 2 or g[0].numel() < 2:
                 continue

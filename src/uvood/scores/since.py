@@ -63,24 +63,30 @@ def _spatial(t: torch.Tensor) -> bool:
     return t.ndim >= 3 and math.prod(t.shape[2:]) > 1
 
 
-def gaia_layers(model: nn.Module, layer: str) -> list[tuple[str, nn.Module]]:
-    """The modules whose outputs GAIA differentiates: every convolution (``auto``), one named
-    module (names compared case-insensitively, as the spec grammar lower-cases them), or the
-    head (``head``: its input h, handled by the caller)."""
+def gaia_layers(model: nn.Module, layer: str, head_module: nn.Module | None = None) -> tuple[list[nn.Module], bool]:
+    """The modules whose outputs GAIA differentiates, and whether their outputs are spatial maps.
+
+    ``auto``: every convolution; in a model without one (an MLP), every ``nn.Linear`` but the head,
+    each hidden unit a channel with one position. ``NAME``: that module (names compared
+    case-insensitively, as the spec grammar lower-cases them); its output must be a spatial map.
+    ``head`` (the head's input h) is handled by the caller."""
     named = list(model.named_modules())
     if layer == "auto":
-        chosen = [(n, m) for n, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-        if not chosen:
-            raise UvoodError(f"GAIA needs intermediate feature maps, but {type(model).__name__} has no "
-                             "convolution layer (no spatial map). Name a layer with a spatial output "
-                             "(gaia(layer=NAME)), or score the head's input with gaia(layer=head) or gaia_v.")
-        return chosen
-    chosen = [(n, m) for n, m in named if n and n.lower() == str(layer).lower()]
+        convs = [m for _, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if convs:
+            return convs, True
+        hidden = [m for _, m in named if isinstance(m, nn.Linear) and m is not head_module]
+        if not hidden:
+            raise UvoodError(f"GAIA needs intermediate feature maps, but {type(model).__name__} has no convolution "
+                             "and no hidden linear layer (no intermediate feature map). Score the head's input with "
+                             "gaia(layer=head) or gaia_v.")
+        return hidden, False
+    chosen = [m for n, m in named if n and n.lower() == str(layer).lower()]
     if not chosen:
         names = [n for n, _ in named if n][:12]
         raise UvoodError(f"GAIA: the model has no layer named {layer!r}. Layers: {', '.join(names)}"
                          f"{' ...' if len(named) > 13 else ''}; or layer=auto (every convolution), layer=head.")
-    return chosen
+    return chosen, True
 
 
 class _Outputs:
@@ -129,7 +135,7 @@ def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = 
     with eval_mode(model):
         check_independent(model)
         head_module = find_head(model, x[:1], head)
-        chosen = [] if layer == "head" else [m for _, m in gaia_layers(model, layer)]
+        chosen, spatial = ([], False) if layer == "head" else gaia_layers(model, layer, head_module)
         out = []
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
@@ -144,13 +150,14 @@ def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = 
                 raise UvoodError(f"GAIA: layer {layer!r} outputs shape {tuple(maps[0].shape)}, not a spatial "
                                  "feature map (N x channels x positions); name a convolutional layer, or use "
                                  "gaia(layer=head) for the head's input.")
-            maps = [a for a in maps if layer == "head" or _spatial(a)]
+            if spatial:  # a convolution whose map has shrunk to one position is left out, as in the reference
+                maps = [a for a in maps if _spatial(a)]
             v = (uniform_gap(z, T) / T).to(z.dtype)
             grads = torch.autograd.grad(z, maps, v, allow_unused=True)
             sq = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
             for a, g in zip(maps, grads):
                 g = torch.zeros_like(a) if g is None else g
-                if layer == "head":
+                if not spatial:
                     g = g.reshape(g.shape[0], -1, 1)
                 sq += (gaia_statistic(g, variant) ** 2).sum(1)
             out.append(-sq.sqrt())
@@ -168,18 +175,21 @@ class GaiaScore(Score):
     abnormality): Lambda_{l,c} = |mean over positions of dL/dA_{l,c}|; ``variant=z`` (GAIA-Z,
     zero-deflation abnormality): Lambda_{l,c} = the share of positions where dL/dA_{l,c} != 0.
     Both grow on OOD inputs (the paper's observation), hence the minus sign.
-    ``layer=auto``: the output of every convolution; ``layer=NAME``: one module (spatial output
-    required); ``layer=head``: the head's input h (each unit a channel with one position).
+    ``layer=auto``: the output of every convolution (in a model without convolutions, every hidden
+    ``nn.Linear`` output, each unit a channel with one position, so that A is |dL/dA| and Z the
+    indicator dL/dA != 0); ``layer=NAME``: one module (spatial output required); ``layer=head``:
+    the head's input h (each unit a channel with one position).
 
     Assumptions (the authors' code was not available here): the loss is GradNorm's KL to the
     uniform (a constant factor does not change Z and scales A for every input alike); layers are
     the convolution outputs; GAIA-A is not divided by an output-layer term. Deep only (needs the
-    model); at the head GAIA-A has the closed form ``gaia_v``.
+    model; ``depth`` admits only ``deep``, so that the benchmark files it with the deep rows); at the
+    head GAIA-A has the closed form ``gaia_v``.
     """
 
     needs_model = True
 
-    def __init__(self, variant="a", layer="auto", T=1.0):
+    def __init__(self, variant="a", layer="auto", T=1.0, depth="deep"):
         self.variant, self.layer, self.T = variant, str(layer), _check_T(T, "gaia")
         self.batch_size = GAIA_BATCH_SIZE
 
@@ -287,10 +297,10 @@ class GradOrthScore(GradOrthU):
 
     Assumptions: GradNorm's loss, the head's weight only (no bias), the Frobenius norm, default
     energy threshold 0.97 (the paper reports a threshold on the captured energy; its exact value
-    per model was not available here).
+    per model was not available here). Head only: ``depth`` admits ``shallow`` alone.
     """
 
-    def __init__(self, k=None, energy=0.97, T=1.0):
+    def __init__(self, k=None, energy=0.97, T=1.0, depth="shallow"):
         super().__init__(k, energy)
         self.T = _check_T(T, "gradorth")
 
@@ -330,7 +340,7 @@ class LowDimScore(FittedScore):
     _keys = ("basis", "mu", "precision")
     method = "lowdim"
 
-    def __init__(self, k=10, bias=False):
+    def __init__(self, k=10, bias=False, depth="shallow"):
         _check_k(k, "lowdim")
         self.k, self.bias = k, bool(bias)
         super().__init__()
@@ -404,15 +414,15 @@ class FisherVScore(Score):
 
 VARIANTS = ("a", "z")
 
-register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "T": 1.0}, kind="gradient",
-         choices={"variant": VARIANTS}, doc=GaiaScore.__doc__)
+register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "T": 1.0, "depth": "deep"}, kind="gradient",
+         choices={"variant": VARIANTS, "depth": ("deep",)}, doc=GaiaScore.__doc__)
 register("gaia_v", GaiaHeadScore, params={"T": 1.0}, kind="output", doc=GaiaHeadScore.__doc__)
-register("gradorth", GradOrthScore, params={"k": None, "energy": 0.97, "T": 1.0}, kind="gradient",
-         doc=GradOrthScore.__doc__)
+register("gradorth", GradOrthScore, params={"k": None, "energy": 0.97, "T": 1.0, "depth": "shallow"},
+         kind="gradient", choices={"depth": ("shallow",)}, doc=GradOrthScore.__doc__)
 register("gradorth_u", GradOrthU, params={"k": None, "energy": 0.97}, kind="encoding", doc=GradOrthU.__doc__)
 register("gradorth_v", GradOrthV, params={"T": 1.0}, kind="output", doc=GradOrthV.__doc__)
-register("lowdim", LowDimScore, params={"k": 10, "bias": False}, positional=("k",), kind="gradient",
-         choices={"bias": BOOLS}, doc=LowDimScore.__doc__)
+register("lowdim", LowDimScore, params={"k": 10, "bias": False, "depth": "shallow"}, positional=("k",),
+         kind="gradient", choices={"bias": BOOLS, "depth": ("shallow",)}, doc=LowDimScore.__doc__)
 register("fisher", _fisher, params={"depth": "shallow", "T": 1.0, "bias": False}, kind="gradient",
          choices={"depth": DEPTHS, "bias": BOOLS}, doc=_fisher.__doc__)
 register("sqnorm", SqNormScore, kind="encoding", doc=SqNormScore.__doc__)
