@@ -56,15 +56,16 @@ def _close(a, b, rel=1e-6):
 
 @pytest.mark.parametrize("C", CLASSES)
 @pytest.mark.parametrize("variant", ["a", "z"])
-def test_gaia_one_backward_matches_per_sample_reference_on_cnn(C, variant):
+@pytest.mark.parametrize("target", ["predicted", "uniform"])
+def test_gaia_one_backward_matches_per_sample_reference_on_cnn(C, variant, target):
     model, x, _ = _data("cnn", C)
-    fast = get_score(f"gaia(variant={variant})").from_model(model, x)
-    ref = reference_gaia(model, x, variant=variant)
+    fast = get_score(f"gaia(variant={variant},target={target})").from_model(model, x)
+    ref = reference_gaia(model, x, variant=variant, target=target)
     _close(fast, ref)
     if variant == "z":  # ReLU and max-pool leave exact zeros: the share is a fraction strictly inside (0, 1)
         assert (ref < 0).all()
-    one = get_score(f"gaia(variant={variant},layer=features.4)").from_model(model, x)
-    _close(one, reference_gaia(model, x, variant=variant, layer="features.4"))
+    one = get_score(f"gaia(variant={variant},layer=features.4,target={target})").from_model(model, x)
+    _close(one, reference_gaia(model, x, variant=variant, layer="features.4", target=target))
     assert not torch.allclose(one, fast)
 
 
@@ -78,13 +79,14 @@ def test_gaia_on_an_mlp_uses_the_hidden_linear_outputs(C, variant):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("C", CLASSES)
 def test_gaia_at_the_head_is_its_closed_form_output_term(kind, C):
-    """GAIA-A of the head's input h = -||W^T (p - u)||_2 / T: a pure V term (gaia_v, from features)."""
+    """GAIA-A of the head's input h = -||W^T dL/dz||_2: a pure V term (gaia_v, from features)."""
     model, x, x_id = _data(kind, C)
-    ref = reference_gaia(model, x, layer="head", T=2.0)
-    _close(get_score("gaia(layer=head,T=2)").from_model(model, x), ref)
-    v = get_score("gaia_v(T=2)")
-    v.fit(model, x_id, None)
-    _close(v.from_model(model, x), ref)
+    for target in ("predicted", "uniform"):
+        ref = reference_gaia(model, x, layer="head", T=2.0, target=target)
+        _close(get_score(f"gaia(layer=head,T=2,target={target})").from_model(model, x), ref)
+        v = get_score(f"gaia_v(T=2,target={target})")
+        v.fit(model, x_id, None)
+        _close(v.from_model(model, x), ref)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

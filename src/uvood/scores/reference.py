@@ -187,10 +187,12 @@ def _kl_uniform_loss(logits, T):
     return -torch.log_softmax(logits / T, dim=1)[0].mean()
 
 
-def reference_gaia(model, x, *, variant="a", layer="auto", T=1.0, head=None, dtype=torch.float64) -> torch.Tensor:
+def reference_gaia(model, x, *, variant="a", layer="auto", target="predicted", T=1.0, head=None,
+                   dtype=torch.float64) -> torch.Tensor:
     """GAIA, textbook style: per sample, retain the gradient of every chosen feature map, backward the
-    KL-to-uniform loss, then Lambda_{l,c} = |mean over positions| (a) or share of non-zeros (z), and
-    S = -sqrt(sum_{l,c} Lambda_{l,c}^2) with explicit loops over channels."""
+    loss (-log p^(yhat) of the predicted class, or the KL to uniform), then Lambda_{l,c} = |mean over
+    positions| (a) or share of non-zeros (z), and S = -sqrt(sum_{l,c} Lambda_{l,c}^2) with explicit loops
+    over channels."""
     m, hm = float_copy(model, x, head, dtype)
     flat = layer == "head"
     if layer == "auto":
@@ -220,7 +222,10 @@ def reference_gaia(model, x, *, variant="a", layer="auto", T=1.0, head=None, dty
         _, logits = forward_features(m, x[n:n + 1].to(dtype), hm)
         for hd in handles:
             hd.remove()
-        _kl_uniform_loss(logits, T).backward()
+        if target == "uniform":
+            _kl_uniform_loss(logits, T).backward()
+        else:
+            (-torch.log_softmax(logits / T, dim=1)[0, int(logits[0].argmax())]).backward()
         total = 0.0
         for a in kept:
             g = a.grad[0]

@@ -8,8 +8,9 @@ references are in :mod:`uvood.scores.reference` (``reference_gaia``, ``reference
 ``reference_lowdim``; the Fisher trace is ``reference_grad_score`` of its grad(...) axes).
 
 * ``gaia(variant=a|z, layer=auto)`` -- GAIA (Chen et al., NeurIPS 2023): gradients of the
-  KL-to-uniform loss w.r.t. intermediate feature maps (deep only, needs the model).
-* ``gaia_v`` -- GAIA-A at the head's input: -||W^T (p - u)||_2 / T, a pure output term (U = 1).
+  loss -log p^(yhat) of the predicted class (or the KL to uniform, ``target=uniform``) w.r.t.
+  intermediate feature maps (deep only, needs the model).
+* ``gaia_v`` -- GAIA-A at the head's input: -||W^T (p - e_yhat)||_2 / T, a pure output term (U = 1).
 * ``gradorth(k=, energy=)`` -- GradOrth (Behpour et al., NeurIPS 2023), fitted on ID features;
   ``gradorth_u(k=, energy=) * gradorth_v`` is its U * V form (identical values at the head).
 * ``lowdim(k, bias)`` -- low-dimensional gradients (Wu et al., 2023, arXiv:2310.17163) at the
@@ -53,6 +54,15 @@ def uniform_gap(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """p - u (N x C): T times the gradient at z of the KL-to-uniform loss -(1/C) sum_k log p^(k)."""
     p = softmax(logits, T)
     return p - 1.0 / p.shape[1]
+
+
+def loss_cotangent(logits: torch.Tensor, target: str, T: float = 1.0) -> torch.Tensor:
+    """dL/dz (N x C, float64) of GAIA's loss: ``predicted``: L = -log p^(yhat), yhat = argmax_k z_k,
+    dL/dz = (p - e_yhat)/T; ``uniform``: L = -(1/C) sum_k log p^(k), dL/dz = (p - u)/T."""
+    if target == "uniform":
+        return uniform_gap(logits, T) / T
+    p = softmax(logits, T)
+    return (p - torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(p.dtype)) / T
 
 
 # ---------------------------------------------------------------- GAIA
@@ -118,14 +128,14 @@ def gaia_statistic(g: torch.Tensor, variant: str) -> torch.Tensor:
     return (flat != 0).to(torch.float64).mean(-1)
 
 
-def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = "auto", T: float = 1.0,
-         head=None, batch_size: int = GAIA_BATCH_SIZE) -> torch.Tensor:
+def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = "auto", target: str = "predicted",
+         T: float = 1.0, head=None, batch_size: int = GAIA_BATCH_SIZE) -> torch.Tensor:
     """GAIA score -||Lambda||_F (higher = more ID), one forward and ONE backward per micro-batch.
 
     Lambda_{l,c} = gaia_statistic of dL/dA_l, channel c, for every chosen layer l, with the loss
-    L = -(1/C) sum_k log p^(k) (KL(u || p) up to a constant), so dL/dz = (p - u)/T. In eval mode
+    L the loss of :func:`loss_cotangent` (``target``). In eval mode
     the samples do not interact: the batch gradient of sum_n L_n w.r.t. A_l holds each sample's own
-    gradient in its row, so one backward (cotangent (p - u)/T at the logits) serves the batch.
+    gradient in its row, so one backward (cotangent dL/dz at the logits) serves the batch.
     """
     from ..model import eval_mode, find_head, forward_head
     from .engine import check_independent
@@ -152,7 +162,7 @@ def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = 
                                  "gaia(layer=head) for the head's input.")
             if spatial:  # a convolution whose map has shrunk to one position is left out, as in the reference
                 maps = [a for a in maps if _spatial(a)]
-            v = (uniform_gap(z, T) / T).to(z.dtype)
+            v = loss_cotangent(z, target, T).to(z.dtype)
             grads = torch.autograd.grad(z, maps, v, allow_unused=True)
             sq = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
             for a, g in zip(maps, grads):
@@ -170,8 +180,9 @@ class GaiaScore(Score):
 
         S(x) = -|| Lambda(x) ||_F,   Lambda_{l,c} = a statistic of dL/dA_{l,c}
 
-    A_{l,c} channel c of the feature map of layer l, L = -(1/C) sum_k log p^(k) (the KL divergence
-    from uniform, GradNorm's loss; dL/dz = (p - u)/T). ``variant=a`` (GAIA-A, channel-wise average
+    A_{l,c} channel c of the feature map of layer l, L = -log p^(yhat) the loss of the predicted
+    class yhat = argmax_k z_k (the class an attribution explains; dL/dz = (p - e_yhat)/T), or with
+    ``target=uniform`` GradNorm's KL to the uniform (dL/dz = (p - u)/T). ``variant=a`` (GAIA-A, channel-wise average
     abnormality): Lambda_{l,c} = |mean over positions of dL/dA_{l,c}|; ``variant=z`` (GAIA-Z,
     zero-deflation abnormality): Lambda_{l,c} = the share of positions where dL/dA_{l,c} != 0.
     Both grow on OOD inputs (the paper's observation), hence the minus sign.
@@ -180,29 +191,34 @@ class GaiaScore(Score):
     indicator dL/dA != 0); ``layer=NAME``: one module (spatial output required); ``layer=head``:
     the head's input h (each unit a channel with one position).
 
-    Assumptions (the authors' code was not available here): the loss is GradNorm's KL to the
-    uniform (a constant factor does not change Z and scales A for every input alike); layers are
-    the convolution outputs; GAIA-A is not divided by an output-layer term. Deep only (needs the
+    Assumptions (the authors' code was not available here): the loss of the predicted class (the
+    attribution target; a constant factor would not change Z and scale A for every input alike);
+    layers are the convolution outputs; GAIA-A is not divided by an output-layer term. With
+    ``target=uniform`` the orientation stays as defined (-||Lambda||), although there a confident
+    input has the larger gradient (GradNorm's observation), so that variant tends to rank ID inputs
+    as OOD; it is kept for comparison, not flipped. Deep only (needs the
     model; ``depth`` admits only ``deep``, so that the benchmark files it with the deep rows); at the
     head GAIA-A has the closed form ``gaia_v``.
     """
 
     needs_model = True
 
-    def __init__(self, variant="a", layer="auto", T=1.0, depth="deep"):
+    def __init__(self, variant="a", layer="auto", target="predicted", T=1.0, depth="deep"):
         self.variant, self.layer, self.T = variant, str(layer), _check_T(T, "gaia")
+        self.target = target
         self.batch_size = GAIA_BATCH_SIZE
 
     def from_model(self, model, x, head=None):
-        return gaia(model, x, variant=self.variant, layer=self.layer, T=self.T, head=head, batch_size=self.batch_size)
+        return gaia(model, x, variant=self.variant, layer=self.layer, target=self.target, T=self.T, head=head,
+                    batch_size=self.batch_size)
 
 
 class GaiaHeadScore(FittedScore):
     """GAIA-A at the head's input, closed form (a pure output term; U = 1), higher = more ID:
 
-        S(x) = -|| W^T (p - u) ||_2 / T
+        S(x) = -|| W^T (p - e_yhat) ||_2 / T          (target=uniform: -|| W^T (p - u) ||_2 / T)
 
-    dL/dh = W^T dL/dz = W^T (p - u) / T, one position per unit of h, so Lambda_c = |[W^T (p - u)]_c| / T.
+    dL/dh = W^T dL/dz, one position per unit of h, so Lambda_c = |[W^T dL/dz]_c|.
     "Fitting" only stores the head's weight W (C x D). Equals ``gaia(layer=head)``.
     """
 
@@ -210,15 +226,15 @@ class GaiaHeadScore(FittedScore):
     _keys = ("weight",)
     method = "gaia_v"
 
-    def __init__(self, T=1.0):
-        self.T = _check_T(T, "gaia_v")
+    def __init__(self, target="predicted", T=1.0):
+        self.T, self.target = _check_T(T, "gaia_v"), target
         super().__init__()
 
     def _fit(self, h, logits, y, weight, bias):
         self.weight = weight.clone()
 
     def _score(self, h, logits):
-        return -(uniform_gap(logits, self.T) @ self.weight).norm(dim=1) / self.T
+        return -(loss_cotangent(logits, self.target, self.T) @ self.weight).norm(dim=1)
 
 
 # ---------------------------------------------------------------- GradOrth
@@ -414,9 +430,12 @@ class FisherVScore(Score):
 
 VARIANTS = ("a", "z")
 
-register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "T": 1.0, "depth": "deep"}, kind="gradient",
-         choices={"variant": VARIANTS, "depth": ("deep",)}, doc=GaiaScore.__doc__)
-register("gaia_v", GaiaHeadScore, params={"T": 1.0}, kind="output", doc=GaiaHeadScore.__doc__)
+TARGETS = ("predicted", "uniform")
+
+register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "target": "predicted", "T": 1.0, "depth": "deep"},
+         kind="gradient", choices={"variant": VARIANTS, "target": TARGETS, "depth": ("deep",)}, doc=GaiaScore.__doc__)
+register("gaia_v", GaiaHeadScore, params={"target": "predicted", "T": 1.0}, kind="output", choices={"target": TARGETS},
+         doc=GaiaHeadScore.__doc__)
 register("gradorth", GradOrthScore, params={"k": None, "energy": 0.97, "T": 1.0, "depth": "shallow"},
          kind="gradient", choices={"depth": ("shallow",)}, doc=GradOrthScore.__doc__)
 register("gradorth_u", GradOrthU, params={"k": None, "energy": 0.97}, kind="encoding", doc=GradOrthU.__doc__)
