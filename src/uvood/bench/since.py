@@ -19,7 +19,7 @@ from .scoresets import with_depth
 SINCE = [
     ("GAIA-A", "gaia", "deep"),
     ("GAIA-Z", "gaia(variant=z)", "deep"),
-    ("GAIA-A at the head: -||W^T (p - u)||_2 [U·V, U = 1]", "gaia_v", "none"),
+    ("GAIA-A at the head: -||W^T (p - e_yhat)||_2 [U·V, U = 1]", "gaia_v", "none"),
     ("GradOrth", "gradorth", "shallow"),
     ("GradOrth as ||S_k^T h||_2 · ||p - u||_2 [U·V]", "gradorth_u*gradorth_v", "none"),
     ("Low-dimensional gradients (head)", "lowdim", "shallow"),
@@ -36,7 +36,7 @@ SINCE = [
 COMPARISONS = [
     ("GAIA-A", ("gaia",), "gaia_v", None),
     ("GAIA-Z", ("gaia(variant=z)",), None,
-     "at the head every unit of W^T (p - u) is non-zero for almost every input, so its zero share is 1: "
+     "at the head every unit of W^T (p - e_yhat) is non-zero for almost every input, so its zero share is 1: "
      "the head form is a constant"),
     ("GradOrth", ("gradorth",), "gradorth_u*gradorth_v", None),
     ("Low-dimensional gradients", ("lowdim",), None,
