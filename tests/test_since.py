@@ -22,7 +22,7 @@ class CNN(nn.Module):
     def __init__(self, C):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(6, 7, 3), nn.ReLU())
+                                      nn.Conv2d(6, 7, 3), nn.ReLU(inplace=True))
         self.fc = nn.Linear(7, C)
 
     def forward(self, x):

@@ -210,6 +210,7 @@ def reference_gaia(model, x, *, variant="a", layer="auto", target="predicted", T
         def keep_out(mod, inp, o, kept=kept):
             o.retain_grad()
             kept.append(o)
+            return o.clone()  # later in-place ops (ReLU(inplace=True)) act on the copy
 
         def keep_in(mod, inp, o, kept=kept):
             inp[0].retain_grad()

@@ -113,6 +113,8 @@ class _Outputs:
             raise UvoodError(f"GAIA: the layer {type(module).__name__} returns {type(output).__name__}, not a "
                              "tensor feature map; name another layer.")
         self.out.append(output)
+        return output.clone()  # the model goes on with a copy: an in-place op after it (ReLU(inplace=True))
+        # cannot change the kept map, whose gradient is then the one w.r.t. the module's own output
 
     def remove(self):
         for h in self.handles:
