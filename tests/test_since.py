@@ -131,6 +131,21 @@ def test_lowdim_projection_without_full_gradients_matches_materialised_svd(kind,
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("C", CLASSES)
+def test_deep_lowdim_by_jvp_and_vjp_matches_materialised_per_sample_gradients(kind, C):
+    """With k + oversample >= the number of fit samples the randomized SVD spans the ID gradients exactly, so the
+    score equals the reference's (per-sample backward over every parameter, numpy SVD)."""
+    model, x, x_id = _data(kind, C, n_id=12)
+    s = get_score("lowdim(4,depth=deep)")
+    s.fit(model, x_id, None)
+    _close(s.from_model(model, x), reference_lowdim(model, x_id, x, 4, depth="deep"), rel=1e-6)
+    state = s.state()
+    again = get_score("lowdim(4,depth=deep)")
+    again.load_state(state)
+    _close(again.from_model(model, x), s.from_model(model, x), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
 def test_fisher_trace_shallow_deep_and_uv_form_match_autograd(kind, C):
     model, x, _ = _data(kind, C)
     ref_shallow = reference_fisher(model, x, T=1.3)
@@ -157,7 +172,15 @@ def test_bad_inputs_are_named():
         get_score("gradorth(k=12)").fit(mlp, x_id, None)
     with pytest.raises(UvoodError, match="projection rank k = 20 is larger than the fitted data allows.*span 5"):
         get_score("lowdim(20)").fit(mlp, x_id[:5], None)
-    for spec in ("gradorth", "gradorth_u*gradorth_v", "lowdim", "gaia_v"):
+    with pytest.raises(UvoodError, match="projection rank k = 20 is larger than the fitted data allows.*span 5"):
+        get_score("lowdim(20,depth=deep)").fit(mlp, x_id[:5], None)
+    with pytest.raises(UvoodError, match="biases included: drop bias=true"):
+        get_score("lowdim(depth=deep,bias=true)")
+    with pytest.raises(UvoodError, match="fitted on a model with .* parameters, but this one has"):
+        s = get_score("lowdim(2,depth=deep)")
+        s.fit(mlp, x_id[:8], None)
+        s.from_model(make_mlp(4), x)
+    for spec in ("gradorth", "gradorth_u*gradorth_v", "lowdim", "gaia_v", "lowdim(depth=deep)"):
         with pytest.raises(UvoodError, match="must be fitted on ID training data first"):
             get_score(spec).from_model(mlp, x)
     with pytest.raises(UvoodError, match="needs an integer rank k >= 1"):
@@ -194,5 +217,5 @@ def test_since_section_from_a_mini_run(tmp_path, data_dir):
     assert "**GradOrth** (`gradorth` vs `gradorth_u*gradorth_v`): yes: the U·V form matches the full method " \
            "within its CI on every pair (2 of 2 pairs inside" in text
     assert "**Fisher trace** (`fisher` vs `sqnorm*fisher_v`): yes" in text
-    assert "**Low-dimensional gradients** (`lowdim`): no U·V form" in text
+    assert "**Low-dimensional gradients** (`lowdim(depth=deep)`): no U·V form" in text
     assert "**GAIA-A** (`gaia` vs `gaia_v`):" in text

@@ -22,6 +22,7 @@ SINCE = [
     ("GAIA-A at the head: -||W^T (p - e_yhat)||_2 [U·V, U = 1]", "gaia_v", "none"),
     ("GradOrth", "gradorth", "shallow"),
     ("GradOrth as ||S_k^T h||_2 · ||p - u||_2 [U·V]", "gradorth_u*gradorth_v", "none"),
+    ("Low-dimensional gradients", "lowdim", "deep"),
     ("Low-dimensional gradients (head)", "lowdim", "shallow"),
     ("Fisher trace", "fisher", "deep"),
     ("Fisher trace", "fisher", "shallow"),
@@ -39,7 +40,7 @@ COMPARISONS = [
      "at the head every unit of W^T (p - e_yhat) is non-zero for almost every input, so its zero share is 1: "
      "the head form is a constant"),
     ("GradOrth", ("gradorth",), "gradorth_u*gradorth_v", None),
-    ("Low-dimensional gradients", ("lowdim",), None,
+    ("Low-dimensional gradients", ("lowdim(depth=deep)", "lowdim"), None,
      "its features p^T M_j h are bilinear forms with matrices M_j of rank > 1, not a product U(h) V(p)"),
     ("Fisher trace", ("fisher(depth=deep)", "fisher"), "sqnorm*fisher_v", None),
 ]

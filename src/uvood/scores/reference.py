@@ -242,14 +242,20 @@ def reference_gaia(model, x, *, variant="a", layer="auto", target="predicted", T
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _head_grads(model, x, loss_fn, head, dtype, bias=False):
-    """Per sample: the flattened gradient of loss_fn(logits) w.r.t. the head's weight (and bias), N x P, float64."""
+def _head_grads(model, x, loss_fn, head, dtype, bias=False, deep=False):
+    """Per sample: the flattened gradient of loss_fn(logits) w.r.t. the head's weight (and bias; with
+    ``deep`` every parameter with requires_grad, in named_parameters order), N x P, float64."""
     m, hm = float_copy(model, x, head, dtype)
     rows = []
     for n in range(x.shape[0]):
         m.zero_grad()
         _, logits = forward_features(m, x[n:n + 1].to(dtype), hm)
         loss_fn(logits).backward()
+        if deep:
+            parts = [torch.zeros(p.numel(), dtype=dtype) if p.grad is None else p.grad.reshape(-1)
+                     for p in m.parameters() if p.requires_grad]
+            rows.append(torch.cat(parts).to(torch.float64).clone())
+            continue
         parts = [hm.weight.grad.reshape(hm.weight.shape[0], -1)]
         if bias:
             parts.append(hm.bias.grad.reshape(-1, 1))
@@ -273,21 +279,23 @@ def reference_gradorth(model, x, h_id, k, *, T=1.0, head=None, dtype=torch.float
     return torch.tensor(out, dtype=torch.float64)
 
 
-def reference_lowdim(model, x_id, x, k, *, bias=False, head=None, dtype=torch.float64) -> torch.Tensor:
-    """Low-dimensional gradients, textbook style: per ID sample the head gradient of logsumexp(z) by
-    backward (N x C*D, materialised), its top-k right singular vectors V (numpy SVD, uncentred), the
+def reference_lowdim(model, x_id, x, k, *, bias=False, depth="shallow", head=None,
+                     dtype=torch.float64) -> torch.Tensor:
+    """Low-dimensional gradients, textbook style: per ID sample the head gradient (``depth=deep``: the
+    gradient over every parameter) of logsumexp(z) by backward (N x P, materialised), its top-k right
+    singular vectors V (numpy SVD, uncentred), the
     features phi = G V, their mean and covariance (numpy, divided by n, pseudo-inverse), and
     S(x) = -(phi(x) - mu)^T Sigma^+ (phi(x) - mu) with phi(x) from x's own backward."""
     import numpy as np
 
     lse = lambda z: torch.logsumexp(z, dim=1)[0]  # noqa: E731
-    g_id, _ = _head_grads(model, x_id, lse, head, dtype, bias)
+    g_id, _ = _head_grads(model, x_id, lse, head, dtype, bias, depth == "deep")
     _, _, vt = np.linalg.svd(g_id.numpy(), full_matrices=False)
     v = vt[:k].T
     phi = g_id.numpy() @ v
     mu = phi.mean(0)
     prec = np.linalg.pinv(np.cov(phi.T, bias=True).reshape(k, k), hermitian=True)
-    g, _ = _head_grads(model, x, lse, head, dtype, bias)
+    g, _ = _head_grads(model, x, lse, head, dtype, bias, depth == "deep")
     d = g.numpy() @ v - mu
     return torch.from_numpy(-np.einsum("ni,ij,nj->n", d, prec, d))
 

@@ -13,9 +13,10 @@ references are in :mod:`uvood.scores.reference` (``reference_gaia``, ``reference
 * ``gaia_v`` -- GAIA-A at the head's input: -||W^T (p - e_yhat)||_2 / T, a pure output term (U = 1).
 * ``gradorth(k=, energy=)`` -- GradOrth (Behpour et al., NeurIPS 2023), fitted on ID features;
   ``gradorth_u(k=, energy=) * gradorth_v`` is its U * V form (identical values at the head).
-* ``lowdim(k, bias)`` -- low-dimensional gradients (Wu et al., 2023, arXiv:2310.17163) at the
-  head, fitted on ID features: the head gradient of logsumexp(z) projected onto the top-k
-  principal directions of the ID gradients, scored by a Mahalanobis distance there.
+* ``lowdim(k, bias, depth)`` -- low-dimensional gradients (Wu et al., 2023, arXiv:2310.17163):
+  the gradient of logsumexp(z) projected onto the top-k principal directions of the ID gradients,
+  scored by a Mahalanobis distance there; shallow: the head, fitted on ID features (closed form);
+  deep: every parameter, by jvp / vjp products (randomized SVD), no per-sample gradient formed.
 * ``fisher(depth, T, bias)`` -- the trace of the Fisher information of p(y|x) at x, shallow and
   deep; ``sqnorm * fisher_v`` is its U * V form (exact at the head).
 """
@@ -358,7 +359,7 @@ class LowDimScore(FittedScore):
     _keys = ("basis", "mu", "precision")
     method = "lowdim"
 
-    def __init__(self, k=10, bias=False, depth="shallow"):
+    def __init__(self, k=10, bias=False):
         _check_k(k, "lowdim")
         self.k, self.bias = k, bool(bias)
         super().__init__()
@@ -391,6 +392,156 @@ class LowDimScore(FittedScore):
     def _score(self, h, logits):
         d = self._project(_augment(h, self.bias), softmax(logits)) - self.mu
         return -((d @ self.precision) * d).sum(1)
+
+
+class _Logits(nn.Module):
+    """The model's logits (via :func:`uvood.model.forward_head`) as a module whose parameters are the
+    model's, so that ``torch.func.functional_call`` can swap them."""
+
+    def __init__(self, model, head):
+        super().__init__()
+        self.model = model
+        self._head = [head]  # in a list: not registered as a second owner of the head's parameters
+
+    def forward(self, x):
+        from ..model import forward_head
+
+        return forward_head(self.model, x, self._head[0])[2]
+
+
+class LowDimDeepScore(Score):
+    """Low-dimensional gradients over every parameter (Wu et al., arXiv:2310.17163), higher = more ID:
+
+        phi_j(x) = <grad_theta logsumexp(z(x)), v_j>,   S(x) = -(phi - mu)^T P (phi - mu)
+
+    v_1..v_k: the top-k right singular vectors of the ID Jacobian J (n x P, row i = the gradient of
+    logsumexp(z(x_i)) w.r.t. all parameters with requires_grad), found as the authors do, by a randomized
+    truncated SVD that touches J only through products: J^T w (one backward of sum_i w_i y_i per
+    column) and J v (one forward-mode ``torch.func.jvp`` per column). Rows of J are never formed;
+    memory is P x (k + oversample). Scoring: phi(x) = J(x) V, k jvps per batch (exact per sample: the
+    samples do not interact in eval mode). mu, P = pinv(Sigma) of phi on the fit samples. The
+    subspace is exact when k + ``oversample`` >= the rank of J (at most the number of fit samples),
+    else the randomized estimate with ``iters`` power iterations (seeded).
+    """
+
+    needs_model = True
+    needs_fit = True
+
+    def __init__(self, k=10, oversample=10, iters=1):
+        self.k, self.oversample, self.iters = k, int(oversample), int(iters)
+        self.basis = self.mu = self.precision = None
+        self.batch_size = 128
+
+    @staticmethod
+    def _params(model):
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def _jt(self, model, x, w, head):
+        """J^T w (P x l, float64) for w (n x l): one forward per micro-batch, l backward passes."""
+        from ..model import forward_head
+
+        named = self._params(model)
+        out = torch.zeros(sum(p.numel() for _, p in named), w.shape[1], dtype=torch.float64)
+        for lo in range(0, x.shape[0], self.batch_size):
+            with torch.enable_grad():
+                y = torch.logsumexp(forward_head(model, x[lo:lo + self.batch_size], head)[2], dim=1)
+                for j in range(w.shape[1]):
+                    grads = torch.autograd.grad(y, [p for _, p in named], w[lo:lo + len(y), j].to(y.dtype),
+                                                retain_graph=j < w.shape[1] - 1, allow_unused=True)
+                    out[:, j] += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double().cpu()
+                                            for (_, p), g in zip(named, grads)])
+        return out
+
+    def _j(self, model, x, v, head):
+        """J v (n x l, float64) for v (P x l): one forward-mode jvp per column and micro-batch."""
+        from torch.func import functional_call, jvp
+
+        named = self._params(model)
+        wrapper = _Logits(model, head)
+        primals = {f"model.{n}": p.detach() for n, p in named}
+        tangents = []
+        for j in range(v.shape[1]):
+            t, pos = {}, 0
+            for n, p in named:
+                t[f"model.{n}"] = v[pos:pos + p.numel(), j].reshape(p.shape).to(device=p.device, dtype=p.dtype)
+                pos += p.numel()
+            tangents.append(t)
+        out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
+        for lo in range(0, x.shape[0], self.batch_size):
+            xb = x[lo:lo + self.batch_size]
+
+            def y(prm, xb=xb):
+                return torch.logsumexp(functional_call(wrapper, prm, (xb,)), dim=1)
+
+            for j, t in enumerate(tangents):
+                out[lo:lo + xb.shape[0], j] = jvp(y, (primals,), (t,))[1].double().cpu()
+        return out
+
+    def fit(self, model, x, y, head=None, seed=0):
+        from ..model import eval_mode, find_head
+        from .engine import check_independent
+
+        with eval_mode(model):
+            check_independent(model)
+            head = find_head(model, x[:1], head)
+            n = x.shape[0]
+            if n > LOWDIM_FIT_MAX:
+                idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:LOWDIM_FIT_MAX]
+                x, n = x[idx], LOWDIM_FIT_MAX
+            gen = torch.Generator().manual_seed(int(seed))
+            l_cols = min(n, self.k + self.oversample)
+            big = self._jt(model, x, torch.randn(n, l_cols, generator=gen, dtype=torch.float64), head)
+            for _ in range(self.iters):
+                small = self._j(model, x, torch.linalg.qr(big).Q, head)
+                big = self._jt(model, x, torch.linalg.qr(small).Q, head)
+            q = torch.linalg.qr(big).Q
+            b = self._j(model, x, q, head)
+            _, s, wt = torch.linalg.svd(b, full_matrices=False)
+        rank = numerical_rank(s, (n, q.shape[0]))
+        if self.k > rank:
+            raise UvoodError(f"lowdim: the projection rank k = {self.k} is larger than the fitted data allows: the "
+                             f"{n} ID gradients span {rank} dimensions. Use k <= {rank}, or fit on more ID samples.")
+        self.basis = (q @ wt[:self.k].T).T.contiguous()
+        phi = b @ wt[:self.k].T
+        self.mu = phi.mean(0)
+        centred = phi - self.mu
+        self.precision = pinv_psd(centred.T @ centred / n)
+
+    def from_model(self, model, x, head=None):
+        from ..model import eval_mode, find_head
+        from .engine import check_independent
+
+        if self.basis is None:
+            raise UvoodError(f"Score {self.spec!r} must be fitted on ID training data first: "
+                             "uvood.Detector(model, score=...).fit(id_data), or score.fit(model, x, y).")
+        with eval_mode(model):
+            check_independent(model)
+            n_params = sum(p.numel() for _, p in self._params(model))
+            if n_params != self.basis.shape[1]:
+                raise UvoodError(f"Score {self.spec!r} was fitted on a model with {self.basis.shape[1]} parameters, "
+                                 f"but this one has {n_params}: fit it again.")
+            d = self._j(model, x, self.basis.T, find_head(model, x[:1], head)) - self.mu
+        return (-((d @ self.precision) * d).sum(1)).to(x.device)
+
+    def state(self):
+        return {} if self.basis is None else {"basis": self.basis, "mu": self.mu, "precision": self.precision}
+
+    def load_state(self, state):
+        if set(state) != {"basis", "mu", "precision"}:
+            raise UvoodError(f"Score {self.spec!r} needs the fitted tensors ['basis', 'mu', 'precision']; the file "
+                             f"holds {sorted(state)}. Fit the detector again.")
+        self.basis, self.mu, self.precision = (state[k].to(torch.float64) for k in ("basis", "mu", "precision"))
+
+
+def _lowdim(k=10, bias=False, depth="shallow"):
+    """Low-dimensional gradients: ``depth=shallow`` the head closed form (:class:`LowDimScore`),
+    ``depth=deep`` every parameter (:class:`LowDimDeepScore`, no ``bias`` option: it has them all)."""
+    _check_k(k, "lowdim")
+    if depth == "deep":
+        if bias:
+            raise UvoodError("lowdim(depth=deep) differentiates every parameter, biases included: drop bias=true.")
+        return LowDimDeepScore(k)
+    return LowDimScore(k, bias)
 
 
 # ---------------------------------------------------------------- Fisher-information trace
@@ -442,8 +593,8 @@ register("gradorth", GradOrthScore, params={"k": None, "energy": 0.97, "T": 1.0,
          kind="gradient", choices={"depth": ("shallow",)}, doc=GradOrthScore.__doc__)
 register("gradorth_u", GradOrthU, params={"k": None, "energy": 0.97}, kind="encoding", doc=GradOrthU.__doc__)
 register("gradorth_v", GradOrthV, params={"T": 1.0}, kind="output", doc=GradOrthV.__doc__)
-register("lowdim", LowDimScore, params={"k": 10, "bias": False, "depth": "shallow"}, positional=("k",),
-         kind="gradient", choices={"bias": BOOLS, "depth": ("shallow",)}, doc=LowDimScore.__doc__)
+register("lowdim", _lowdim, params={"k": 10, "bias": False, "depth": "shallow"}, positional=("k",),
+         kind="gradient", choices={"bias": BOOLS, "depth": DEPTHS}, doc=LowDimScore.__doc__ + LowDimDeepScore.__doc__)
 register("fisher", _fisher, params={"depth": "shallow", "T": 1.0, "bias": False}, kind="gradient",
          choices={"depth": DEPTHS, "bias": BOOLS}, doc=_fisher.__doc__)
 register("sqnorm", SqNormScore, kind="encoding", doc=SqNormScore.__doc__)
