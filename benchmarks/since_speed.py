@@ -10,7 +10,8 @@ For each method, in ONE run (interleaved rounds, best of ``--repeats``):
   deep: the engine; GradOrth, low-dim, Fisher shallow: the head closed forms from one forward);
 * the authors' way: GAIA, GradOrth and the Fisher trace one sample at a time (forward, ``backward()``,
   statistics of ``.grad``; the Fisher trace needs one backward per label); low-dim: ``torch.func``
-  ``vmap(grad)`` per-sample head gradients, materialised, projected onto the basis;
+  ``vmap(grad)`` per-sample gradients (head, or every parameter), materialised, projected onto the
+  basis (deep low-dim's fast path is k forward-mode jvps per batch);
 * the cost of one batched forward + backward of the same model on the same batch (and of one forward):
   each fast path is also reported as a multiple of it.
 
@@ -123,6 +124,26 @@ def func_lowdim(model, x, score, chunk=64):
     return torch.cat(outs)
 
 
+def func_lowdim_deep(model, x, score, chunk=16):
+    """Deep low-dim the per-sample-gradient way (the authors' ``vmap(grad)`` feature path): per-sample
+    gradients of logsumexp(z) over every parameter, materialised, projected onto the basis."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    basis = score.basis.to(torch.float32)
+
+    def lse(prm, xn):
+        return torch.logsumexp(functional_call(model, prm, (xn.unsqueeze(0),)), dim=1)[0]
+
+    g = vmap(grad(lse), in_dims=(None, 0))
+    outs = []
+    for lo in range(0, x.shape[0], chunk):
+        gs = g(params, x[lo:lo + chunk])
+        flat = torch.cat([gs[n].flatten(1) for n in names], dim=1)
+        d = (flat @ basis.T).double() - score.mu
+        outs.append(-((d @ score.precision) * d).sum(1))
+    return torch.cat(outs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -138,15 +159,17 @@ def main() -> None:
     rows, checks = [], []  # rows: (model, method, path, samples/s, x authors' way, x forward+backward)
     for name, (model, x, n_loop) in models.items():
         x_fit = torch.rand(256 // s, *x.shape[1:])
-        gradorth, lowdim = get_score("gradorth"), get_score("lowdim")
-        gradorth.fit(model, x_fit, None)
-        lowdim.fit(model, x_fit, None)
+        gradorth, lowdim, lowdim_deep = get_score("gradorth"), get_score("lowdim"), get_score("lowdim(depth=deep)")
+        for sc in (gradorth, lowdim, lowdim_deep):
+            sc.fit(model, x_fit, None)
         methods = [
             ("GAIA-A", "deep", get_score("gaia"), lambda xx, m=model: loop_gaia(m, xx, "a"), "per-sample loop"),
             ("GAIA-Z", "deep", get_score("gaia(variant=z)"), lambda xx, m=model: loop_gaia(m, xx, "z"),
              "per-sample loop"),
             ("Fisher trace", "deep", get_score("fisher(depth=deep)"), lambda xx, m=model: loop_fisher(m, xx, True),
              "per-sample loop, one backward per label"),
+            ("Low-dim gradients", "deep", lowdim_deep, lambda xx, m=model, sc=lowdim_deep: func_lowdim_deep(m, xx, sc),
+             "torch.func vmap(grad), per-sample gradients"),
             ("GradOrth", "shallow", gradorth, lambda xx, m=model, b=gradorth.basis: loop_gradorth(m, xx, b),
              "per-sample loop"),
             ("Low-dim gradients", "shallow", lowdim, lambda xx, m=model, sc=lowdim: func_lowdim(m, xx, sc),

@@ -387,7 +387,9 @@ class LowDimScore(FittedScore):
         self.precision = pinv_psd(centred.T @ centred / n)
 
     def _project(self, hh, p):
-        return torch.einsum("nc,kcd,nd->nk", p, self.basis, hh)
+        """phi_j = p^T M_j h~ for every j: one (n x D) @ (D x kC) product, then a sum over classes with p."""
+        k, c, d = self.basis.shape
+        return ((hh @ self.basis.reshape(k * c, d).T).reshape(-1, k, c) * p[:, None, :]).sum(-1)
 
     def _score(self, h, logits):
         d = self._project(_augment(h, self.bias), softmax(logits)) - self.mu
@@ -454,7 +456,7 @@ class LowDimDeepScore(Score):
 
     def _j(self, model, x, v, head):
         """J v (n x l, float64) for v (P x l): one forward-mode jvp per column and micro-batch."""
-        from torch.func import functional_call, jvp
+        from torch.func import functional_call, jvp, vmap
 
         named = self._params(model)
         wrapper = _Logits(model, head)
@@ -466,6 +468,7 @@ class LowDimDeepScore(Score):
                 t[f"model.{n}"] = v[pos:pos + p.numel(), j].reshape(p.shape).to(device=p.device, dtype=p.dtype)
                 pos += p.numel()
             tangents.append(t)
+        stacked = {name: torch.stack([t[name] for t in tangents]) for name in primals}
         out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
         for lo in range(0, x.shape[0], self.batch_size):
             xb = x[lo:lo + self.batch_size]
@@ -473,8 +476,14 @@ class LowDimDeepScore(Score):
             def y(prm, xb=xb):
                 return torch.logsumexp(functional_call(wrapper, prm, (xb,)), dim=1)
 
-            for j, t in enumerate(tangents):
-                out[lo:lo + xb.shape[0], j] = jvp(y, (primals,), (t,))[1].double().cpu()
+            def tangent_out(t, y=y):
+                return jvp(y, (primals,), (t,))[1]
+
+            try:  # all l directions in one vmapped jvp (the primal is computed once)
+                out[lo:lo + xb.shape[0]] = vmap(tangent_out)(stacked).T.double().cpu()
+            except RuntimeError:  # an operation without a batching rule: one jvp per direction
+                for j, t in enumerate(tangents):
+                    out[lo:lo + xb.shape[0], j] = tangent_out(t).double().cpu()
         return out
 
     def fit(self, model, x, y, head=None, seed=0):
