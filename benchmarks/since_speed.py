@@ -98,7 +98,7 @@ def loop_fisher(model, x, deep):
         total = 0.0
         for k in range(logp.shape[0]):
             gs = torch.autograd.grad(logp[k], params, retain_graph=k < logp.shape[0] - 1, allow_unused=True)
-            total += float(logp[k].exp()) * float(sum((g * g).sum() for g in gs if g is not None))
+            total += float(logp[k].detach().exp()) * float(sum((g * g).sum() for g in gs if g is not None))
         out.append(-total)
     return torch.tensor(out, dtype=torch.float64)
 
