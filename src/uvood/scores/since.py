@@ -40,6 +40,9 @@ GAIA_BATCH_SIZE = 128
 #: at most this many ID samples span the low-dimensional gradient subspace (an n x n Gram matrix)
 LOWDIM_FIT_MAX = 4096
 
+#: at most this many ID samples for the deep subspace (each costs 2 (k + 10) backward and jvp passes)
+LOWDIM_DEEP_FIT_MAX = 512
+
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64).reshape(t.shape[0], -1)
@@ -423,7 +426,9 @@ class LowDimDeepScore(Score):
     memory is P x (k + oversample). Scoring: phi(x) = J(x) V, k jvps per batch (exact per sample: the
     samples do not interact in eval mode). mu, P = pinv(Sigma) of phi on the fit samples. The
     subspace is exact when k + ``oversample`` >= the rank of J (at most the number of fit samples),
-    else the randomized estimate with ``iters`` power iterations (seeded).
+    else the randomized estimate with ``iters`` power iterations (seeded). At most
+    ``LOWDIM_DEEP_FIT_MAX`` = 512 ID samples (seeded subset) span the subspace: on the paper's CNN
+    (c = 32) on CPU the fit then takes minutes.
     """
 
     needs_model = True
@@ -494,9 +499,9 @@ class LowDimDeepScore(Score):
             check_independent(model)
             head = find_head(model, x[:1], head)
             n = x.shape[0]
-            if n > LOWDIM_FIT_MAX:
-                idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:LOWDIM_FIT_MAX]
-                x, n = x[idx], LOWDIM_FIT_MAX
+            if n > LOWDIM_DEEP_FIT_MAX:
+                idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:LOWDIM_DEEP_FIT_MAX]
+                x, n = x[idx], LOWDIM_DEEP_FIT_MAX
             gen = torch.Generator().manual_seed(int(seed))
             l_cols = min(n, self.k + self.oversample)
             big = self._jt(model, x, torch.randn(n, l_cols, generator=gen, dtype=torch.float64), head)
