@@ -27,6 +27,14 @@ IDENTICALLY_ZERO = {
     "grad(label=predicted,norm=l2sq,depth=deep)",
 }
 
+#: methods published since the paper (uvood.scores.since) whose defined orientation ranks Fashion-MNIST above MNIST
+#: on mnist-mlp (measured 2026-11-30; docs/gradient_scores.md, "Gradient methods since the paper"). Their definitions
+#: are kept, not flipped; the tests assert AUROC < 0.5 for them, so that a change of their values is noticed.
+REVERSED_HERE = {
+    "gaia(variant=z)", "gaia(variant=z,target=uniform)", "gaia(target=uniform)", "gaia_v(target=uniform)",
+    "lowdim", "lowdim(bias=true)", "lowdim(depth=deep)",
+}
+
 #: deep scores (one backward per label and image) on the first images of each sample only
 DEEP_N = 64
 
@@ -75,9 +83,9 @@ def test_every_unfitted_score_ranks_real_id_above_ood(mnist_vs_fashion):
         else:
             s_id, s_ood = (uvood.score_features(spec, f.h, f.logits) for f in (f_id, f_ood))
         auroc = uvood.metrics.auroc(s_id, s_ood)
-        if not auroc > 0.5:
+        if (not auroc > 0.5) != (spec in REVERSED_HERE):
             below[spec] = round(auroc, 3)
-    assert not below, f"scores ranking OOD above ID (check their orientation): {below}"
+    assert not below, f"scores ranking OOD above ID (check their orientation), or REVERSED_HERE ones not: {below}"
 
 
 def fitted_specs() -> list[str]:
@@ -105,6 +113,8 @@ def test_every_fitted_score_ranks_real_id_above_ood(mnist_vs_fashion, data_dir):
         else:
             s_id, s_ood = (uvood.score_features(score, f.h, f.logits) for f in (f_id, f_ood))
         auroc = uvood.metrics.auroc(s_id, s_ood)
-        if not auroc > 0.5:
+        if (not auroc > 0.5) != (spec in REVERSED_HERE):
             below[spec] = round(auroc, 3)
-    assert not below, f"fitted scores ranking OOD above ID (check their orientation): {below}"
+    assert not below, f"fitted scores ranking OOD above ID (check their orientation), or REVERSED_HERE ones not: " \
+        f"{below}"
+    assert REVERSED_HERE <= set(specs) | set(registry_specs())  # the exemptions name real scores

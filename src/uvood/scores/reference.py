@@ -176,3 +176,134 @@ def func_grad_norms(model, x, *, norm="l1", T=1.0, chunk=16) -> torch.Tensor:
             total = total + (t.abs().sum(-1) if norm == "l1" else (t * t).sum(-1))
         outs.append(total.T.to(torch.float64))
     return torch.cat(outs, dim=1)
+
+
+# ---------------------------------------------------------------- gradient methods since the paper
+# (uvood.scores.since). Per sample, float64, one loss.backward() each; subspaces by numpy's SVD.
+
+
+def _kl_uniform_loss(logits, T):
+    """-(1/C) sum_k log softmax(z / T)_k for one sample (KL(u || p) up to a constant)."""
+    return -torch.log_softmax(logits / T, dim=1)[0].mean()
+
+
+def reference_gaia(model, x, *, variant="a", layer="auto", target="predicted", T=1.0, head=None,
+                   dtype=torch.float64) -> torch.Tensor:
+    """GAIA, textbook style: per sample, retain the gradient of every chosen feature map, backward the
+    loss (-log p^(yhat) of the predicted class, or the KL to uniform), then Lambda_{l,c} = |mean over
+    positions| (a) or share of non-zeros (z), and S = -sqrt(sum_{l,c} Lambda_{l,c}^2) with explicit loops
+    over channels."""
+    m, hm = float_copy(model, x, head, dtype)
+    flat = layer == "head"
+    if layer == "auto":
+        chosen = [mod for mod in m.modules() if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if not chosen:  # an MLP: the hidden linear layers' outputs, one position per unit
+            chosen, flat = [mod for mod in m.modules() if isinstance(mod, nn.Linear) and mod is not hm], True
+    elif layer == "head":
+        chosen = []
+    else:
+        chosen = [mod for name, mod in m.named_modules() if name.lower() == layer.lower()]
+    out = []
+    for n in range(x.shape[0]):
+        kept = []
+
+        def keep_out(mod, inp, o, kept=kept):
+            o.retain_grad()
+            kept.append(o)
+            return o.clone()  # later in-place ops (ReLU(inplace=True)) act on the copy
+
+        def keep_in(mod, inp, o, kept=kept):
+            inp[0].retain_grad()
+            kept.append(inp[0])
+
+        handles = [mod.register_forward_hook(keep_out) for mod in chosen]
+        if layer == "head":
+            handles.append(hm.register_forward_hook(keep_in))
+        m.zero_grad()
+        _, logits = forward_features(m, x[n:n + 1].to(dtype), hm)
+        for hd in handles:
+            hd.remove()
+        if target == "uniform":
+            _kl_uniform_loss(logits, T).backward()
+        else:
+            (-torch.log_softmax(logits / T, dim=1)[0, int(logits[0].argmax())]).backward()
+        total = 0.0
+        for a in kept:
+            g = a.grad[0]
+            if flat:
+                g = g.reshape(-1, 1)
+            elif g.ndim < 2 or g[0].numel() < 2:
+                continue
+            for c in range(g.shape[0]):
+                gc = g[c].reshape(-1)
+                stat = abs(float(gc.sum()) / gc.numel()) if variant == "a" else float((gc != 0).sum()) / gc.numel()
+                total += stat * stat
+        out.append(-total ** 0.5)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _head_grads(model, x, loss_fn, head, dtype, bias=False, deep=False):
+    """Per sample: the flattened gradient of loss_fn(logits) w.r.t. the head's weight (and bias; with
+    ``deep`` every parameter with requires_grad, in named_parameters order), N x P, float64."""
+    m, hm = float_copy(model, x, head, dtype)
+    rows = []
+    for n in range(x.shape[0]):
+        m.zero_grad()
+        _, logits = forward_features(m, x[n:n + 1].to(dtype), hm)
+        loss_fn(logits).backward()
+        if deep:
+            parts = [torch.zeros(p.numel(), dtype=dtype) if p.grad is None else p.grad.reshape(-1)
+                     for p in m.parameters() if p.requires_grad]
+            rows.append(torch.cat(parts).to(torch.float64).clone())
+            continue
+        parts = [hm.weight.grad.reshape(hm.weight.shape[0], -1)]
+        if bias:
+            parts.append(hm.bias.grad.reshape(-1, 1))
+        rows.append(torch.cat(parts, dim=1).reshape(-1).to(torch.float64).clone())
+    return torch.stack(rows), hm
+
+
+def reference_gradorth(model, x, h_id, k, *, T=1.0, head=None, dtype=torch.float64) -> torch.Tensor:
+    """GradOrth, textbook style: S_k = top-k right singular vectors of the ID features h_id (numpy SVD);
+    per sample, the head-weight gradient G (C x D) of the KL-to-uniform loss by backward, projected
+    G S_k S_k^T, and its Frobenius norm."""
+    import numpy as np
+
+    _, _, vt = np.linalg.svd(h_id.detach().double().reshape(h_id.shape[0], -1).numpy(), full_matrices=False)
+    s = torch.from_numpy(vt[:k].T.copy())
+    grads, hm = _head_grads(model, x, lambda z: _kl_uniform_loss(z, T), head, dtype)
+    out = []
+    for row in grads:
+        G = row.reshape(hm.weight.shape[0], -1)
+        out.append(float(torch.linalg.matrix_norm(G @ s @ s.T)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def reference_lowdim(model, x_id, x, k, *, bias=False, depth="shallow", head=None,
+                     dtype=torch.float64) -> torch.Tensor:
+    """Low-dimensional gradients, textbook style: per ID sample the head gradient (``depth=deep``: the
+    gradient over every parameter) of logsumexp(z) by backward (N x P, materialised), its top-k right
+    singular vectors V (numpy SVD, uncentred), the
+    features phi = G V, their mean and covariance (numpy, divided by n, pseudo-inverse), and
+    S(x) = -(phi(x) - mu)^T Sigma^+ (phi(x) - mu) with phi(x) from x's own backward."""
+    import numpy as np
+
+    lse = lambda z: torch.logsumexp(z, dim=1)[0]  # noqa: E731
+    g_id, _ = _head_grads(model, x_id, lse, head, dtype, bias, depth == "deep")
+    _, _, vt = np.linalg.svd(g_id.numpy(), full_matrices=False)
+    v = vt[:k].T
+    phi = g_id.numpy() @ v
+    mu = phi.mean(0)
+    prec = np.linalg.pinv(np.cov(phi.T, bias=True).reshape(k, k), hermitian=True)
+    g, _ = _head_grads(model, x, lse, head, dtype, bias, depth == "deep")
+    d = g.numpy() @ v - mu
+    return torch.from_numpy(-np.einsum("ni,ij,nj->n", d, prec, d))
+
+
+def reference_fisher(model, x, *, depth="shallow", T=1.0, bias=False, head=None, dtype=torch.float64) -> torch.Tensor:
+    """-tr F(x) = -sum_k p^(k) ||grad log p^(k)||_2^2, textbook style (one backward per sample and label)."""
+    out = []
+    for p, grads in per_sample_label_gradients(model, x, depth=depth, T=T, bias=bias, head=head, dtype=dtype):
+        out.append(-sum(float(p[k]) * _norm([g.to(torch.float64) for g in grads[k]], "l2sq")
+                        for k in range(p.shape[0])))
+    return torch.tensor(out, dtype=torch.float64)

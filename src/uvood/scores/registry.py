@@ -140,7 +140,7 @@ def list_scores() -> list[str]:
 
 def _ensure_loaded() -> None:
     # the modules that register terms; importing them fills the registry
-    from . import encoding, fitted, gen, gradient, odin, output, shaping  # noqa: F401
+    from . import encoding, fitted, gen, gradient, odin, output, shaping, since  # noqa: F401
 
 
 # ---------------------------------------------------------------- parsing
@@ -195,7 +195,10 @@ def _kind_error(value: Any, default: Any) -> str | None:
 
 def _closest(name: str) -> str:
     close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.4)
-    return ", ".join(close) if close else ", ".join(sorted(_REGISTRY))
+    if close:
+        return ", ".join(close)
+    names = sorted(_REGISTRY)  # no close match: the first dozen, so that the message stays short
+    return ", ".join(names[:12]) + (f", ... ({len(names)} names)" if len(names) > 12 else "")
 
 
 def _format_value(v: Any) -> str:

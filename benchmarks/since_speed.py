@@ -1,0 +1,226 @@
+"""Speed of the gradient methods since the paper (uvood.scores.since): fast path vs the authors' way.
+
+    OMP_NUM_THREADS=1 python benchmarks/since_speed.py [--quick] [--repeats 3] [--threads 1]
+        [--write benchmarks/RESULTS.md]
+
+Models: the MLP and the CNN of benchmarks/gradient_scores.py (random weights, eval mode, float32).
+For each method, in ONE run (interleaved rounds, best of ``--repeats``):
+
+* fast path: the uvood score (GAIA: one batched forward and ONE backward to the feature maps; Fisher
+  deep: the engine; GradOrth, low-dim, Fisher shallow: the head closed forms from one forward);
+* the authors' way: GAIA, GradOrth and the Fisher trace one sample at a time (forward, ``backward()``,
+  statistics of ``.grad``; the Fisher trace needs one backward per label); low-dim: ``torch.func``
+  ``vmap(grad)`` per-sample gradients (head, or every parameter), materialised, projected onto the
+  basis (deep low-dim's fast path is k forward-mode jvps per batch);
+* the cost of one batched forward + backward of the same model on the same batch (and of one forward):
+  each fast path is also reported as a multiple of it.
+
+Targets: >= 10x the authors' way on the MLP, >= 1.5x on the CNN, shallow forms at about the cost of a
+forward pass. Values of the two paths are compared (max relative difference, float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gradient_scores import cnn, machine_info, mlp, race  # noqa: E402
+from uvood.model import find_head, head_name  # noqa: E402
+from uvood.scores import get_score  # noqa: E402
+
+
+def forward_backward(model, x):
+    """One batched forward + backward of the KL-to-uniform loss to every parameter (the unit of cost)."""
+    model.zero_grad()
+    (-torch.log_softmax(model(x), dim=1).mean()).backward()
+
+
+def forward(model, x):
+    with torch.no_grad():
+        model(x)
+
+
+def loop_gaia(model, x, variant):
+    """GAIA one sample at a time: forward with the convolution (or hidden linear) outputs retained,
+    backward of -log p^(yhat), channel statistics of the retained gradients."""
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv1d))]
+    head = find_head(model, x[:1])
+    layers = convs or [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    out = []
+    for n in range(x.shape[0]):
+        kept = []
+        def keep(m, i, o, kept=kept):
+            o.retain_grad()
+            kept.append(o)
+
+        handles = [m.register_forward_hook(keep) for m in layers]
+        z = model(x[n:n + 1])
+        for h in handles:
+            h.remove()
+        model.zero_grad()
+        (-torch.log_softmax(z, dim=1)[0, int(z.argmax())]).backward()
+        sq = 0.0
+        for a in kept:
+            g = a.grad.reshape(1, a.shape[1], -1)
+            if convs and g.shape[2] < 2:
+                continue
+            stat = g.mean(-1).abs() if variant == "a" else (g != 0).float().mean(-1)
+            sq += float((stat.double() ** 2).sum())
+        out.append(-sq ** 0.5)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def loop_gradorth(model, x, basis):
+    """GradOrth one sample at a time: backward of the KL-to-uniform loss, the head-weight gradient
+    projected onto the fitted subspace, its Frobenius norm."""
+    head = find_head(model, x[:1])
+    s = basis.to(torch.float32)
+    out = []
+    for n in range(x.shape[0]):
+        model.zero_grad()
+        (-torch.log_softmax(model(x[n:n + 1]), dim=1).mean()).backward()
+        out.append(float(torch.linalg.matrix_norm(head.weight.grad @ s @ s.T)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def loop_fisher(model, x, deep):
+    """Fisher trace one sample at a time: one backward per label k of log p^(k), sum_k p^(k) ||grad||_2^2."""
+    head = find_head(model, x[:1])
+    params = [p for p in model.parameters()] if deep else [head.weight]
+    out = []
+    for n in range(x.shape[0]):
+        logp = torch.log_softmax(model(x[n:n + 1]), dim=1)[0]
+        total = 0.0
+        for k in range(logp.shape[0]):
+            gs = torch.autograd.grad(logp[k], params, retain_graph=k < logp.shape[0] - 1, allow_unused=True)
+            total += float(logp[k].detach().exp()) * float(sum((g * g).sum() for g in gs if g is not None))
+        out.append(-total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def func_lowdim(model, x, score, chunk=64):
+    """Low-dim the torch.func way: vmap(grad) per-sample head gradients of logsumexp(z) (materialised),
+    projected onto the fitted basis, Mahalanobis distance in the subspace."""
+    name = head_name(model, find_head(model, x[:1]))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    basis = score.basis.to(torch.float32).reshape(score.basis.shape[0], -1)
+
+    def lse(w, xn):
+        prm = dict(params)
+        prm[f"{name}.weight"] = w
+        return torch.logsumexp(functional_call(model, prm, (xn.unsqueeze(0),)), dim=1)[0]
+
+    g = vmap(grad(lse), in_dims=(None, 0))
+    outs = []
+    for lo in range(0, x.shape[0], chunk):
+        gs = g(params[f"{name}.weight"], x[lo:lo + chunk]).flatten(1)
+        d = (gs @ basis.T).double() - score.mu
+        outs.append(-((d @ score.precision) * d).sum(1))
+    return torch.cat(outs)
+
+
+def func_lowdim_deep(model, x, score, chunk=16):
+    """Deep low-dim the per-sample-gradient way (the authors' ``vmap(grad)`` feature path): per-sample
+    gradients of logsumexp(z) over every parameter, materialised, projected onto the basis."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    basis = score.basis.to(torch.float32)
+
+    def lse(prm, xn):
+        return torch.logsumexp(functional_call(model, prm, (xn.unsqueeze(0),)), dim=1)[0]
+
+    g = vmap(grad(lse), in_dims=(None, 0))
+    outs = []
+    for lo in range(0, x.shape[0], chunk):
+        gs = g(params, x[lo:lo + chunk])
+        flat = torch.cat([gs[n].flatten(1) for n in names], dim=1)
+        d = (flat @ basis.T).double() - score.mu
+        outs.append(-((d @ score.precision) * d).sum(1))
+    return torch.cat(outs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke test)")
+    ap.add_argument("--write", type=Path, default=None, help="append the table to this markdown file")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    s = 4 if args.quick else 1
+    models = {"MLP": (mlp().eval(), torch.rand(512 // s, 1, 28, 28), 64 // s),
+              "CNN": (cnn().eval(), torch.rand(128 // s, 3, 32, 32), 16 // s)}
+    rows, checks = [], []  # rows: (model, method, path, samples/s, x authors' way, x forward+backward)
+    for name, (model, x, n_loop) in models.items():
+        x_fit = torch.rand(256 // s, *x.shape[1:])
+        gradorth, lowdim, lowdim_deep = get_score("gradorth"), get_score("lowdim"), get_score("lowdim(depth=deep)")
+        for sc in (gradorth, lowdim, lowdim_deep):
+            sc.fit(model, x_fit, None)
+        methods = [
+            ("GAIA-A", "deep", get_score("gaia"), lambda xx, m=model: loop_gaia(m, xx, "a"), "per-sample loop"),
+            ("GAIA-Z", "deep", get_score("gaia(variant=z)"), lambda xx, m=model: loop_gaia(m, xx, "z"),
+             "per-sample loop"),
+            ("Fisher trace", "deep", get_score("fisher(depth=deep)"), lambda xx, m=model: loop_fisher(m, xx, True),
+             "per-sample loop, one backward per label"),
+            ("Low-dim gradients", "deep", lowdim_deep, lambda xx, m=model, sc=lowdim_deep: func_lowdim_deep(m, xx, sc),
+             "torch.func vmap(grad), per-sample gradients"),
+            ("GradOrth", "shallow", gradorth, lambda xx, m=model, b=gradorth.basis: loop_gradorth(m, xx, b),
+             "per-sample loop"),
+            ("Low-dim gradients", "shallow", lowdim, lambda xx, m=model, sc=lowdim: func_lowdim(m, xx, sc),
+             "torch.func vmap(grad)"),
+            ("Fisher trace", "shallow", get_score("fisher"), lambda xx, m=model: loop_fisher(m, xx, False),
+             "per-sample loop, one backward per label"),
+        ]
+        paths = [(lambda xx, m=model: forward_backward(m, xx), x), (lambda xx, m=model: forward(m, xx), x)]
+        for _, _, sc, slow, _ in methods:
+            paths += [(lambda xx, sc=sc, m=model: sc.from_model(m, xx), x), (slow, x[:n_loop])]
+        rates, values = race(paths, args.repeats)
+        fb, fw = rates[0], rates[1]
+        rows.append((name, "one batched forward + backward", "", fb, float("nan"), 1.0))
+        rows.append((name, "one batched forward", "", fw, float("nan"), fb / fw))
+        for j, (label, depth, _, _, how) in enumerate(methods):
+            fast, slow = rates[2 + 2 * j], rates[3 + 2 * j]
+            v_fast, v_slow = values[2 + 2 * j][:n_loop], values[3 + 2 * j]
+            checks.append((name, f"{label} {depth}", float(((v_fast - v_slow).abs() / v_slow.abs().clamp_min(1e-30))
+                                                           .max())))
+            rows.append((name, f"{label} ({depth})", how, slow, 1.0, fb / slow))
+            rows.append((name, f"{label} ({depth})", "uvood fast path", fast, fast / slow, fb / fast))
+    info = machine_info()
+    lines = [f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']}, {info['threads']} thread(s), "
+             f"Python {info['python']}; best of {args.repeats} runs{' (--quick)' if args.quick else ''}; the machine "
+             "is shared, so absolute numbers are noisy; ratios compare paths measured in the same run.", "",
+             "| model | method | path | samples/s | x authors' way | cost in batched forward+backward |",
+             "|---|---|---|---:|---:|---:|"]
+    for name, method, path, rate, ratio, cost in rows:
+        r = "" if ratio != ratio else f"{ratio:.1f}x"
+        lines.append(f"| {name} | {method} | {path} | {rate:,.0f} | {r} | {cost:.2f} |")
+    lines += ["", "Cost: time per sample of the path divided by that of one batched forward + backward of the same "
+              "model on the same batch (a forward alone is the second row).", "",
+              "Agreement with the authors' way (max relative difference, float32): "
+              + "; ".join(f"{m} {s}: {a:.1e}" for m, s, a in checks)]
+    ratio = {(m, meth): r for m, meth, path, _, r, _ in rows if path == "uvood fast path"}
+    cost = {(m, meth): c for m, meth, path, _, _, c in rows if path == "uvood fast path"}
+    fwd = {m: c for m, meth, _, _, _, c in rows if meth == "one batched forward"}
+    targets = [(m, meth, 10 if m == "MLP" else 1.5) for m, meth in ratio]
+    lines += ["", "Targets: " + "; ".join(
+        f"{m} {meth} >= {t}x: {ratio[(m, meth)]:.1f}x {'met' if ratio[(m, meth)] >= t else 'MISSED'}"
+        for m, meth, t in targets)]
+    lines += ["", "Shallow forms vs a forward pass (cost / forward cost): " + "; ".join(
+        f"{m} {meth}: {cost[(m, meth)] / fwd[m]:.2f}" for m, meth in cost if "shallow" in meth)]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        command = " ".join(["python benchmarks/since_speed.py"] + [a for a in sys.argv[1:] if a not in
+                                                                    ("--write", str(args.write))])
+        with open(args.write, "a") as f:
+            f.write(f"\n## Gradient methods since the paper: speed (`{command}`)\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

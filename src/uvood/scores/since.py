@@ -1,0 +1,615 @@
+"""Gradient OOD detectors published since the paper, each with its head closed form as U * V.
+
+Every score is oriented higher = more in-distribution; all values are float64. Notation as in
+:mod:`uvood.scores.gradient`: h the head's input (N x D), z = W h + b the logits (N x C),
+p = softmax(z / T), u = (1/C, ..., 1/C) the uniform distribution. The derivations are in
+docs/gradient_scores.md, "Gradient methods since the paper"; the float64 per-sample autograd
+references are in :mod:`uvood.scores.reference` (``reference_gaia``, ``reference_gradorth``,
+``reference_lowdim``; the Fisher trace is ``reference_grad_score`` of its grad(...) axes).
+
+* ``gaia(variant=a|z, layer=auto)`` -- GAIA (Chen et al., NeurIPS 2023): gradients of the
+  loss -log p^(yhat) of the predicted class (or the KL to uniform, ``target=uniform``) w.r.t.
+  intermediate feature maps (deep only, needs the model).
+* ``gaia_v`` -- GAIA-A at the head's input: -||W^T (p - e_yhat)||_2 / T, a pure output term (U = 1).
+* ``gradorth(k=, energy=)`` -- GradOrth (Behpour et al., NeurIPS 2023), fitted on ID features;
+  ``gradorth_u(k=, energy=) * gradorth_v`` is its U * V form (identical values at the head).
+* ``lowdim(k, bias, depth)`` -- low-dimensional gradients (Wu et al., 2023, arXiv:2310.17163):
+  the gradient of logsumexp(z) projected onto the top-k principal directions of the ID gradients,
+  scored by a Mahalanobis distance there; shallow: the head, fitted on ID features (closed form);
+  deep: every parameter, by jvp / vjp products (randomized SVD), no per-sample gradient formed.
+* ``fisher(depth, T, bias)`` -- the trace of the Fisher information of p(y|x) at x, shallow and
+  deep; ``sqnorm * fisher_v`` is its U * V form (exact at the head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import UvoodError
+from .fitted import FittedScore, pinv_psd
+from .gradient import BOOLS, DEPTHS, GradScore
+from .output import softmax
+from .registry import Score, register
+
+#: samples per forward/backward micro-batch of GAIA (memory bound; no effect on values)
+GAIA_BATCH_SIZE = 128
+
+#: at most this many ID samples span the low-dimensional gradient subspace (an n x n Gram matrix)
+LOWDIM_FIT_MAX = 4096
+
+#: at most this many ID samples for the deep subspace (each costs 2 (k + 10) backward and jvp passes)
+LOWDIM_DEEP_FIT_MAX = 512
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64).reshape(t.shape[0], -1)
+
+
+def _check_T(T, name):
+    if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0 or math.isinf(T):
+        raise UvoodError(f"{name}: the temperature T must be a finite number > 0, got {T!r}.")
+    return float(T)
+
+
+def uniform_gap(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """p - u (N x C): T times the gradient at z of the KL-to-uniform loss -(1/C) sum_k log p^(k)."""
+    p = softmax(logits, T)
+    return p - 1.0 / p.shape[1]
+
+
+def loss_cotangent(logits: torch.Tensor, target: str, T: float = 1.0) -> torch.Tensor:
+    """dL/dz (N x C, float64) of GAIA's loss: ``predicted``: L = -log p^(yhat), yhat = argmax_k z_k,
+    dL/dz = (p - e_yhat)/T; ``uniform``: L = -(1/C) sum_k log p^(k), dL/dz = (p - u)/T."""
+    if target == "uniform":
+        return uniform_gap(logits, T) / T
+    p = softmax(logits, T)
+    return (p - torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(p.dtype)) / T
+
+
+# ---------------------------------------------------------------- GAIA
+
+
+def _spatial(t: torch.Tensor) -> bool:
+    """A feature map: N x channels x positions... with more than one position."""
+    return t.ndim >= 3 and math.prod(t.shape[2:]) > 1
+
+
+def gaia_layers(model: nn.Module, layer: str, head_module: nn.Module | None = None) -> tuple[list[nn.Module], bool]:
+    """The modules whose outputs GAIA differentiates, and whether their outputs are spatial maps.
+
+    ``auto``: every convolution; in a model without one (an MLP), every ``nn.Linear`` but the head,
+    each hidden unit a channel with one position. ``NAME``: that module (names compared
+    case-insensitively, as the spec grammar lower-cases them); its output must be a spatial map.
+    ``head`` (the head's input h) is handled by the caller."""
+    named = list(model.named_modules())
+    if layer == "auto":
+        convs = [m for _, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if convs:
+            return convs, True
+        hidden = [m for _, m in named if isinstance(m, nn.Linear) and m is not head_module]
+        if not hidden:
+            raise UvoodError(f"GAIA needs intermediate feature maps, but {type(model).__name__} has no convolution "
+                             "and no hidden linear layer (no intermediate feature map). Score the head's input with "
+                             "gaia(layer=head) or gaia_v.")
+        return hidden, False
+    chosen = [m for n, m in named if n and n.lower() == str(layer).lower()]
+    if not chosen:
+        names = [n for n, _ in named if n][:12]
+        raise UvoodError(f"GAIA: the model has no layer named {layer!r}. Layers: {', '.join(names)}"
+                         f"{' ...' if len(named) > 13 else ''}; or layer=auto (every convolution), layer=head.")
+    return chosen, True
+
+
+class _Outputs:
+    """Forward hooks that keep the chosen modules' outputs (or the head's input) of one forward."""
+
+    def __init__(self, modules: list[nn.Module], head_input: nn.Module | None = None):
+        self.out: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._keep) for m in modules]
+        if head_input is not None:
+            self.handles.append(head_input.register_forward_hook(lambda m, i, o: self.out.append(i[0])))
+
+    def _keep(self, module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise UvoodError(f"GAIA: the layer {type(module).__name__} returns {type(output).__name__}, not a "
+                             "tensor feature map; name another layer.")
+        self.out.append(output)
+        return output.clone()  # the model goes on with a copy: an in-place op after it (ReLU(inplace=True))
+        # cannot change the kept map, whose gradient is then the one w.r.t. the module's own output
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def gaia_statistic(g: torch.Tensor, variant: str) -> torch.Tensor:
+    """Per-channel abnormality of one layer's gradient map g (n x channels x positions...), n x channels:
+    A: |mean over positions of g|; Z: the share of positions where g != 0 (float64)."""
+    flat = g.detach().reshape(g.shape[0], g.shape[1], -1)
+    if variant == "a":
+        return flat.to(torch.float64).mean(-1).abs()
+    return (flat != 0).to(torch.float64).mean(-1)
+
+
+def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = "auto", target: str = "predicted",
+         T: float = 1.0, head=None, batch_size: int = GAIA_BATCH_SIZE) -> torch.Tensor:
+    """GAIA score -||Lambda||_F (higher = more ID), one forward and ONE backward per micro-batch.
+
+    Lambda_{l,c} = gaia_statistic of dL/dA_l, channel c, for every chosen layer l, with the loss
+    L the loss of :func:`loss_cotangent` (``target``). In eval mode
+    the samples do not interact: the batch gradient of sum_n L_n w.r.t. A_l holds each sample's own
+    gradient in its row, so one backward (cotangent dL/dz at the logits) serves the batch.
+    """
+    from ..model import eval_mode, find_head, forward_head
+    from .engine import check_independent
+
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise UvoodError(f"x is empty (shape {tuple(x.shape)}): pass at least one sample.")
+    with eval_mode(model):
+        check_independent(model)
+        head_module = find_head(model, x[:1], head)
+        chosen, spatial = ([], False) if layer == "head" else gaia_layers(model, layer, head_module)
+        out = []
+        for lo in range(0, x.shape[0], batch_size):
+            xb = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
+            tape = _Outputs(chosen, head_module if layer == "head" else None)
+            try:
+                with torch.enable_grad():
+                    _, _, z = forward_head(model, xb, head_module)
+            finally:
+                tape.remove()
+            maps = tape.out
+            if layer not in ("auto", "head") and not any(_spatial(a) for a in maps):
+                raise UvoodError(f"GAIA: layer {layer!r} outputs shape {tuple(maps[0].shape)}, not a spatial "
+                                 "feature map (N x channels x positions); name a convolutional layer, or use "
+                                 "gaia(layer=head) for the head's input.")
+            if spatial:  # a convolution whose map has shrunk to one position is left out, as in the reference
+                maps = [a for a in maps if _spatial(a)]
+            v = loss_cotangent(z, target, T).to(z.dtype)
+            grads = torch.autograd.grad(z, maps, v, allow_unused=True)
+            sq = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+            for a, g in zip(maps, grads):
+                g = torch.zeros_like(a) if g is None else g
+                if not spatial:
+                    g = g.reshape(g.shape[0], -1, 1)
+                sq += (gaia_statistic(g, variant) ** 2).sum(1)
+            out.append(-sq.sqrt())
+    return torch.cat(out)
+
+
+class GaiaScore(Score):
+    """GAIA (Chen et al., "GAIA: Delving into Gradient-based Attribution Abnormality for
+    Out-of-distribution Detection", NeurIPS 2023), oriented higher = more ID:
+
+        S(x) = -|| Lambda(x) ||_F,   Lambda_{l,c} = a statistic of dL/dA_{l,c}
+
+    A_{l,c} channel c of the feature map of layer l, L = -log p^(yhat) the loss of the predicted
+    class yhat = argmax_k z_k (the class an attribution explains; dL/dz = (p - e_yhat)/T), or with
+    ``target=uniform`` GradNorm's KL to the uniform (dL/dz = (p - u)/T). ``variant=a`` (GAIA-A, channel-wise average
+    abnormality): Lambda_{l,c} = |mean over positions of dL/dA_{l,c}|; ``variant=z`` (GAIA-Z,
+    zero-deflation abnormality): Lambda_{l,c} = the share of positions where dL/dA_{l,c} != 0.
+    Both grow on OOD inputs (the paper's observation), hence the minus sign.
+    ``layer=auto``: the output of every convolution (in a model without convolutions, every hidden
+    ``nn.Linear`` output, each unit a channel with one position, so that A is |dL/dA| and Z the
+    indicator dL/dA != 0); ``layer=NAME``: one module (spatial output required); ``layer=head``:
+    the head's input h (each unit a channel with one position).
+
+    Assumptions (the authors' code was not available here): the loss of the predicted class (the
+    attribution target; a constant factor would not change Z and scale A for every input alike);
+    layers are the convolution outputs; GAIA-A is not divided by an output-layer term. With
+    ``target=uniform`` the orientation stays as defined (-||Lambda||), although there a confident
+    input has the larger gradient (GradNorm's observation), so that variant tends to rank ID inputs
+    as OOD; it is kept for comparison, not flipped. Deep only (needs the
+    model; ``depth`` admits only ``deep``, so that the benchmark files it with the deep rows); at the
+    head GAIA-A has the closed form ``gaia_v``.
+    """
+
+    needs_model = True
+
+    def __init__(self, variant="a", layer="auto", target="predicted", T=1.0, depth="deep"):
+        self.variant, self.layer, self.T = variant, str(layer), _check_T(T, "gaia")
+        self.target = target
+        self.batch_size = GAIA_BATCH_SIZE
+
+    def from_model(self, model, x, head=None):
+        return gaia(model, x, variant=self.variant, layer=self.layer, target=self.target, T=self.T, head=head,
+                    batch_size=self.batch_size)
+
+
+class GaiaHeadScore(FittedScore):
+    """GAIA-A at the head's input, closed form (a pure output term; U = 1), higher = more ID:
+
+        S(x) = -|| W^T (p - e_yhat) ||_2 / T          (target=uniform: -|| W^T (p - u) ||_2 / T)
+
+    dL/dh = W^T dL/dz, one position per unit of h, so Lambda_c = |[W^T dL/dz]_c|.
+    "Fitting" only stores the head's weight W (C x D). Equals ``gaia(layer=head)``.
+    """
+
+    needs_head = True
+    _keys = ("weight",)
+    method = "gaia_v"
+
+    def __init__(self, target="predicted", T=1.0):
+        self.T, self.target = _check_T(T, "gaia_v"), target
+        super().__init__()
+
+    def _fit(self, h, logits, y, weight, bias):
+        self.weight = weight.clone()
+
+    def _score(self, h, logits):
+        return -(loss_cotangent(logits, self.target, self.T) @ self.weight).norm(dim=1)
+
+
+# ---------------------------------------------------------------- GradOrth
+
+
+def _check_k(k, name):
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise UvoodError(f"{name}(k) needs an integer rank k >= 1, got {k!r}.")
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many singular values exceed max(s) * max(shape) * eps (numpy.linalg.matrix_rank's rule)."""
+    if s.numel() == 0 or float(s.max()) == 0.0:
+        return 0
+    return int((s > s.max() * max(shape) * torch.finfo(s.dtype).eps).sum())
+
+
+class GradOrthU(FittedScore):
+    """GradOrth's U term: U(h) = || S_k^T h ||_2, the norm of h projected onto the ID subspace.
+
+    S_k (D x k): the top-k right singular vectors of the n x D matrix of ID features (uncentred, as
+    the representation matrix of GradOrth / GPM). ``k``: the rank; default (None): the smallest k
+    with sum_{i<=k} s_i^2 >= ``energy`` * sum_i s_i^2 (the paper's threshold on the captured energy).
+    A k larger than the numerical rank of the ID feature matrix is refused.
+    """
+
+    _keys = ("basis",)
+    method = "GradOrth"
+
+    def __init__(self, k=None, energy=0.97):
+        _check_k(k, "gradorth")
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+            raise UvoodError(f"gradorth(energy) must be a share in (0, 1], got {energy!r}.")
+        self.k, self.energy = k, float(energy)
+        super().__init__()
+
+    def _fit(self, h, logits, y, weight, bias):
+        _, s, vh = torch.linalg.svd(h, full_matrices=False)
+        rank = numerical_rank(s, tuple(h.shape))
+        if self.k is not None:
+            if self.k > rank:
+                raise UvoodError(f"{self.method}: the projection rank k = {self.k} is larger than the fitted data "
+                                 f"allows: the {h.shape[0]} x {h.shape[1]} ID feature matrix has rank {rank}. Use "
+                                 f"k <= {rank}, or fit on more ID samples.")
+            k = self.k
+        else:
+            share = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-300)
+            k = min(int((share < self.energy - 1e-12).sum()) + 1, max(rank, 1))
+        self.basis = vh[:k].T.contiguous()
+
+    def _score(self, h, logits):
+        return (h @ self.basis).norm(dim=1)
+
+
+class GradOrthV(Score):
+    """GradOrth's V term: V(p) = || p - u ||_2 / T (the l2 norm of the KL-to-uniform gradient at z)."""
+
+    def __init__(self, T=1.0):
+        self.T = _check_T(T, "gradorth_v")
+
+    def from_features(self, h, logits):
+        return uniform_gap(logits, self.T).norm(dim=1) / self.T
+
+
+class GradOrthScore(GradOrthU):
+    """GradOrth (Behpour et al., "GradOrth: A Simple yet Efficient Out-of-Distribution Detection
+    with Orthogonal Projection of Gradients", NeurIPS 2023), oriented higher = more ID:
+
+        S(x) = || grad_W L(x) S_k S_k^T ||_F,   L = -(1/C) sum_k log p^(k)  (KL(u || p) + const)
+
+    the norm of the head-weight gradient projected onto the subspace of the ID representations
+    (S_k as :class:`GradOrthU`). A small projection means OOD (the paper). Head closed form:
+    grad_W L = (p - u) h^T / T is rank one, so the projection is (p - u)(S_k S_k^T h)^T / T and
+
+        S(x) = ||p - u||_2 / T * ||S_k^T h||_2 = gradorth_v * gradorth_u        (exact)
+
+    Assumptions: GradNorm's loss, the head's weight only (no bias), the Frobenius norm, default
+    energy threshold 0.97 (the paper reports a threshold on the captured energy; its exact value
+    per model was not available here). Head only: ``depth`` admits ``shallow`` alone.
+    """
+
+    def __init__(self, k=None, energy=0.97, T=1.0, depth="shallow"):
+        super().__init__(k, energy)
+        self.T = _check_T(T, "gradorth")
+
+    def _score(self, h, logits):
+        return super()._score(h, logits) * uniform_gap(logits, self.T).norm(dim=1) / self.T
+
+
+# ---------------------------------------------------------------- low-dimensional gradients
+
+
+def _augment(h: torch.Tensor, bias: bool) -> torch.Tensor:
+    return torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1) if bias else h
+
+
+class LowDimScore(FittedScore):
+    """Low-dimensional gradients (Wu et al., "Low-Dimensional Gradient Helps Out-of-Distribution
+    Detection", arXiv:2310.17163), at the head, oriented higher = more ID:
+
+        g(x) = grad_[W(,b)] logsumexp(z) = p h~^T          (C x D, rank one; h~ = [h, 1] with bias)
+        phi(x) = ( <g(x), M_j> )_{j=1..k} = ( p^T M_j h~ )_j
+        S(x) = -(phi - mu)^T P (phi - mu)
+
+    M_1..M_k: the top-k principal directions (uncentred, as the authors' truncated SVD of the ID
+    gradient matrix) of the ID gradients g_i; mu, P = pinv(Sigma): mean and covariance of phi on
+    the ID data. The full gradients are never formed: the Gram matrix of the ID gradients is
+    K_ij = <g_i, g_j> = (p_i . p_j)(h~_i . h~_j) (at most ``LOWDIM_FIT_MAX`` ID samples, seeded),
+    its top eigenpairs (a_j, s_j^2) give M_j = sum_i a_ij g_i / s_j (k x C x D stored), and
+    phi costs k C D per sample. phi is a bilinear form p^T M_j h~, not a product U(h) V(p)
+    (M_j is not rank one): this method has no U * V form.
+
+    Assumptions: the authors' output is logsumexp(z) (their energy model), the detector in the
+    subspace a single-Gaussian Mahalanobis distance (they pair the subspace with several existing
+    detectors), the head only (their deep version projects all parameters' gradients). A k
+    larger than the rank of the ID gradients is refused.
+    """
+
+    _keys = ("basis", "mu", "precision")
+    method = "lowdim"
+
+    def __init__(self, k=10, bias=False):
+        _check_k(k, "lowdim")
+        self.k, self.bias = k, bool(bias)
+        super().__init__()
+
+    def _fit(self, h, logits, y, weight, bias):
+        hh, p = _augment(h, self.bias), softmax(logits)
+        n = hh.shape[0]
+        if n > LOWDIM_FIT_MAX:
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:LOWDIM_FIT_MAX]
+            hs, ps = hh[idx], p[idx]
+        else:
+            hs, ps = hh, p
+        vals, vecs = torch.linalg.eigh((ps @ ps.T) * (hs @ hs.T))
+        s = vals.clamp_min(0).flip(0).sqrt()
+        rank = numerical_rank(s, (hs.shape[0], ps.shape[1] * hs.shape[1]))
+        if self.k > rank:
+            raise UvoodError(f"lowdim: the projection rank k = {self.k} is larger than the fitted data allows: the "
+                             f"{hs.shape[0]} ID gradients span {rank} dimensions. Use k <= {rank}, or fit on more "
+                             "ID samples.")
+        a = vecs.flip(1)[:, :self.k] / s[:self.k]
+        self.basis = torch.einsum("nk,nc,nd->kcd", a, ps, hs).contiguous()
+        phi = self._project(hh, p)
+        self.mu = phi.mean(0)
+        centred = phi - self.mu
+        self.precision = pinv_psd(centred.T @ centred / n)
+
+    def _project(self, hh, p):
+        """phi_j = p^T M_j h~ for every j: one (n x D) @ (D x kC) product, then a sum over classes with p."""
+        k, c, d = self.basis.shape
+        return ((hh @ self.basis.reshape(k * c, d).T).reshape(-1, k, c) * p[:, None, :]).sum(-1)
+
+    def _score(self, h, logits):
+        d = self._project(_augment(h, self.bias), softmax(logits)) - self.mu
+        return -((d @ self.precision) * d).sum(1)
+
+
+class _Logits(nn.Module):
+    """The model's logits (via :func:`uvood.model.forward_head`) as a module whose parameters are the
+    model's, so that ``torch.func.functional_call`` can swap them."""
+
+    def __init__(self, model, head):
+        super().__init__()
+        self.model = model
+        self._head = [head]  # in a list: not registered as a second owner of the head's parameters
+
+    def forward(self, x):
+        from ..model import forward_head
+
+        return forward_head(self.model, x, self._head[0])[2]
+
+
+class LowDimDeepScore(Score):
+    """Low-dimensional gradients over every parameter (Wu et al., arXiv:2310.17163), higher = more ID:
+
+        phi_j(x) = <grad_theta logsumexp(z(x)), v_j>,   S(x) = -(phi - mu)^T P (phi - mu)
+
+    v_1..v_k: the top-k right singular vectors of the ID Jacobian J (n x P, row i = the gradient of
+    logsumexp(z(x_i)) w.r.t. all parameters with requires_grad), found as the authors do, by a randomized
+    truncated SVD that touches J only through products: J^T w (one backward of sum_i w_i y_i per
+    column) and J v (one forward-mode ``torch.func.jvp`` per column). Rows of J are never formed;
+    memory is P x (k + oversample). Scoring: phi(x) = J(x) V, k jvps per batch (exact per sample: the
+    samples do not interact in eval mode). mu, P = pinv(Sigma) of phi on the fit samples. The
+    subspace is exact when k + ``oversample`` >= the rank of J (at most the number of fit samples),
+    else the randomized estimate with ``iters`` power iterations (seeded). At most
+    ``LOWDIM_DEEP_FIT_MAX`` = 512 ID samples (seeded subset) span the subspace: on the paper's CNN
+    (c = 32) on CPU the fit then takes minutes.
+    """
+
+    needs_model = True
+    needs_fit = True
+
+    def __init__(self, k=10, oversample=10, iters=1):
+        self.k, self.oversample, self.iters = k, int(oversample), int(iters)
+        self.basis = self.mu = self.precision = None
+        self.batch_size = 128
+
+    @staticmethod
+    def _params(model):
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def _jt(self, model, x, w, head):
+        """J^T w (P x l, float64) for w (n x l): one forward per micro-batch, l backward passes."""
+        from ..model import forward_head
+
+        named = self._params(model)
+        out = torch.zeros(sum(p.numel() for _, p in named), w.shape[1], dtype=torch.float64)
+        for lo in range(0, x.shape[0], self.batch_size):
+            with torch.enable_grad():
+                y = torch.logsumexp(forward_head(model, x[lo:lo + self.batch_size], head)[2], dim=1)
+                for j in range(w.shape[1]):
+                    grads = torch.autograd.grad(y, [p for _, p in named], w[lo:lo + len(y), j].to(y.dtype),
+                                                retain_graph=j < w.shape[1] - 1, allow_unused=True)
+                    out[:, j] += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double().cpu()
+                                            for (_, p), g in zip(named, grads)])
+        return out
+
+    def _j(self, model, x, v, head):
+        """J v (n x l, float64) for v (P x l): one forward-mode jvp per column and micro-batch."""
+        from torch.func import functional_call, jvp, vmap
+
+        named = self._params(model)
+        wrapper = _Logits(model, head)
+        primals = {f"model.{n}": p.detach() for n, p in named}
+        tangents = []
+        for j in range(v.shape[1]):
+            t, pos = {}, 0
+            for n, p in named:
+                t[f"model.{n}"] = v[pos:pos + p.numel(), j].reshape(p.shape).to(device=p.device, dtype=p.dtype)
+                pos += p.numel()
+            tangents.append(t)
+        stacked = {name: torch.stack([t[name] for t in tangents]) for name in primals}
+        out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
+        for lo in range(0, x.shape[0], self.batch_size):
+            xb = x[lo:lo + self.batch_size]
+
+            def y(prm, xb=xb):
+                return torch.logsumexp(functional_call(wrapper, prm, (xb,)), dim=1)
+
+            def tangent_out(t, y=y):
+                return jvp(y, (primals,), (t,))[1]
+
+            try:  # all l directions in one vmapped jvp (the primal is computed once)
+                out[lo:lo + xb.shape[0]] = vmap(tangent_out)(stacked).T.double().cpu()
+            except RuntimeError:  # an operation without a batching rule: one jvp per direction
+                for j, t in enumerate(tangents):
+                    out[lo:lo + xb.shape[0], j] = tangent_out(t).double().cpu()
+        return out
+
+    def fit(self, model, x, y, head=None, seed=0):
+        from ..model import eval_mode, find_head
+        from .engine import check_independent
+
+        with eval_mode(model):
+            check_independent(model)
+            head = find_head(model, x[:1], head)
+            n = x.shape[0]
+            if n > LOWDIM_DEEP_FIT_MAX:
+                idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:LOWDIM_DEEP_FIT_MAX]
+                x, n = x[idx], LOWDIM_DEEP_FIT_MAX
+            gen = torch.Generator().manual_seed(int(seed))
+            l_cols = min(n, self.k + self.oversample)
+            big = self._jt(model, x, torch.randn(n, l_cols, generator=gen, dtype=torch.float64), head)
+            for _ in range(self.iters):
+                small = self._j(model, x, torch.linalg.qr(big).Q, head)
+                big = self._jt(model, x, torch.linalg.qr(small).Q, head)
+            q = torch.linalg.qr(big).Q
+            b = self._j(model, x, q, head)
+            _, s, wt = torch.linalg.svd(b, full_matrices=False)
+        rank = numerical_rank(s, (n, q.shape[0]))
+        if self.k > rank:
+            raise UvoodError(f"lowdim: the projection rank k = {self.k} is larger than the fitted data allows: the "
+                             f"{n} ID gradients span {rank} dimensions. Use k <= {rank}, or fit on more ID samples.")
+        self.basis = (q @ wt[:self.k].T).T.contiguous()
+        phi = b @ wt[:self.k].T
+        self.mu = phi.mean(0)
+        centred = phi - self.mu
+        self.precision = pinv_psd(centred.T @ centred / n)
+
+    def from_model(self, model, x, head=None):
+        from ..model import eval_mode, find_head
+        from .engine import check_independent
+
+        if self.basis is None:
+            raise UvoodError(f"Score {self.spec!r} must be fitted on ID training data first: "
+                             "uvood.Detector(model, score=...).fit(id_data), or score.fit(model, x, y).")
+        with eval_mode(model):
+            check_independent(model)
+            n_params = sum(p.numel() for _, p in self._params(model))
+            if n_params != self.basis.shape[1]:
+                raise UvoodError(f"Score {self.spec!r} was fitted on a model with {self.basis.shape[1]} parameters, "
+                                 f"but this one has {n_params}: fit it again.")
+            d = self._j(model, x, self.basis.T, find_head(model, x[:1], head)) - self.mu
+        return (-((d @ self.precision) * d).sum(1)).to(x.device)
+
+    def state(self):
+        return {} if self.basis is None else {"basis": self.basis, "mu": self.mu, "precision": self.precision}
+
+    def load_state(self, state):
+        if set(state) != {"basis", "mu", "precision"}:
+            raise UvoodError(f"Score {self.spec!r} needs the fitted tensors ['basis', 'mu', 'precision']; the file "
+                             f"holds {sorted(state)}. Fit the detector again.")
+        self.basis, self.mu, self.precision = (state[k].to(torch.float64) for k in ("basis", "mu", "precision"))
+
+
+def _lowdim(k=10, bias=False, depth="shallow"):
+    """Low-dimensional gradients: ``depth=shallow`` the head closed form (:class:`LowDimScore`),
+    ``depth=deep`` every parameter (:class:`LowDimDeepScore`, no ``bias`` option: it has them all)."""
+    _check_k(k, "lowdim")
+    if depth == "deep":
+        if bias:
+            raise UvoodError("lowdim(depth=deep) differentiates every parameter, biases included: drop bias=true.")
+        return LowDimDeepScore(k)
+    return LowDimScore(k, bias)
+
+
+# ---------------------------------------------------------------- Fisher-information trace
+
+
+def _fisher(depth="shallow", T=1.0, bias=False):
+    """Trace of the Fisher information of p(y | x) at x, oriented higher = more ID (sign -1):
+
+        tr F(x) = E_{Y~p}[ || grad_theta log p^(Y)(x) ||_2^2 ]  = grad(label=predicted, agg=mean_of_norm, norm=l2sq)
+
+    shallow: theta = the head's weight (and bias with ``bias=true``); closed form
+    (1/T^2) ||h~||_2^2 (1 - ||p||_2^2) = sqnorm * fisher_v (U * V, exact); deep: every parameter
+    (engine). The trace is larger for uncertain inputs, hence the sign -1.
+    """
+    return GradScore("predicted", "mean_of_norm", "l2sq", "none", depth, T, bias, False)
+
+
+class SqNormScore(Score):
+    """U(h) = ||h||_2^2 (the Fisher trace's encoding term)."""
+
+    def from_features(self, h, logits):
+        return (_f64(h) ** 2).sum(1)
+
+
+class FisherVScore(Score):
+    """V(p) = -(1 - ||p||_2^2) / T^2 <= 0 (the Fisher trace's output term, with its sign -1).
+
+    A product ``sqnorm * fisher_v`` = -||h||^2 (1 - ||p||^2) / T^2 = ``fisher`` (weight only)."""
+
+    def __init__(self, T=1.0):
+        self.T = _check_T(T, "fisher_v")
+
+    def from_features(self, h, logits):
+        p = softmax(logits, self.T)
+        return -(1.0 - (p * p).sum(1)) / self.T**2
+
+
+# ---------------------------------------------------------------- registry
+
+VARIANTS = ("a", "z")
+
+TARGETS = ("predicted", "uniform")
+
+register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "target": "predicted", "T": 1.0, "depth": "deep"},
+         kind="gradient", choices={"variant": VARIANTS, "target": TARGETS, "depth": ("deep",)}, doc=GaiaScore.__doc__)
+register("gaia_v", GaiaHeadScore, params={"target": "predicted", "T": 1.0}, kind="output", choices={"target": TARGETS},
+         doc=GaiaHeadScore.__doc__)
+register("gradorth", GradOrthScore, params={"k": None, "energy": 0.97, "T": 1.0, "depth": "shallow"},
+         kind="gradient", choices={"depth": ("shallow",)}, doc=GradOrthScore.__doc__)
+register("gradorth_u", GradOrthU, params={"k": None, "energy": 0.97}, kind="encoding", doc=GradOrthU.__doc__)
+register("gradorth_v", GradOrthV, params={"T": 1.0}, kind="output", doc=GradOrthV.__doc__)
+register("lowdim", _lowdim, params={"k": 10, "bias": False, "depth": "shallow"}, positional=("k",),
+         kind="gradient", choices={"bias": BOOLS, "depth": DEPTHS}, doc=LowDimScore.__doc__ + LowDimDeepScore.__doc__)
+register("fisher", _fisher, params={"depth": "shallow", "T": 1.0, "bias": False}, kind="gradient",
+         choices={"depth": DEPTHS, "bias": BOOLS}, doc=_fisher.__doc__)
+register("sqnorm", SqNormScore, kind="encoding", doc=SqNormScore.__doc__)
+register("fisher_v", FisherVScore, params={"T": 1.0}, kind="output", doc=FisherVScore.__doc__)

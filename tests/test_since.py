@@ -1,0 +1,221 @@
+"""Gradient methods since the paper (uvood.scores.since): every fast path and closed form against the
+per-sample float64 autograd references of uvood.scores.reference, on random models (an MLP, a CNN with
+BatchNorm in eval mode and max-pooling, C in {3, 10, 17}); and the bad-input errors."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from uvood.errors import UvoodError
+from uvood.scores.reference import reference_fisher, reference_gaia, reference_gradorth, reference_lowdim
+from uvood.scores.registry import get_score
+
+CLASSES = (3, 10, 17)
+
+
+def make_mlp(C):
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, C)).double().eval()
+
+
+class CNN(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 7, 3), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(7, C)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def make_cnn(C):
+    m = CNN(C)
+    bn = m.features[1]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.3, 0.3)
+    return m.double().eval()
+
+
+MODELS = {"mlp": (make_mlp, (12,)), "cnn": (make_cnn, (3, 10, 10))}
+
+
+def _data(kind, C, n=7, n_id=60):
+    make, shape = MODELS[kind]
+    model = make(C)
+    return model, torch.randn(n, *shape, dtype=torch.float64) * 2, torch.randn(n_id, *shape, dtype=torch.float64)
+
+
+def _close(a, b, rel=1e-6):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=rel, atol=rel * np.abs(b).max())
+
+
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("variant", ["a", "z"])
+@pytest.mark.parametrize("target", ["predicted", "uniform"])
+def test_gaia_one_backward_matches_per_sample_reference_on_cnn(C, variant, target):
+    model, x, _ = _data("cnn", C)
+    fast = get_score(f"gaia(variant={variant},target={target})").from_model(model, x)
+    ref = reference_gaia(model, x, variant=variant, target=target)
+    _close(fast, ref)
+    if variant == "z":  # ReLU and max-pool leave exact zeros: the share is a fraction strictly inside (0, 1)
+        assert (ref < 0).all()
+    one = get_score(f"gaia(variant={variant},layer=features.4,target={target})").from_model(model, x)
+    _close(one, reference_gaia(model, x, variant=variant, layer="features.4", target=target))
+    assert not torch.allclose(one, fast)
+
+
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("variant", ["a", "z"])
+def test_gaia_on_an_mlp_uses_the_hidden_linear_outputs(C, variant):
+    model, x, _ = _data("mlp", C)
+    _close(get_score(f"gaia(variant={variant})").from_model(model, x), reference_gaia(model, x, variant=variant))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
+def test_gaia_at_the_head_is_its_closed_form_output_term(kind, C):
+    """GAIA-A of the head's input h = -||W^T dL/dz||_2: a pure V term (gaia_v, from features)."""
+    model, x, x_id = _data(kind, C)
+    for target in ("predicted", "uniform"):
+        ref = reference_gaia(model, x, layer="head", T=2.0, target=target)
+        _close(get_score(f"gaia(layer=head,T=2,target={target})").from_model(model, x), ref)
+        v = get_score(f"gaia_v(T=2,target={target})")
+        v.fit(model, x_id, None)
+        _close(v.from_model(model, x), ref)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
+def test_gradorth_closed_form_and_uv_product_match_autograd(kind, C):
+    model, x, x_id = _data(kind, C)
+    from uvood.features import extract
+
+    h_id = extract(model, x_id, progress=False).h
+    ref = reference_gradorth(model, x, h_id, 3, T=1.5)
+    for spec in ("gradorth(k=3,T=1.5)", "gradorth_u(k=3)*gradorth_v(T=1.5)"):
+        s = get_score(spec)
+        s.fit(model, x_id, None)
+        _close(s.from_model(model, x), ref)
+
+
+def test_gradorth_energy_rule_picks_the_smallest_rank_holding_the_share():
+    model, x, x_id = _data("mlp", 10, n_id=200)
+    from uvood.features import extract
+
+    h = extract(model, x_id, progress=False).h.double()
+    s = np.linalg.svd(h.numpy(), compute_uv=False)
+    share = np.cumsum(s**2) / (s**2).sum()
+    for energy in (0.5, 0.9, 0.99):
+        score = get_score(f"gradorth(energy={energy})")
+        score.fit(model, x_id, None)
+        k = int(np.argmax(share >= energy)) + 1
+        assert score.basis.shape[1] == k
+        _close(score.from_model(model, x), reference_gradorth(model, x, h, k))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_lowdim_projection_without_full_gradients_matches_materialised_svd(kind, C, bias):
+    model, x, x_id = _data(kind, C)
+    k = 4
+    s = get_score(f"lowdim({k},bias={str(bias).lower()})")
+    s.fit(model, x_id, None)
+    _close(s.from_model(model, x), reference_lowdim(model, x_id, x, k, bias=bias), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
+def test_deep_lowdim_by_jvp_and_vjp_matches_materialised_per_sample_gradients(kind, C):
+    """With k + oversample >= the number of fit samples the randomized SVD spans the ID gradients exactly, so the
+    score equals the reference's (per-sample backward over every parameter, numpy SVD)."""
+    model, x, x_id = _data(kind, C, n_id=12)
+    s = get_score("lowdim(4,depth=deep)")
+    s.fit(model, x_id, None)
+    _close(s.from_model(model, x), reference_lowdim(model, x_id, x, 4, depth="deep"), rel=1e-6)
+    state = s.state()
+    again = get_score("lowdim(4,depth=deep)")
+    again.load_state(state)
+    _close(again.from_model(model, x), s.from_model(model, x), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("C", CLASSES)
+def test_fisher_trace_shallow_deep_and_uv_form_match_autograd(kind, C):
+    model, x, _ = _data(kind, C)
+    ref_shallow = reference_fisher(model, x, T=1.3)
+    _close(get_score("fisher(T=1.3)").from_model(model, x), ref_shallow)
+    _close(get_score("sqnorm*fisher_v(T=1.3)").from_model(model, x), ref_shallow)
+    _close(get_score("fisher(bias=true)").from_model(model, x), reference_fisher(model, x, bias=True))
+    _close(get_score("fisher(depth=deep)").from_model(model, x), reference_fisher(model, x, depth="deep"))
+
+
+def test_bad_inputs_are_named():
+    mlp, x, x_id = _data("mlp", 3)
+    cnn, xc, _ = _data("cnn", 3)
+    with pytest.raises(UvoodError, match="no convolution and no hidden linear layer"):
+        get_score("gaia").from_model(nn.Linear(12, 3).double(), x)
+    with pytest.raises(UvoodError, match="has no layer named 'nope'"):
+        get_score("gaia(layer=nope)").from_model(cnn, xc)
+    with pytest.raises(UvoodError, match="not a spatial feature map"):
+        get_score("gaia(layer=fc)").from_model(cnn, xc)
+    with pytest.raises(UvoodError, match="variant='b' is not valid; choose one of a, z"):
+        get_score("gaia(variant=b)")
+    with pytest.raises(UvoodError, match="the temperature T must be a finite number > 0"):
+        get_score("gaia(T=0)")
+    with pytest.raises(UvoodError, match="projection rank k = 12 is larger than the fitted data allows.*rank 9"):
+        get_score("gradorth(k=12)").fit(mlp, x_id, None)
+    with pytest.raises(UvoodError, match="projection rank k = 20 is larger than the fitted data allows.*span 5"):
+        get_score("lowdim(20)").fit(mlp, x_id[:5], None)
+    with pytest.raises(UvoodError, match="projection rank k = 20 is larger than the fitted data allows.*span 5"):
+        get_score("lowdim(20,depth=deep)").fit(mlp, x_id[:5], None)
+    with pytest.raises(UvoodError, match="biases included: drop bias=true"):
+        get_score("lowdim(depth=deep,bias=true)")
+    with pytest.raises(UvoodError, match="fitted on a model with .* parameters, but this one has"):
+        s = get_score("lowdim(2,depth=deep)")
+        s.fit(mlp, x_id[:8], None)
+        s.from_model(make_mlp(4), x)
+    for spec in ("gradorth", "gradorth_u*gradorth_v", "lowdim", "gaia_v", "lowdim(depth=deep)"):
+        with pytest.raises(UvoodError, match="must be fitted on ID training data first"):
+            get_score(spec).from_model(mlp, x)
+    with pytest.raises(UvoodError, match="needs an integer rank k >= 1"):
+        get_score("lowdim(0)")
+    with pytest.raises(UvoodError, match="energy\\) must be a share in \\(0, 1\\]"):
+        get_score("gradorth(energy=1.5)")
+
+
+def test_since_section_from_a_mini_run(tmp_path, data_dir):
+    """The group runs end to end on real data; the table's cells are the run's AUROCs (checked with
+    scikit-learn on the run's scores), and each sentence follows from the rows: GradOrth's and the shallow
+    Fisher trace's U·V forms are the same numbers, so they match on every pair."""
+    from sklearn.metrics import roc_auc_score
+
+    from test_bench import _mini_spec
+    from uvood.bench.runner import run
+    from uvood.bench.scoresets import with_depth
+    from uvood.bench.since import SINCE, section
+
+    spec = _mini_spec(tmp_path, quick_deep_n=12)
+    specs = [with_depth(s, d) for _, s, d in SINCE if not (s == "fisher" and d == "deep")]
+    result = run(spec, scores=specs, quick=True, data_dir=data_dir, cache_dir=tmp_path / "c", progress=False,
+                 log=lambda *a: 0, n_boot=50)
+    lines = section(result)
+    text = "\n".join(lines)
+    assert lines[0] == "## Gradients since the paper"
+    table = [ln for ln in lines if ln.startswith("| ") and "`" in ln]
+    assert len(table) == len(specs)
+    row = next(r for r in result.rows if r["score"] == "gradorth" and r["ood"] == "CIFAR-10")
+    s_id, s_ood = result.scores[("MNIST", "MNIST", "gradorth")], result.scores[("MNIST", "CIFAR-10", "gradorth")]
+    auc = roc_auc_score(np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))], np.r_[s_id, s_ood])
+    assert f"{auc:.3f} [" in next(ln for ln in table if ln.startswith("| GradOrth (shallow)"))
+    assert abs(row["auroc"] - auc) < 1e-12
+    assert "**GradOrth** (`gradorth` vs `gradorth_u*gradorth_v`): yes: the U·V form matches the full method " \
+           "within its CI on every pair (2 of 2 pairs inside" in text
+    assert "**Fisher trace** (`fisher` vs `sqnorm*fisher_v`): yes" in text
+    assert "**Low-dimensional gradients** (`lowdim`): no U·V form" in text
+    assert "**GAIA-A** (`gaia` vs `gaia_v`):" in text
