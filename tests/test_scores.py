@@ -203,3 +203,16 @@ def test_norm_times_energy_flips_per_sample_where_energy_is_negative():
         assert big > small
     assert "flips" in get_score("norm(1)*energy").__class__.__doc__
     assert "flips its orientation" in entries()["energy"].doc
+
+
+def test_a_change_to_one_configuration_bumps_only_its_version():
+    """The deep predicted-label norm-of-mean row became its closed form 0: its cache entries are
+    recomputed, every other configuration of `grad` keeps version 1 (and its caches)."""
+    from uvood.scores.registry import get_score
+
+    zero = "grad(label=predicted,agg=norm_of_mean,norm=l2sq,depth=deep)"
+    assert get_score(zero).version_tag == "grad:2"
+    assert get_score("norm(1)*" + zero).version_tag == "norm:1*grad:2"
+    for other in ("grad(label=predicted,agg=norm_of_mean,norm=l2sq)", "grad(label=uniform,agg=mean_of_norm,depth=deep)",
+                  "grad(label=predicted,agg=mean_of_norm,norm=l2sq,weight=logp_over_p,depth=deep)"):
+        assert get_score(other).version_tag == "grad:1"

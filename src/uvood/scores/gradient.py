@@ -260,6 +260,8 @@ class GradScore(Score):
         self.sign = orientation(label, agg, weight)
         self.needs_model = depth == "deep"
         self.batch_size = DEEP_BATCH_SIZE
+        if depth == "deep" and label == "predicted" and agg == "norm_of_mean" and weight == "none":
+            self.config_version = 2  # now its closed form 0 (was a deep pass giving round-off): this row only
 
     def _axes(self):
         return dict(label=self.label, agg=self.agg, norm=self.norm, weight=self.weight, T=self.T,
@@ -466,8 +468,8 @@ _AXES = {"label": "uniform", "agg": "norm_of_mean", "norm": "l1", "weight": "non
 _CHOICES = {"label": LABELS, "agg": AGGS, "norm": NORMS, "weight": WEIGHTS, "depth": DEPTHS,
             "bias": BOOLS, "official": BOOLS}
 
-# version 2: the deep predicted-label norm-of-mean is its closed form 0 (was a deep pass giving round-off)
-register("grad", GradScore, params=dict(_AXES), kind="gradient", choices=dict(_CHOICES), doc=__doc__, version=2)
+# the deep predicted-label norm-of-mean row has its own version 2 (GradScore.config_version): its closed form 0
+register("grad", GradScore, params=dict(_AXES), kind="gradient", choices=dict(_CHOICES), doc=__doc__)
 
 
 def _gradnorm(depth="shallow", T=1.0, bias=False, official=False):

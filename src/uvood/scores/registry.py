@@ -25,7 +25,9 @@ A :class:`Score` is computed either from cached features ``(h, logits)``
 gradients, BatchGrad). Modules register their terms with :func:`register`.
 
 Versions: every registered name carries an integer ``version`` (``register(..., version=)``),
-to be bumped whenever a change alters the values it computes. A built score's
+to be bumped whenever a change alters the values it computes; a change that alters only some
+configurations of a name bumps theirs alone (the built score's ``config_version``, e.g. one
+row of ``grad``), so the other configurations keep their caches. A built score's
 :attr:`Score.version_tag` (``"energy:1"``, ``"norm:1*energy:1"``) enters every cache key of
 its values, so a formula fix is never hidden by a warm cache.
 """
@@ -354,7 +356,7 @@ def get_score(spec: str | Score) -> Score:
     for entry, values in parse(spec):
         score = entry.factory(**{**entry.params, **values})
         score.spec = _canonical(entry, values)
-        score.version_tag = f"{entry.name}:{entry.version}"
+        score.version_tag = f"{entry.name}:{max(entry.version, getattr(score, 'config_version', 0))}"
         factors.append(score)
     if len(factors) == 1:
         return factors[0]
