@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..scores.registry import canonical_spec
-from . import claims, figures, leaderboard, selection, tables
+from . import claims, figures, leaderboard, selection, since, tables
 from .manifest import MANIFEST, write_manifest
 from .runner import RunResult
 from .scoresets import TABLE1, paper_spec, with_depth
@@ -183,6 +183,8 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
     if "claims" in spec.groups:
         found = claims.evaluate_cached(result, out / "claims.json")
         L += ["", "## The paper's ImageNet claims, tested", "", claims.describe(), "", claims.markdown(found, source)]
+    if {"since", "since_c1000"} & set(spec.groups):
+        L += [""] + since.section(result)
     if "leaderboard" in spec.groups:
         lines, rows = leaderboard.section(result)
         tables.write_csv(rows, out / "leaderboard.csv", leaderboard.CSV_COLUMNS)

@@ -91,8 +91,30 @@ LEADERBOARD = FIELD + PAPER_IN_LEADERBOARD
 LEADERBOARD_EXTRA = [("ExGrad", "exgrad", "deep"), ("BatchGrad", "batchgrad", "deep"),
                      ("BatchGrad", "batchgrad(bias=true)", "shallow")]
 
+# Gradient methods published since the paper (issue 10; bench/since.py builds their section of the report)
+SINCE = [
+    ("GAIA-A", "gaia", "deep"),
+    ("GAIA-Z", "gaia(variant=z)", "deep"),
+    ("GAIA-A at the head: -||W^T (p - e_yhat)||_2 [U·V, U = 1]", "gaia_v", "none"),
+    ("GradOrth", "gradorth", "shallow"),
+    ("GradOrth as ||S_k^T h||_2 · ||p - u||_2 [U·V]", "gradorth_u*gradorth_v", "none"),
+    # lowdim(depth=deep) is left out: its fit (512 ID images, 2 (k + 10) backward and jvp passes) took 744 s on
+    # cifar10-cnn on one CPU thread (2026-11-30); add ("Low-dimensional gradients", "lowdim", "deep") to run it
+    ("Low-dimensional gradients (head)", "lowdim", "shallow"),
+    ("Fisher trace", "fisher", "deep"),
+    ("Fisher trace", "fisher", "shallow"),
+    ("Fisher trace as -||h||_2^2 (1 - ||p||_2^2) [U·V]", "sqnorm*fisher_v", "none"),
+    ("GradNorm", "gradnorm", "deep"),
+    ("GradNorm", "gradnorm", "shallow"),
+    ("ExGrad", "exgrad", "deep"),
+    ("ExGrad", "exgrad", "shallow"),
+]
+
+# the same for C = 1000 (`large`): without the deep rows that need C backward passes per sample
+SINCE_C1000 = [row for row in SINCE if not (row[2] == "deep" and row[1] in ("fisher", "exgrad"))]
+
 GROUPS = {"table1": TABLE1, "table2": TABLE2, "table3": TABLE3, "figure2": FIGURE2, "claims": CLAIMS,
-          "leaderboard": LEADERBOARD}
+          "leaderboard": LEADERBOARD, "since": SINCE, "since_c1000": SINCE_C1000}
 
 
 def with_depth(spec: str, depth: str) -> str:

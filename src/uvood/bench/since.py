@@ -14,25 +14,8 @@ import re
 import numpy as np
 
 from ..scores.registry import canonical_spec
-from .scoresets import with_depth
-
-SINCE = [
-    ("GAIA-A", "gaia", "deep"),
-    ("GAIA-Z", "gaia(variant=z)", "deep"),
-    ("GAIA-A at the head: -||W^T (p - e_yhat)||_2 [U·V, U = 1]", "gaia_v", "none"),
-    ("GradOrth", "gradorth", "shallow"),
-    ("GradOrth as ||S_k^T h||_2 · ||p - u||_2 [U·V]", "gradorth_u*gradorth_v", "none"),
-    # lowdim(depth=deep) is left out: its fit (512 ID images, 2 (k + 10) backward and jvp passes) took 744 s on
-    # cifar10-cnn on one CPU thread (2026-11-30); add ("Low-dimensional gradients", "lowdim", "deep") to run it
-    ("Low-dimensional gradients (head)", "lowdim", "shallow"),
-    ("Fisher trace", "fisher", "deep"),
-    ("Fisher trace", "fisher", "shallow"),
-    ("Fisher trace as -||h||_2^2 (1 - ||p||_2^2) [U·V]", "sqnorm*fisher_v", "none"),
-    ("GradNorm", "gradnorm", "deep"),
-    ("GradNorm", "gradnorm", "shallow"),
-    ("ExGrad", "exgrad", "deep"),
-    ("ExGrad", "exgrad", "shallow"),
-]
+from .scoresets import SINCE, with_depth
+from .tables import md_cell
 
 #: (method, its full spec(s) in the order preferred, its U * V spec or None, why there is none)
 COMPARISONS = [
@@ -125,7 +108,8 @@ def section(result) -> list[str]:
     for label, spec in rows:
         mean = _mean(idx, pairs, spec)
         cells = [_cell(idx.get((i, o, spec))) for i, o in pairs]
-        out.append(f"| {label} | `{spec}` | " + " | ".join(cells) + f" | {'–' if mean is None else f'{mean:.3f}'} |")
+        mean_cell = "–" if mean is None else f"{mean:.3f}"
+        out.append(f"| {md_cell(label)} | `{spec}` | " + " | ".join(cells) + f" | {mean_cell} |")
     out += ["", "Does each method's U·V form rank inputs like the full method?", ""]
     out += [sentence(result, *c) for c in COMPARISONS]
     return out + [""]
