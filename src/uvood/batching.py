@@ -39,6 +39,20 @@ def data_length(data) -> int | None:
         return None
 
 
+def is_sliceable(data) -> bool:
+    """True for data cut into batches by slicing (a tensor or array, or an ``(x, y)`` pair of them)."""
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        return True
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, np.ndarray))
+
+
+def slice_data(data, lo: int, hi: int):
+    """Samples ``lo:hi`` of sliceable data (:func:`is_sliceable`), in the same form (views, no copy)."""
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        return data[lo:hi]
+    return data[0][lo:hi], data[1][lo:hi]
+
+
 def iter_batches(data, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Yield ``(x, y_or_None)`` batches from a tensor/array, an ``(x, y)`` pair or an iterable.
 

@@ -115,6 +115,7 @@ def _load_inputs(path: str, shape: tuple[int, int, int], args):
 
 def _cmd_score(args) -> int:
     from .api import score_features, score_model
+    from .distributed import is_writer
     from .features import extract
     from .scores.registry import get_score
 
@@ -136,6 +137,8 @@ def _cmd_score(args) -> int:
         else:
             cols[sc.spec] = score_features(sc, feats.h, feats.logits)
     pred = feats.logits.argmax(1)
+    if not is_writer():  # under torchrun every rank holds every row; rank 0 writes them
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
@@ -206,8 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from . import distributed
+
     try:
-        return int(args.func(args) or 0)
+        distributed.init_from_env(getattr(args, "device", None))  # under torchrun: join the other ranks
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            distributed.close()
     except UvoodError as e:
         return _fail(str(e))
     except OSError as e:  # a file or folder the command reads or writes, a network error

@@ -58,6 +58,10 @@ def _cmd_bench(args) -> int:
     t = time.time()
     result = run(spec, scores=args.scores, quick=args.quick, n=args.n, data_dir=args.data_dir,
                  cache_dir=args.cache_dir, progress=not args.no_progress, deep_n=args.deep_n)
+    from ..distributed import is_writer
+
+    if not is_writer():  # under torchrun every rank holds every row; rank 0 writes the report
+        return 0
     argv = _portable(sys.argv[1:])
     command = "uvood " + " ".join(shlex.quote(a) for a in argv) if sys.argv[0].endswith("uvood") else \
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
