@@ -43,6 +43,7 @@ def score_model(spec: str | Score, model: torch.nn.Module, data, batch_size: int
     ``dtype="float64"`` runs a float64 copy of the model, for scores of a sample that are the same
     whatever batch it is in (slower: about 2x on CPU).
     """
+    from .devices import model_device
     from .distributed import dist, map_batches
     from .features import model_fingerprint
     from .model import input_range, model_channels, model_dtype, with_dtype
@@ -54,11 +55,12 @@ def score_model(spec: str | Score, model: torch.nn.Module, data, batch_size: int
     model, head = with_dtype(model, head, dtype)
     run_dtype, channels, expected = model_dtype(model), model_channels(model), input_range(model)
     warned: dict = {}
+    device = model_device(model)  # the inputs follow the model
 
     def one_batch(x, _y):
         if x.ndim > 0 and x.shape[0] == 0:
             return None
-        x = model_input(x, run_dtype, channels)
+        x = model_input(x, run_dtype, channels).to(device)
         warn_range(x, expected, warned)
         return {"s": score.from_model(model, x, head).detach().to(torch.float64).cpu().numpy()}
 

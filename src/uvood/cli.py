@@ -45,7 +45,9 @@ def _load_model(args):
         if not args.input_shape:
             raise UvoodError(f"--model {name} is your own model: give its input as --input-shape C,H,W "
                              "(e.g. 3,32,32); the images are brought to that format.")
-        return load_user_model(name, args.weights), args.input_shape
+        from .devices import default_device
+
+        return load_user_model(name, args.weights).to(default_device()), args.input_shape
     if name.endswith((".pt", ".pth", ".ckpt", ".bin", ".safetensors")) or Path(name).is_file():
         raise UvoodError(f"--model {name} looks like a weights file: give the code that builds the model as "
                          f"--model {FORMS} and the file as --weights {name}.")
@@ -157,6 +159,13 @@ def _cmd_demo(args) -> int:
     return run_demo(verbose=True)
 
 
+def add_device_option(p) -> None:
+    """``--device`` of every command that runs a model (checked before any work, :func:`uvood.devices.use`)."""
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the model runs: cpu (default), cuda, cuda:N or mps; under torchrun, cuda means one "
+                   "GPU per rank (cuda:LOCAL_RANK)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uvood", description="Post-hoc OOD detection for PyTorch classifiers "
                                      "(gradient scores, encoding-output scores, metrics, benchmarks).")
@@ -192,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "image independent of the batch it is in (float32 rounding can flip a ReLU / max-pool choice)")
     p.add_argument("--cross-domain", choices=["resize", "paste"], default="resize",
                    help="how to bring images of another size/channel count into the model's format")
+    add_device_option(p)
     p.set_defaults(func=_cmd_score)
 
     for module in ("data", "zoo", "bench"):
@@ -209,10 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from . import distributed
+    from . import devices, distributed
 
     try:
-        distributed.init_from_env(getattr(args, "device", None))  # under torchrun: join the other ranks
+        device = distributed.local_device(getattr(args, "device", None))
+        if device is not None:
+            devices.use(device)  # the models the command loads go there (an unavailable device: an error now)
+        distributed.init_from_env(device)  # under torchrun: join the other ranks
         try:
             return int(args.func(args) or 0)
         finally:

@@ -119,4 +119,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="output folder (default: results/NAME for the full reference run; "
                    "results/NAME-quick with --quick; results/NAME-partial with --scores, --n or --deep-n)")
     p.add_argument("--no-progress", action="store_true")
+    from ..cli import add_device_option
+
+    add_device_option(p)
     p.set_defaults(func=_cmd_bench)
