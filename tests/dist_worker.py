@@ -58,9 +58,11 @@ def run(task: str, cache_dir: str | None) -> dict[str, np.ndarray]:
         model[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
         f = uvood.extract(model, (x, y), batch_size=4, progress=False, cache_dir=cache_dir, data_id="toy")
         return {"h": f.h.numpy(), "logits": f.logits.numpy(), "computed": np.array(sum(calls))}
-    if task == "scores":
-        out = {k: uvood.score_model(SPECS[k], model, x, batch_size=8, progress=False).numpy()
-               for k in ("deep", "shallow")}
+    if task == "scores":  # features, shallow and deep gradient scores, BatchGrad and a fitted score in one run
+        f = uvood.extract(model, (x, y), batch_size=8, progress=False)
+        out = {"h": f.h.numpy(), "logits": f.logits.numpy(), "y": f.y.numpy()}
+        out |= {k: uvood.score_model(SPECS[k], model, x, batch_size=8, progress=False).numpy()
+                for k in ("deep", "shallow")}
         for k in ("batchgrad", "fitted"):
             det = uvood.Detector(model, score=SPECS[k], batch_size=8).fit((x, y), progress=False)
             out[k] = det.score(x, progress=False).numpy()
@@ -73,6 +75,8 @@ def main() -> int:
     task, out = sys.argv[1], sys.argv[2]
     cache_dir = sys.argv[3] if len(sys.argv) > 3 else None
     torch.set_num_threads(1)
+    if task == "version" and os.environ.get("RANK") == "1":
+        uvood.__version__ = "9.9.9"  # as if rank 1 ran another installation
     try:
         distributed.init_from_env()
         values = run(task, cache_dir)

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+import uvood
 from uvood import distributed
 
 HERE = Path(__file__).resolve().parent
@@ -51,20 +53,15 @@ def assert_close(got: dict, want: dict, keys) -> None:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=0, err_msg=k)
 
 
-def test_features_equal_one_process_on_every_rank(tmp_path):
-    assert launch("features", tmp_path) == [0, 0]
-    want = reference("features")
-    for rank in (0, 1):  # every rank holds the whole result, in the original order
-        got = result(tmp_path, "features", rank)
-        assert_close(got, want, ("h", "logits"))
-        np.testing.assert_array_equal(got["y"], want["y"])
-
-
-def test_gradient_and_fitted_scores_equal_one_process(tmp_path):
+def test_features_gradient_and_fitted_scores_equal_one_process_on_every_rank(tmp_path):
     assert launch("scores", tmp_path) == [0, 0]
-    got, want = result(tmp_path, "scores", 0), reference("scores")
-    assert set(got) == set(want)
-    assert_close(got, want, want)
+    want = reference("scores")
+    assert {"h", "logits", "deep", "shallow", "batchgrad", "fitted", "fitted_threshold"} <= set(want)
+    for rank in (0, 1):  # every rank holds the whole result, in the original order
+        got = result(tmp_path, "scores", rank)
+        assert set(got) == set(want)
+        assert_close(got, {k: v for k, v in want.items() if k != "y"}, [k for k in want if k != "y"])
+        np.testing.assert_array_equal(got["y"], want["y"])
 
 
 def test_killed_rank_then_rerun_computes_only_the_missing_parts(tmp_path):
@@ -95,11 +92,13 @@ def test_a_rank_that_raises_stops_every_rank_with_its_error(tmp_path):
     assert "rank 1 of 2 failed" in err0 and "rank 1's model broke" in err0
 
 
-def test_ranks_with_different_models_refuse(tmp_path):
-    assert launch("mismatch", tmp_path) == [2, 2]
+@pytest.mark.parametrize("task, what", [("mismatch", "the inputs of features"), ("version", "package versions")])
+def test_ranks_with_different_models_or_versions_refuse(tmp_path, task, what):
+    assert launch(task, tmp_path) == [2, 2]
     for rank in (0, 1):
         err = (tmp_path / f"rank{rank}.err").read_text()
-        assert "The ranks disagree on the inputs of features" in err and "model:" in err
+        assert f"The ranks disagree on {what}: rank 0 vs rank 1" in err
+        assert ("model: " if task == "mismatch" else f"uvood: {uvood.__version__!r} vs '9.9.9'") in err
 
 
 def test_a_lone_rank_gives_up_after_the_timeout(tmp_path):
@@ -121,3 +120,27 @@ def test_parts_cover_every_batch_once_and_shares_are_contiguous():
 def test_without_a_process_group_nothing_is_sharded():
     assert distributed.rank_world() == (0, 1) and distributed.is_writer() and distributed.dist() is None
     assert distributed.all_gather({"a": 1}, "x") == [{"a": 1}]
+
+
+def test_torchrun_uvood_score_writes_the_csv_of_one_process(tmp_path):
+    from uvood.cli import main
+
+    x = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(40) % 10)
+    args = ["score", "--model", "mnist-mlp", "--data", str(tmp_path / "d.npz"), "--batch-size", "8",
+            "--score", "gradnorm(depth=deep)", "--score", "norm(0.3)*energy"]
+    torch.set_num_threads(1)
+    assert main([*args, "--out", str(tmp_path / "one.csv")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(HERE.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "uvood", *args, "--out", str(tmp_path / "two.csv")], env=env, timeout=120,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one = (tmp_path / "one.csv").read_text().splitlines()
+    two = (tmp_path / "two.csv").read_text().splitlines()
+    assert len(two) == 41 and two[0] == one[0]
+    for a, b in zip(one[1:], two[1:]):
+        fa, fb = a.split(","), b.split(",")
+        assert fa[:4] == fb[:4]
+        np.testing.assert_allclose([float(v) for v in fb[4:]], [float(v) for v in fa[4:]], rtol=1e-6, atol=0)
