@@ -122,10 +122,9 @@ def _load_inputs(path: str, shape: tuple[int, int, int], args):
 
 def _cmd_score(args) -> int:
     from .api import score_features, score_model
-    from .distributed import dist, is_writer, map_batches
-    from .features import model_fingerprint
     from .batching import data_length
-    from .features import extract
+    from .distributed import dist, is_writer, map_batches
+    from .features import extract, model_fingerprint
     from .model import eval_mode
     from .progress import bar
     from .scores.registry import get_score

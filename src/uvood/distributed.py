@@ -249,7 +249,7 @@ def _batches_in(data, batch_size: int, ranges: list[tuple[int, int]]) -> Iterato
 
 def _cat(chunks: list[dict[str, np.ndarray] | None]) -> dict[str, np.ndarray]:
     """The chunks' arrays concatenated by name (None chunks, e.g. of empty batches, skipped)."""
-    chunks = [c for c in chunks if c is not None]
+    chunks = [c for c in chunks if c]
     if not chunks:
         return {}
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
