@@ -35,13 +35,10 @@ def make_data(n: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
 def run(task: str, cache_dir: str | None) -> dict[str, np.ndarray]:
     """The values one process (no process group) or the group computes for ``task``."""
     rank = distributed.rank_world()[0]
-    model = make_model(1 if task == "mismatch" and rank == 1 else 0)
+    model = make_model()
     x, y = make_data()
-    if task == "raise" and rank == 1:
-        model[0].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("rank 1's model broke")))
-    if task in ("features", "mismatch", "raise", "tiny"):
-        n = 1 if task == "tiny" else len(x)
-        f = uvood.extract(model, (x[:n], y[:n]), batch_size=8, progress=False)
+    if task == "features":
+        f = uvood.extract(model, (x, y), batch_size=8, progress=False)
         return {"h": f.h.numpy(), "logits": f.logits.numpy(), "y": f.y.numpy()}
     if task in ("cached", "kill"):
         if task == "kill" and rank == 1:  # die (SIGKILL) right after this rank's first part is saved
@@ -72,15 +69,35 @@ def run(task: str, cache_dir: str | None) -> dict[str, np.ndarray]:
     raise ValueError(task)
 
 
+def errors() -> dict[str, np.ndarray]:
+    """Each bad input in turn, in one process group (a refused call leaves the group usable): the error of each."""
+    rank = distributed.rank_world()[0]
+    x, y = make_data()
+    out = {}
+    scenarios = {"mismatch": lambda: uvood.extract(make_model(rank), x, batch_size=8, progress=False),
+                 "tiny": lambda: uvood.extract(make_model(), x[:1], batch_size=8, progress=False),
+                 "raise": lambda: uvood.extract(broken if rank == 1 else make_model(), x, batch_size=8, progress=False),
+                 "version": lambda: uvood.extract(make_model(), x, batch_size=8, progress=False)}
+    broken = make_model()
+    broken[0].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("rank 1's model broke")))
+    for name, call in scenarios.items():
+        if name == "version" and rank == 1:
+            uvood.__version__ = "9.9.9"  # as if rank 1 ran another installation
+        try:
+            call()
+            out[name] = np.array("no error")
+        except UvoodError as e:
+            out[name] = np.array(str(e))
+    return out
+
+
 def main() -> int:
     task, out = sys.argv[1], sys.argv[2]
     cache_dir = sys.argv[3] if len(sys.argv) > 3 else None
     torch.set_num_threads(1)
-    if task == "version" and os.environ.get("RANK") == "1":
-        uvood.__version__ = "9.9.9"  # as if rank 1 ran another installation
     try:
         distributed.init_from_env()
-        values = run(task, cache_dir)
+        values = errors() if task == "errors" else run(task, cache_dir)
     except UvoodError as e:
         rank = os.environ.get("RANK", "0")
         with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
