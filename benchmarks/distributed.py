@@ -1,8 +1,8 @@
 """Distributed speed and bounded memory.
 
-    python benchmarks/distributed.py [--n 2000] [--memory 100000 1000000] [--write benchmarks/RESULTS.md]
+    python benchmarks/distributed.py [--images 2000] [--memory 100000 1000000] [--write benchmarks/RESULTS.md]
 
-Speed: deep GradNorm (``gradnorm(depth=deep)``, the engine) of the zoo's CIFAR-10 CNN over ``--n`` CIFAR-10
+Speed: deep GradNorm (``gradnorm(depth=deep)``, the engine) of the zoo's CIFAR-10 CNN over ``--images`` CIFAR-10
 test images ($UVOOD_DATA; random images without it): one process with one thread, then
 ``torchrun --nproc_per_node=2`` (two processes with one thread each, gloo), which shards the batches
 (:mod:`uvood.distributed`). Each run reports the time of the ``score_model`` call (after start-up and
@@ -93,7 +93,7 @@ def speed(n: int) -> dict:
     for world in (1, 2):
         out = f"{tmp}/w{world}"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-        cmd = (launcher if world > 1 else [sys.executable]) + [__file__, "--worker", out, "--n", str(n)]
+        cmd = (launcher if world > 1 else [sys.executable]) + [__file__, "--worker", out, "--images", str(n)]
         t = time.perf_counter()
         subprocess.run(cmd, env=env, check=True)
         runs[world] = {"wall_s": time.perf_counter() - t, **json.loads(Path(out + ".json").read_text()),
@@ -121,7 +121,8 @@ def memory(sizes: list[int], baseline_src: str | None) -> list[dict]:
                     "r = subprocess.run(sys.argv[1:]); "
                     "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t, "
                     "r.returncode)")
-            cmd = [sys.executable, "-c", code, sys.executable, "-m", "uvood", "score", "--model", "mnist-mlp",
+            cli = "import sys; from uvood.cli import main; sys.exit(main())"  # also for code without __main__.py
+            cmd = [sys.executable, "-c", code, sys.executable, "-c", cli, "score", "--model", "mnist-mlp",
                    "--data", str(path), "--score", "norm(0.3)*energy", "--out", str(tmp / "s.csv")]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src}
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -160,7 +161,7 @@ def report(sp: dict | None, mem: list[dict], n: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--memory", type=int, nargs="*", default=[100_000, 1_000_000])
     ap.add_argument("--baseline-src", help="a src folder of the code before, for the memory comparison")
     ap.add_argument("--skip-speed", action="store_true")
@@ -169,13 +170,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         _patch_compute_timer()
-        worker(args.n, args.worker)
+        worker(args.images, args.worker)
         return
-    sp = None if args.skip_speed else speed(args.n)
+    sp = None if args.skip_speed else speed(args.images)
     if sp:
         print(json.dumps({k: v for k, v in sp.items() if k != "runs"}), flush=True)
     mem = memory(args.memory, args.baseline_src) if args.memory else []
-    text = report(sp, mem, args.n)
+    text = report(sp, mem, args.images)
     print(text)
     if args.write:
         with open(args.write, "a") as f:
