@@ -268,7 +268,8 @@ class Detector:
 
         pbar = bar(data_length(id_data), f"fit {self.spec}", progress)
         try:
-            out = map_batches(one_batch, id_data, self.batch_size, f"the fit of {self.spec}", progress=pbar.update)
+            out = map_batches(one_batch, id_data, self.batch_size, f"the fit of {self.spec}",
+                              fingerprint=self._fingerprint(), progress=pbar.update)
         finally:
             pbar.close()
         if keep_features:
@@ -326,6 +327,12 @@ class Detector:
                              f"{self.input_shape}. Resize the inputs (uvood.data.transforms.to_model_format).")
         return x
 
+    def _fingerprint(self) -> str:
+        """The model's fingerprint, compared between ranks under torchrun (not computed otherwise)."""
+        from .distributed import dist
+
+        return model_fingerprint(self.model) if dist() else ""
+
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         """S(x) of one checked batch, float64 (N,)."""
         if self.score_fn.needs_model:
@@ -345,7 +352,8 @@ class Detector:
         pbar = bar(data_length(data), f"score {self.spec}", progress)
         try:
             out = map_batches(lambda x, _y: {"s": self._score_batch(self._check_input(x)).numpy()}, data,
-                              self.batch_size, f"the score {self.spec}", progress=pbar.update)
+                              self.batch_size, f"the score {self.spec}", fingerprint=self._fingerprint(),
+                              progress=pbar.update)
         finally:
             pbar.close()
         if not out:
