@@ -77,3 +77,12 @@ def test_npz_members_are_read_slice_by_slice(tmp_path):
     (tmp_path / "t.npz").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(UvoodError, match="truncated or corrupt"):
         open_npz(tmp_path / "t.npz")
+
+
+def test_map_batches_collects_rows_of_unknown_count_in_order():
+    from uvood.distributed import map_batches
+
+    batches = [torch.full((k, 2), float(i)) for i, k in enumerate([3, 1, 5, 2, 7])]  # no len(): buffers grow
+    got = map_batches(lambda x, _y: {"a": x.numpy(), "b": x[:, 0].long().numpy()}, iter(batches), 4, "test")
+    np.testing.assert_array_equal(got["a"], torch.cat(batches).numpy())
+    np.testing.assert_array_equal(got["b"], torch.cat(batches)[:, 0].long().numpy())
