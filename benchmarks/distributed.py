@@ -134,6 +134,42 @@ def memory(sizes: list[int], baseline_src: str | None) -> list[dict]:
     return rows
 
 
+API_CODE = """
+import resource, sys, time, torch
+from torch.utils.data import DataLoader, Dataset
+import uvood
+
+class Synthetic(Dataset):  # MNIST-sized uint8 images made on the fly: nothing of the data set is held
+    def __init__(self, n): self.n = n
+    def __len__(self): return self.n
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=g), i % 10
+
+torch.set_num_threads(1)
+n = int(sys.argv[1])
+det = uvood.Detector(uvood.zoo.load("mnist-mlp"), score="mahalanobis", batch_size=256)
+det.fit(DataLoader(Synthetic(5000), batch_size=256), progress=False)
+t = time.perf_counter()
+s = det.score(DataLoader(Synthetic(n), batch_size=256), progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t, len(s))
+"""
+
+
+def api_memory(sizes: list[int]) -> list[dict]:
+    """Peak RSS of Detector(mahalanobis).fit on 5,000 images, then .score over a DataLoader of n images."""
+    rows = []
+    for n in sizes:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+        res = subprocess.run([sys.executable, "-c", API_CODE, str(n)], env=env, capture_output=True, text=True,
+                             check=True)
+        kb, secs, count = res.stdout.split()[-3:]
+        rows.append({"n": n, "code": "Detector.score(DataLoader)", "peak_rss_mb": int(kb) / 1024,
+                     "seconds": float(secs), "rc": 0, "file_mb": 0.0})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def report(sp: dict | None, mem: list[dict], n: int) -> str:
     lines = [f"\n## Distributed runs and bounded memory (benchmarks/distributed.py, {time.strftime('%Y-%m-%d')})\n",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
@@ -155,7 +191,8 @@ def report(sp: dict | None, mem: list[dict], n: int) -> str:
                   "MNIST-sized uint8 images (uncompressed .npz), 1 thread:", "",
                   "| images | .npz (MB) | code | peak RSS (MB) | time (s) |", "|---|---|---|---|---|"]
         lines += [f"| {r['n']:,} | {r['file_mb']:.0f} | {r['code']} | {r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |"
-                  for r in mem]
+                  if r["file_mb"] else f"| {r['n']:,} | (made on the fly) | {r['code']} | {r['peak_rss_mb']:.0f} | "
+                  f"{r['seconds']:.0f} |" for r in mem]
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +200,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--memory", type=int, nargs="*", default=[100_000, 1_000_000])
+    ap.add_argument("--api-memory", type=int, nargs="*", default=[100_000, 1_000_000],
+                    help="images scored by Detector.score over a DataLoader (peak RSS)")
     ap.add_argument("--baseline-src", help="a src folder of the code before, for the memory comparison")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--write", help="append the section to this file (e.g. benchmarks/RESULTS.md)")
@@ -176,6 +215,7 @@ def main() -> None:
     if sp:
         print(json.dumps({k: v for k, v in sp.items() if k != "runs"}), flush=True)
     mem = memory(args.memory, args.baseline_src) if args.memory else []
+    mem += api_memory(args.api_memory)
     text = report(sp, mem, args.images)
     print(text)
     if args.write:
