@@ -117,6 +117,8 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
         return
     timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
     backend = "cpu:gloo,cuda:nccl" if device and device.startswith("cuda") else "gloo"
+    if backend != "gloo":
+        torch.cuda.set_device(torch.device(device))  # NCCL: this rank's GPU
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", 0))
     try:
         d.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
