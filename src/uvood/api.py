@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .batching import data_length, iter_batches
+from .batching import data_length
 from .errors import UvoodError
 from .progress import bar
 from .scores.registry import Score, get_score
@@ -48,6 +48,9 @@ def score_model(spec: str | Score | list, model: torch.nn.Module, data, batch_si
     ``dtype="float64"`` runs a float64 copy of the model, for scores of a sample that are the same
     whatever batch it is in (slower: about 2x on CPU).
     """
+    from .devices import model_device
+    from .distributed import dist, map_batches
+    from .features import model_fingerprint
     from .model import input_range, model_channels, model_dtype, with_dtype
     from .validation import model_input, warn_range
 
@@ -62,20 +65,27 @@ def score_model(spec: str | Score | list, model: torch.nn.Module, data, batch_si
     model, head = with_dtype(model, head, dtype)
     run_dtype, channels, expected = model_dtype(model), model_channels(model), input_range(model)
     warned: dict = {}
-    outs: dict[str, list] = {sc.spec: [] for sc in scores}
-    pbar = bar(data_length(data), ", ".join(outs), progress)
-    for x, _ in iter_batches(data, batch_size):
+    device = model_device(model)  # the inputs follow the model
+    keys = {f"s{i}": sc.spec for i, sc in enumerate(scores)}  # part files name arrays by index, not by spec
+
+    def one_batch(x, _y):
         if x.ndim > 0 and x.shape[0] == 0:
-            continue
-        x = model_input(x, run_dtype, channels)
+            return None
+        x = model_input(x, run_dtype, channels).to(device)
         warn_range(x, expected, warned)
-        for name, values in _score_batch(scores, model, x, head).items():
-            outs[name].append(values.detach().to(torch.float64).cpu())
-        pbar.update(x.shape[0])
-    pbar.close()
-    if not any(outs.values()):
+        values = _score_batch(scores, model, x, head)
+        return {k: values[spec].detach().to(torch.float64).cpu().numpy() for k, spec in keys.items()}
+
+    names = ", ".join(keys.values())
+    pbar = bar(data_length(data), names, progress)
+    try:
+        out = map_batches(one_batch, data, batch_size, f"the score(s) {names}",
+                          fingerprint=model_fingerprint(model) if dist() else "", progress=pbar.update)
+    finally:
+        pbar.close()
+    if not out:
         raise UvoodError("The data is empty: nothing to score. Pass at least one sample.")
-    result = {name: _checked_output(torch.cat(v), name) for name, v in outs.items()}
+    result = {spec: _checked_output(torch.from_numpy(out[k]), spec) for k, spec in keys.items()}
     return result if many else result[scores[0].spec]
 
 

@@ -34,10 +34,17 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     return d.hexdigest()
 
 
-def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path, write: Callable[[BinaryIO], object], any_rank: bool = False) -> None:
     """Write a file atomically: ``write(f)`` fills a temp file (unique name, same folder), which
     then replaces ``path``; on any failure the temp file is removed and ``path`` is untouched.
-    Every file uvood writes (caches, checkpoints, detectors, memos) goes through here."""
+    Every file uvood writes (caches, checkpoints, detectors, memos) goes through here.
+
+    Under ``torchrun`` only rank 0 writes (:func:`uvood.distributed.is_writer`): the other ranks hold
+    the same values and skip the write, unless ``any_rank`` (the part files of a sharded run)."""
+    from .distributed import is_writer
+
+    if not any_rank and not is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -51,14 +58,14 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
-def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray], any_rank: bool = False) -> None:
     """Write ``arrays`` to ``path`` as ``.npz``, atomically (:func:`atomic_write`)."""
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays), any_rank)
 
 
-def save_verified(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
-    """Atomically save ``arrays`` with their ``key`` and digest."""
-    atomic_save_npz(path, {**arrays, "key": np.array(key), "digest": np.array(arrays_digest(arrays))})
+def save_verified(path: Path, key: str, arrays: dict[str, np.ndarray], any_rank: bool = False) -> None:
+    """Atomically save ``arrays`` with their ``key`` and digest (rank 0 only unless ``any_rank``)."""
+    atomic_save_npz(path, {**arrays, "key": np.array(key), "digest": np.array(arrays_digest(arrays))}, any_rank)
 
 
 def load_verified(path: Path, key: str, what: str = "cache") -> dict[str, np.ndarray] | None:
@@ -116,6 +123,11 @@ def claim(path, stale_s: float = LOCK_STALE_S, poll_s: float = 0.5, log: Callabl
     any exit, Ctrl-C included. (Two runs taking over the same stale lock at the same instant may both
     compute the item; atomic writes keep the file whole either way.)
     """
+    from .distributed import is_writer
+
+    if not is_writer():  # under torchrun rank 0 holds the lock for all ranks (they compute the item together)
+        yield
+        return
     lock = Path(str(path) + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     told = False

@@ -52,7 +52,9 @@ def _load_model(args):
         if not args.input_shape:
             raise UvoodError(f"--model {name} is your own model: give its input as --input-shape C,H,W "
                              "(e.g. 3,32,32); the images are brought to that format.")
-        return load_user_model(name, args.weights), args.input_shape
+        from .devices import default_device
+
+        return load_user_model(name, args.weights).to(default_device()), args.input_shape
     if name.endswith((".pt", ".pth", ".ckpt", ".bin", ".safetensors")) or Path(name).is_file():
         raise UvoodError(f"--model {name} looks like a weights file: give the code that builds the model as "
                          f"--model {FORMS} and the file as --weights {name}.")
@@ -92,14 +94,14 @@ def _read_user_images(path: Path):
     """(images, labels or None, names) from an .npz in either format or a folder of images."""
     import numpy as np
 
-    from .data import formats
+    from .data import formats, lazy
 
     if not path.exists():
         raise UvoodError(f"No data at {path}: pass an .npz file (decoded or JPEG format) or a folder of images.")
     if path.is_dir():
         images, y, classes = formats.read_image_folder(path)
         return images, y, [f"{classes[c]}/{i}" for i, c in enumerate(y)]
-    arrays = formats.read_npz(path, ())
+    arrays = lazy.open_npz(path)  # uncompressed members are read slice by slice, when scored
     if {"data", "offsets"} <= set(arrays):
         archive = formats.JpegArchive(path, num_classes=2**31 - 1, allow_unlabelled=True)
         return archive, archive.y, [str(n) for n in archive.names]
@@ -108,15 +110,20 @@ def _read_user_images(path: Path):
                          "'data', 'offsets', 'y', 'names' for JPEG bytes (see the data README).")
     x = arrays["x"]  # any layout of uvood.validation.LAYOUT_RULE; checked by transforms.to_model_format
     y = arrays.get("y")
-    return x, (None if y is None else np.asarray(y)), list(range(len(x)))
+    return x, (None if y is None else np.asarray(y)), None
 
 
 def _load_inputs(path: str, shape: tuple[int, int, int], args):
-    """Read DATA into the model's input format ``shape`` = (C, H, W)."""
+    """DATA in the model's input format ``shape`` = (C, H, W): an .npz's images are converted batch by batch
+    as they are scored (:class:`uvood.data.lazy.LazyImages`), so memory does not grow with their number."""
     from .data import transforms
+    from .data.lazy import LazyImages
 
     images, y, names = _read_user_images(Path(path))
     c, h, _ = shape
+    if names is None:
+        return LazyImages(images, lambda part: transforms.to_model_format(part, channels=c, size=h,
+                                                                          mode=args.cross_domain)), y, None
     return transforms.to_model_format(images, channels=c, size=h, mode=args.cross_domain), y, names
 
 
@@ -124,7 +131,11 @@ def _cmd_score(args) -> int:
     import torch
 
     from .api import score_features, score_model
-    from .features import extract
+    from .batching import data_length
+    from .distributed import dist, is_writer, map_batches
+    from .features import extract, model_fingerprint
+    from .model import eval_mode
+    from .progress import bar
     from .scores.registry import get_score
 
     specs = args.score or ["norm(0.3)*energy"]
@@ -144,23 +155,37 @@ def _cmd_score(args) -> int:
         print(f"fitted {', '.join(sc.spec for sc in to_fit)} on {len(x_fit)} ID images from {args.fit}",
               file=sys.stderr)
     x, y, names = _load_inputs(args.data, shape, args)
-    feats = extract(model, x, batch_size=args.batch_size, progress=True, desc="features", dtype=args.dtype)
-    cols = {}
-    for sc in scores:
-        if sc.needs_model:
-            cols[sc.spec] = score_model(sc, model, x, batch_size=args.batch_size, progress=True, dtype=args.dtype)
-        else:
-            cols[sc.spec] = score_features(sc, feats.h, feats.logits)
-    pred = feats.logits.argmax(1)
+
+    def one_batch(xb, _y):  # one batch: the prediction and every score; nothing else is kept
+        feats = extract(model, xb, batch_size=args.batch_size, progress=False, dtype=args.dtype)
+        cols = {"prediction": feats.logits.argmax(1).numpy()}
+        for i, sc in enumerate(scores):
+            cols[f"s{i}"] = (score_model(sc, model, xb, batch_size=args.batch_size, progress=False, dtype=args.dtype)
+                             if sc.needs_model else score_features(sc, feats.h, feats.logits)).numpy()
+        return cols
+
+    pbar = bar(data_length(x), "score", True)
+    try:
+        with eval_mode(model):
+            cols = map_batches(one_batch, x, args.batch_size, "uvood score",
+                               fingerprint=model_fingerprint(model) if dist() else "", progress=pbar.update)
+    finally:
+        pbar.close()
+    if not cols:
+        raise UvoodError("The data is empty: nothing to score. Pass at least one sample.")
+    if not is_writer():  # under torchrun every rank holds every row; rank 0 writes them
+        return 0
+    n = len(cols["prediction"])
+
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["index", "name", "label", "prediction", *cols])
-        for i in range(len(feats)):
+        w.writerow(["index", "name", "label", "prediction", *(sc.spec for sc in scores)])
+        for i in range(n):
             label = "" if y is None or int(y[i]) < 0 else int(y[i])
-            w.writerow([i, names[i] if names is not None else i, label, int(pred[i]),
-                        *(repr(float(c[i])) for c in cols.values())])
-    print(f"wrote {len(feats)} rows x {len(cols)} score(s) to {out}")
+            w.writerow([i, names[i] if names is not None else i, label, int(cols["prediction"][i]),
+                        *(repr(float(cols[f"s{k}"][i])) for k in range(len(scores)))])
+    print(f"wrote {n} rows x {len(scores)} score(s) to {out}")
     return 0
 
 
@@ -168,6 +193,13 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(verbose=True)
+
+
+def add_device_option(p) -> None:
+    """``--device`` of every command that runs a model (checked before any work, :func:`uvood.devices.use`)."""
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the model runs: cpu (default), cuda, cuda:N or mps; under torchrun, cuda means one "
+                   "GPU per rank (cuda:LOCAL_RANK)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "image independent of the batch it is in (float32 rounding can flip a ReLU / max-pool choice)")
     p.add_argument("--cross-domain", choices=["resize", "paste"], default="resize",
                    help="how to bring images of another size/channel count into the model's format")
+    add_device_option(p)
     p.set_defaults(func=_cmd_score)
 
     for module in ("data", "zoo", "bench"):
@@ -224,8 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from . import devices, distributed
+
     try:
-        return int(args.func(args) or 0)
+        device = distributed.local_device(getattr(args, "device", None))
+        if device is not None:
+            devices.use(device)  # the models the command loads go there (an unavailable device: an error now)
+        distributed.init_from_env(device)  # under torchrun: join the other ranks
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            distributed.close()
     except UvoodError as e:
         return _fail(str(e))
     except OSError as e:  # a file or folder the command reads or writes, a network error

@@ -24,6 +24,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import torch
 
 from . import metrics
@@ -109,6 +110,23 @@ def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where and in which float type the model computes (its first floating parameter or buffer)."""
     t = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
     return (t.device, t.dtype) if t is not None else (torch.device("cpu"), torch.float32)
+
+
+def _rows(data, idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The inputs ``data[idx]`` (in the order of ``idx``): indexed directly in a tensor, else read from the batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, np.ndarray)):
+        data = data[0]
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        return torch.as_tensor(data[idx.numpy()] if isinstance(data, np.ndarray) else data[idx])
+    found: dict[int, torch.Tensor] = {}
+    start, wanted = 0, set(idx.tolist())
+    for x, _ in iter_batches(data, batch_size):
+        for i in wanted & set(range(start, start + x.shape[0])):
+            found[i] = x[i - start]
+        start += x.shape[0]
+        if len(found) == len(wanted):
+            break
+    return torch.stack([found[int(i)] for i in idx])
 
 
 def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -206,31 +224,98 @@ class Detector:
         """Set the threshold that keeps ``tpr`` of ``id_data`` (tensor, (x, y) pair or DataLoader):
         t = :func:`uvood.metrics.threshold_at_tpr` of the ID scores.
 
-        Scores that need ID data (BatchGrad) are fitted first, on the same data (with labels).
+        Scores that need ID data are fitted first, on the same data (with labels). The data is
+        streamed batch by batch and the model sees it once: scores from features are fitted on and
+        computed from the features of that pass (the fitted state and the N scores are all that grow
+        with the data); a score that needs the model scores the batches in that pass. BatchGrad's
+        anchors (one sample per class) are read from the data by index, without a forward pass.
+        Under ``torchrun`` every rank computes its share of the batches (:mod:`uvood.distributed`).
         """
+        from .distributed import broadcast_state, map_batches
+        from .scores.fitted import FittedScore, factors, head_weights
+
         tpr = metrics.check_tpr(tpr)
-        batches = list(iter_batches(id_data, self.batch_size))
-        if not batches or sum(x.shape[0] for x, _ in batches) == 0:
+        first = next(iter(iter_batches(id_data, self.batch_size)), None)
+        if first is None or first[0].ndim == 0 or first[0].shape[0] == 0:
             raise UvoodError("id_data is empty: pass at least one in-distribution sample to fit the detector.")
-        x = model_input(torch.cat([b[0] for b in batches]), model_dtype(self.model), model_channels(self.model),
-                        "id_data")
-        ys = [b[1] for b in batches]
-        y = torch.cat(ys) if all(t is not None for t in ys) else None
-        check_images(x, name="id_data")
-        self.input_shape = tuple(x.shape[1:])
-        _, logits = self._forward(x[:1])
+        x0 = check_images(model_input(first[0], model_dtype(self.model), model_channels(self.model), "id_data"),
+                          name="id_data")
+        self.input_shape = tuple(x0.shape[1:])
+        _, logits = self._forward(x0[:1])
         self.num_classes = int(logits.shape[1])
-        if y is not None and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise UvoodError(f"id_data labels range over [{int(y.min())}, {int(y.max())}] but the model has "
-                             f"{self.num_classes} classes: the data and the model do not match.")
-        if self.score_fn.needs_fit:
-            device, dtype = _device_dtype(self.model)
-            self.score_fn.fit(self.model, x.to(device=device, dtype=dtype), y, head=self.head, seed=seed)
-        scores = self.score(x, progress=progress)
+        device, dtype = _device_dtype(self.model)
+        fitted = [f for f in factors(self.score_fn) if f.needs_fit]
+        model_fits = [f for f in fitted if not isinstance(f, FittedScore)]  # BatchGrad: anchors drawn from the data
+        y_all = self._labels(id_data) if model_fits else None
+        for f in model_fits:  # the anchors are the only images kept: one per class
+            y = self._checked_labels(y_all) if y_all is not None else None
+            if y is None:
+                raise UvoodError("BatchGrad needs labelled ID training data: fit on (x, y) pairs.")
+            idx = f._anchor_indices(y, self.num_classes, seed)
+            xa = model_input(_rows(id_data, idx, self.batch_size), model_dtype(self.model),
+                             model_channels(self.model), "id_data")
+            f.fit(self.model, xa.to(device=device, dtype=dtype), y[idx], head=self.head, seed=seed)
+        keep_features = any(isinstance(f, FittedScore) for f in fitted)
+
+        def one_batch(x, y):
+            x = self._fit_input(x, y)
+            if keep_features:  # fitted statistics first: the scores need them, so they come after the pass
+                h, z = self._forward(x)
+                return {"h": h.float().cpu().numpy() if h.dtype != torch.float64 else h.cpu().numpy(),
+                        "logits": z.float().cpu().numpy() if z.dtype != torch.float64 else z.cpu().numpy(),
+                        "y": (torch.full((x.shape[0],), -1) if y is None else y.long()).cpu().numpy()}
+            return {"s": self._score_batch(x).cpu().numpy()}
+
+        pbar = bar(data_length(id_data), f"fit {self.spec}", progress)
+        try:
+            out = map_batches(one_batch, id_data, self.batch_size, f"the fit of {self.spec}",
+                              fingerprint=self._fingerprint(), progress=pbar.update)
+        finally:
+            pbar.close()
+        if keep_features:
+            h, z = torch.from_numpy(out["h"]), torch.from_numpy(out["logits"])
+            y = torch.from_numpy(out["y"])
+            y = None if bool((y < 0).any()) else y
+            w, b = head_weights(self.model, x0[:1].to(device=device, dtype=dtype), self.head) \
+                if any(getattr(f, "needs_head", False) for f in fitted) else (None, None)
+            for f in fitted:
+                if isinstance(f, FittedScore):
+                    f.fit_features(h, z, y, weight=w, bias=b)
+            scores = score_features(self.score_fn, h, z)
+        else:
+            scores = torch.from_numpy(out["s"])
+        broadcast_state(self.score_fn)  # the same statistics on every rank, whatever drew them
         self.threshold = metrics.threshold_at_tpr(scores, tpr)
         self.tpr = tpr
         self.id_score_range = (float(scores.min()), float(scores.max()))
         return self
+
+    def _labels(self, data) -> torch.Tensor | None:
+        """Every label of ``data`` (None when a batch has none), read without running the model."""
+        if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, np.ndarray)):
+            return torch.as_tensor(data[1]).reshape(-1)
+        ys = [y for _, y in iter_batches(data, self.batch_size)]
+        return torch.cat([y.reshape(-1) for y in ys]) if ys and all(y is not None for y in ys) else None
+
+    def _checked_labels(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.long()
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise UvoodError(f"id_data labels range over [{int(y.min())}, {int(y.max())}] but the model has "
+                             f"{self.num_classes} classes: the data and the model do not match.")
+        return y
+
+    def _fit_input(self, x, y) -> torch.Tensor:
+        """A batch of ID data, checked: images of the fitted shape, labels that match the model."""
+        x = check_images(model_input(x, model_dtype(self.model), model_channels(self.model), "id_data"),
+                         name="id_data")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise UvoodError(f"id_data batches differ in per-sample shape: {tuple(x.shape[1:])} and "
+                             f"{self.input_shape}. Bring every image to one size (uvood.data.transforms).")
+        if y is not None:
+            if y.shape[0] != x.shape[0]:
+                raise UvoodError(f"id_data has a batch of {x.shape[0]} inputs but {y.shape[0]} labels.")
+            self._checked_labels(y)
+        return x
 
     # ------------------------------------------------------------------ scoring
     def _check_input(self, x) -> torch.Tensor:
@@ -242,27 +327,38 @@ class Detector:
                              f"{self.input_shape}. Resize the inputs (uvood.data.transforms.to_model_format).")
         return x
 
+    def _fingerprint(self) -> str:
+        """The model's fingerprint, compared between ranks under torchrun (not computed otherwise)."""
+        from .distributed import dist
+
+        return model_fingerprint(self.model) if dist() else ""
+
+    def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """S(x) of one checked batch, float64 (N,)."""
+        if self.score_fn.needs_model:
+            return score_model(self.score_fn, self.model, x, self.batch_size, self.head, progress=False,
+                               dtype=self.dtype)
+        h, z = self._forward(x)
+        return score_features(self.score_fn, h, z).cpu()
+
     def score(self, data, progress: bool = True) -> torch.Tensor:
         """S(x) for images N x C x H x W, an ``(x, y)`` pair or a DataLoader; higher = more
-        in-distribution. Returns float64 (N,). ``progress``: a bar counting images on a terminal."""
-        hs, zs, outs = [], [], []
+        in-distribution. Returns float64 (N,). ``progress``: a bar counting images on a terminal.
+
+        The data is streamed: each batch is scored and dropped, so memory does not grow with N
+        beyond the N scores. Under ``torchrun`` each rank scores its share (:mod:`uvood.distributed`)."""
+        from .distributed import map_batches
+
         pbar = bar(data_length(data), f"score {self.spec}", progress)
         try:
-            for x, _ in iter_batches(data, self.batch_size):
-                x = self._check_input(x)
-                if self.score_fn.needs_model:
-                    outs.append(score_model(self.score_fn, self.model, x, self.batch_size, self.head,
-                                            progress=False, dtype=self.dtype))
-                else:
-                    h, z = self._forward(x)
-                    hs.append(h)
-                    zs.append(z)
-                pbar.update(x.shape[0])
+            out = map_batches(lambda x, _y: {"s": self._score_batch(self._check_input(x)).numpy()}, data,
+                              self.batch_size, f"the score {self.spec}", fingerprint=self._fingerprint(),
+                              progress=pbar.update)
         finally:
             pbar.close()
-        if not outs and not zs:
+        if not out:
             raise UvoodError("The data is empty: pass at least one image to score.")
-        return torch.cat(outs) if outs else score_features(self.score_fn, torch.cat(hs), torch.cat(zs))
+        return torch.from_numpy(out["s"])
 
     def predict(self, data, progress: bool = True) -> torch.Tensor:
         """BoolTensor (N,): True where x is flagged OOD (S(x) < threshold); ``data`` as in :meth:`score`."""

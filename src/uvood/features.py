@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import data_length, iter_batches
+from .batching import data_length
 from .cache import load_verified, save_verified
+from .distributed import all_gather, drop_parts, is_writer
 from .errors import UvoodError
 from .model import eval_mode, forward_features
 from .progress import bar as progress_bar
@@ -65,41 +66,47 @@ def tensor_fingerprint(x: torch.Tensor | np.ndarray) -> str:
     return d.hexdigest()
 
 
-def _compute(model, data, batch_size, head, progress, desc, dtype=None) -> Features:
+def _compute(model, data, batch_size, head, progress, desc, dtype=None, part_cache=None) -> Features:
+    """Features of every batch of ``data``; under torchrun each rank computes its share
+    (:func:`uvood.distributed.map_batches`) and every rank gets the whole, in order."""
+    from .distributed import dist, map_batches
     from .model import input_range, model_channels, model_dtype, with_dtype
     from .validation import model_input, warn_range
 
-    hs, zs, ys = [], [], []
     total = data_length(data)
-    has_y = True
     model, head = with_dtype(model, head, dtype)
     run_dtype, channels, expected = model_dtype(model), model_channels(model), input_range(model)
     keep = torch.float64 if run_dtype == torch.float64 else torch.float32
     warned: dict = {}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def one_batch(x, y):
+        if x.ndim > 0 and x.shape[0] == 0:
+            return None
+        x = model_input(x, run_dtype, channels).to(device)
+        warn_range(x, expected, warned)
+        h, z = forward_features(model, x, head)
+        n = x.shape[0]
+        return {"h": h.to(keep).cpu().numpy(), "logits": z.to(keep).cpu().numpy(),
+                "y": np.zeros(n, np.int64) if y is None else y.cpu().long().numpy(),
+                "has_y": np.full(n, y is not None)}
+
     with torch.no_grad(), eval_mode(model):
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         bar = progress_bar(total, desc, progress)
-        for x, y in iter_batches(data, batch_size):
-            if x.ndim > 0 and x.shape[0] == 0:
-                continue
-            x = model_input(x, run_dtype, channels).to(device)
-            warn_range(x, expected, warned)
-            h, z = forward_features(model, x, head)
-            hs.append(h.to(keep).cpu())
-            zs.append(z.to(keep).cpu())
-            if y is None:
-                has_y = False
-            else:
-                ys.append(y.cpu().long())
-            bar.update(x.shape[0])
-        bar.close()
-    if not zs:
+        try:
+            out = map_batches(one_batch, data, batch_size, f"features ({desc})",
+                              fingerprint=model_fingerprint(model) if dist() else "", part_cache=part_cache,
+                              progress=bar.update)
+        finally:
+            bar.close()
+    if not out:
         raise UvoodError("The data is empty: no samples to extract features from. Pass at least one sample.")
-    logits = torch.cat(zs)
+    logits = torch.from_numpy(out["logits"])
     check_nonempty(logits, "data")
     check_finite(logits, "logits", "The model produced non-finite logits on these inputs: check the inputs' "
                  "range (uvood zoo models take pixels in [0, 1]) and the model's weights.")
-    return Features(torch.cat(hs), logits, torch.cat(ys) if has_y and ys else None)
+    has_y = bool(out["has_y"].all())
+    return Features(torch.from_numpy(out["h"]), logits, torch.from_numpy(out["y"]) if has_y else None)
 
 
 def cache_key(model, data_id: str, transform: str = "", head=None, dtype=None) -> str:
@@ -158,12 +165,15 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
     key = cache_key(model, data_id, transform, head, dtype)
     path = Path(cache_dir) / f"features-{cache_name or key[:32]}.npz"
     cached = load_cached(path, key)
-    if cached is not None:
+    if all(all_gather(cached is not None, "the feature cache lookup")):  # every rank found it (or one process)
         return cached
     if lazy:
         data = data()
-    feats = _compute(model, data, batch_size, head, progress, desc, dtype)
+    stem = path.with_suffix("")
+    feats = _compute(model, data, batch_size, head, progress, desc, dtype, part_cache=(stem, key))
     arrays = {"h": feats.h.numpy(), "logits": feats.logits.numpy(),
               "y": feats.y.numpy() if feats.y is not None else np.zeros(0, np.int64)}
-    save_verified(path, key, arrays)
+    save_verified(path, key, arrays)  # rank 0 only under torchrun
+    if is_writer():
+        drop_parts(stem)
     return feats

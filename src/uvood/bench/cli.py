@@ -47,6 +47,7 @@ def _portable(argv: list[str]) -> list[str]:
 
 def _cmd_bench(args) -> int:
     from ..cli import check_out
+    from ..distributed import is_writer
     from .report import write_report
     from .runner import check_known, run
     from .spec import load_spec
@@ -57,8 +58,10 @@ def _cmd_bench(args) -> int:
     read_history(out / "timings.json")  # before any work: a bad file stops the run at once, untouched
     t = time.time()
     result = run(spec, scores=args.scores, quick=args.quick, n=args.n, data_dir=args.data_dir,
-                 cache_dir=args.cache_dir, progress=not args.no_progress, deep_n=args.deep_n,
-                 max_memory=args.max_memory)
+                 cache_dir=args.cache_dir, progress=not args.no_progress and is_writer(), deep_n=args.deep_n,
+                 max_memory=args.max_memory, log=print if is_writer() else lambda *a, **k: None)
+    if not is_writer():  # under torchrun every rank holds every row; rank 0 writes the report
+        return 0
     argv = _portable(sys.argv[1:])
     command = "uvood " + " ".join(shlex.quote(a) for a in argv) if sys.argv[0].endswith("uvood") else \
         f"uvood bench {args.benchmark}" + (" --quick" if args.quick else "")
@@ -108,7 +111,8 @@ def register(sub) -> None:
     p.add_argument("benchmark", help="small | large | path of a spec .json")
     p.add_argument("--scores", nargs="+", help="only these score specs (default: every table's scores)")
     p.add_argument("--quick", action="store_true", help="a few hundred images per set (minutes; what CI runs)")
-    p.add_argument("--n", type=int, help="images per data set (default: the spec's n, or quick_n with --quick)")
+    p.add_argument("--n", "--images", dest="n", type=int, help="images per data set (default: the spec's n, or "
+                   "quick_n with --quick); under torchrun write --images (torchrun takes --n for its own --nnodes)")
     p.add_argument("--deep-n", type=int, help="evaluate deep gradient scores / BatchGrad on an evenly spaced subset "
                    "of this many images per set (CPU time); the other scores use every image")
     p.add_argument("--data-dir", help="data folder (default: $UVOOD_DATA)")
@@ -120,6 +124,9 @@ def register(sub) -> None:
                    "many label cotangents are back-propagated at once (default: about what a forward + backward of "
                    "the batch holds)")
     p.add_argument("--no-progress", action="store_true")
+    from ..cli import add_device_option
+
+    add_device_option(p)
     p.set_defaults(func=_cmd_bench)
 
 

@@ -65,19 +65,23 @@ def load_state(path: Path) -> dict:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load(name: str) -> nn.Module:
-    """Zoo model ``name`` with its trained weights, in eval mode, on the CPU."""
+def load(name: str, device=None) -> nn.Module:
+    """Zoo model ``name`` with its trained weights, in eval mode, on ``device`` (default: the CPU, or the
+    command line's ``--device``, :func:`uvood.devices.use`)."""
+    from ..devices import parse_device
+
+    device = parse_device(device)
     if name in EFFICIENTNETS:
         from .efficientnet import load_efficientnet
 
-        return load_efficientnet(name)
+        return load_efficientnet(name).to(device)
     meta = info(name)
     path = CHECKPOINTS / f"{name}.pt"
     if not path.is_file():
         raise UvoodError(f"checkpoint {path} is missing; reinstall uvood or run `uvood zoo train {name}`.")
     model = build(name, **meta.get("kwargs", {}))
     model.load_state_dict(load_state(path))
-    return model.eval()
+    return model.eval().to(device)
 
 
 @torch.no_grad()
@@ -92,6 +96,7 @@ def evaluate(name: str, data_dir=None, limit: int | None = None, model: nn.Modul
         return evaluate_imagenet(model, name, data_dir, limit=limit)
     from ..data import load as load_data
     from ..data.transforms import to_model_format
+    from ..devices import model_device
 
     meta = info(name) if (CHECKPOINTS / f"{name}.json").is_file() else {"dataset": SPECS[name]["dataset"]}
     images = load_data(meta["dataset"], "test", data_dir=data_dir, limit=limit)
@@ -99,8 +104,8 @@ def evaluate(name: str, data_dir=None, limit: int | None = None, model: nn.Modul
     model.eval()
     correct = 0
     for i in range(0, len(images), batch):
-        x = to_model_format(images.x[i:i + batch], channels, size, "paste")
-        correct += int((model(x).argmax(1).numpy() == images.y[i:i + batch]).sum())
+        x = to_model_format(images.x[i:i + batch], channels, size, "paste").to(model_device(model))
+        correct += int((model(x).argmax(1).cpu().numpy() == images.y[i:i + batch]).sum())
     return {"accuracy": correct / len(images), "n": len(images), "identity": images.identity,
             "cpu_fallback": bool(meta.get("cpu_fallback", False)), "c": meta.get("c")}
 

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("name")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=None, help="evenly spaced subset of the test split")
+    from ..cli import add_device_option
+
+    add_device_option(p)
     p.set_defaults(func=cmd_eval)
 
 

@@ -1,0 +1,7 @@
+"""``python -m uvood`` (and ``torchrun --nproc_per_node=N -m uvood ...``): the ``uvood`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

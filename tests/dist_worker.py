@@ -1,0 +1,113 @@
+"""One rank of the distributed tests (tests/test_distributed.py starts two of these with torchrun's environment).
+
+    python tests/dist_worker.py TASK OUT_DIR [CACHE_DIR]
+
+Each rank saves what the run returned to OUT_DIR/TASK-rank<r>.npz, or writes OUT_DIR/rank<r>.err on a UvoodError.
+"""
+
+import os
+import signal
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+import uvood
+from uvood import distributed
+from uvood.errors import UvoodError
+
+SPECS = {"deep": "gradnorm(depth=deep)", "shallow": "exgrad", "batchgrad": "batchgrad(depth=deep)",
+         "fitted": "mahalanobis"}
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(96, 16), nn.ReLU(),
+                         nn.Linear(16, 3)).eval()
+
+
+def make_data(n: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 10, 10, generator=g), torch.arange(n) % 3
+
+
+def run(task: str, cache_dir: str | None) -> dict[str, np.ndarray]:
+    """The values one process (no process group) or the group computes for ``task``."""
+    rank = distributed.rank_world()[0]
+    model = make_model()
+    x, y = make_data()
+    if task == "features":
+        f = uvood.extract(model, (x, y), batch_size=8, progress=False)
+        return {"h": f.h.numpy(), "logits": f.logits.numpy(), "y": f.y.numpy()}
+    if task in ("cached", "kill"):
+        if task == "kill" and rank == 1:  # die (SIGKILL) right after this rank's first part is saved
+            from uvood import cache
+
+            save = cache.save_verified
+
+            def save_then_die(path, key, arrays, any_rank=False):
+                save(path, key, arrays, any_rank)
+                if ".part-" in str(path):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            cache.save_verified = save_then_die  # map_batches imports it from uvood.cache when called
+        calls = []
+        model[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+        f = uvood.extract(model, (x, y), batch_size=4, progress=False, cache_dir=cache_dir, data_id="toy")
+        return {"h": f.h.numpy(), "logits": f.logits.numpy(), "computed": np.array(sum(calls))}
+    if task == "scores":  # features, shallow and deep gradient scores, BatchGrad and a fitted score in one run
+        f = uvood.extract(model, (x, y), batch_size=8, progress=False)
+        out = {"h": f.h.numpy(), "logits": f.logits.numpy(), "y": f.y.numpy()}
+        out |= {k: uvood.score_model(SPECS[k], model, x, batch_size=8, progress=False).numpy()
+                for k in ("deep", "shallow")}
+        for k in ("batchgrad", "fitted"):
+            det = uvood.Detector(model, score=SPECS[k], batch_size=8).fit((x, y), progress=False)
+            out[k] = det.score(x, progress=False).numpy()
+            out[k + "_threshold"] = np.array(det.threshold)
+        return out
+    raise ValueError(task)
+
+
+def errors() -> dict[str, np.ndarray]:
+    """Each bad input in turn, in one process group (a refused call leaves the group usable): the error of each."""
+    rank = distributed.rank_world()[0]
+    x, y = make_data()
+    out = {}
+    scenarios = {"mismatch": lambda: uvood.extract(make_model(rank), x, batch_size=8, progress=False),
+                 "tiny": lambda: uvood.extract(make_model(), x[:1], batch_size=8, progress=False),
+                 "raise": lambda: uvood.extract(broken if rank == 1 else make_model(), x, batch_size=8, progress=False),
+                 "version": lambda: uvood.extract(make_model(), x, batch_size=8, progress=False)}
+    broken = make_model()
+    broken[0].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("rank 1's model broke")))
+    for name, call in scenarios.items():
+        if name == "version" and rank == 1:
+            uvood.__version__ = "9.9.9"  # as if rank 1 ran another installation
+        try:
+            call()
+            out[name] = np.array("no error")
+        except UvoodError as e:
+            out[name] = np.array(str(e))
+    return out
+
+
+def main() -> int:
+    task, out = sys.argv[1], sys.argv[2]
+    cache_dir = sys.argv[3] if len(sys.argv) > 3 else None
+    torch.set_num_threads(1)
+    try:
+        distributed.init_from_env()
+        values = errors() if task == "errors" else run(task, cache_dir)
+    except UvoodError as e:
+        rank = os.environ.get("RANK", "0")
+        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
+            f.write(str(e))
+        return 2
+    finally:
+        distributed.close()
+    np.savez(os.path.join(out, f"{task}-rank{os.environ.get('RANK', '0')}.npz"), **values)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
