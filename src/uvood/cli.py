@@ -150,6 +150,8 @@ def _cmd_score(args) -> int:
     model, shape = _load_model(args)
     if to_fit:
         x_fit, y_fit, _ = _load_inputs(args.fit, shape, args)
+        if hasattr(x_fit, "slice"):  # a lazily converted .npz: the fit reads it whole (its statistics need all of it)
+            x_fit = x_fit.slice(0, len(x_fit))
         for sc in to_fit:  # one forward pass over the ID data per score, in batches
             sc.fit(model, x_fit, None if y_fit is None else torch.as_tensor(y_fit), seed=0)
         print(f"fitted {', '.join(sc.spec for sc in to_fit)} on {len(x_fit)} ID images from {args.fit}",
