@@ -198,7 +198,8 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
           "A heuristic list: cells where our AUROC is below 0.5 and the paper's value is closer to 1 − ours than to "
           "ours. It is only evidence where the data and model match the paper's; for stand-in columns (another data "
           "set or model than the paper's) it is shown for completeness. The predicted-label norm-of-mean rows are "
-          "identically zero in exact arithmetic (docs/gradient_scores.md), so their AUROCs measure rounding noise.",
+          "identically zero in exact arithmetic (docs/gradient_scores.md): the deep row is computed as its closed "
+          "form 0 (AUROC 0.5); the shallow row's AUROC measures rounding noise.",
           ""]
     L += [f"- {n}" for n in notes] if notes else ["No cell where the paper's value is closer to 1 − ours than to ours."]
     L += ["", "## Discussion", ""] + [f"- {d}" for d in discussion(result)]
