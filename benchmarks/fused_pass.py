@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gradient_scores import cnn, machine_info, mlp  # noqa: E402
+from gradient_scores import race as cpu_race  # noqa: E402
 from uvood.scores import engine, fused, get_score  # noqa: E402
 from uvood.scores.gradient import _logit_cotangents, mean_of_norm_from_label_norms  # noqa: E402
 
@@ -45,19 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def race(paths, repeats):
-    """As gradient_scores.race (interleaved rounds after a warm-up, best of ``repeats``), timed in CPU time of
-    this process (``time.process_time``): with one thread it equals the wall time on an idle machine, and it is
-    far less disturbed by other jobs on a shared one."""
-    for fn, x in paths:
-        fn(x[:2])
-    best = [float("inf")] * len(paths)
-    values = [None] * len(paths)
-    for _ in range(repeats):
-        for i, (fn, x) in enumerate(paths):
-            t = time.process_time()
-            values[i] = fn(x)
-            best[i] = min(best[i], time.process_time() - t)
-    return [x.shape[0] / b for (_, x), b in zip(paths, best)], values
+    """gradient_scores.race timed in CPU time of this process (``time.process_time``)."""
+    return cpu_race(paths, repeats, clock=time.process_time)
 
 
 def engine_before():
