@@ -362,3 +362,28 @@ def test_figures_are_redrawn_only_when_what_they_show_changes(tmp_path, data_dir
     monkeypatch.setattr(figures, "FIGURES_VERSION", figures.FIGURES_VERSION + 1)  # new drawing code
     figures.write_all(result, out)
     assert len(drawn) == 4
+
+
+def test_time_breakdown_counts_the_training_split_features_once(tmp_path, data_dir, monkeypatch):
+    """The training split's features are extracted lazily inside the fitted scores: they get their own line and
+    are not counted again inside "scores from features" (the shares of the breakdown add up to the total)."""
+    import time as _time
+
+    from uvood.bench import runner as bench_runner
+
+    real_extract = bench_runner.extract
+
+    def slow_on_training_split(*a, **kw):
+        if "training split" in kw.get("desc", ""):
+            _time.sleep(0.6)
+        return real_extract(*a, **kw)
+
+    monkeypatch.setattr(bench_runner, "extract", slow_on_training_split)
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]])
+    res = run(spec, scores=["msp", "mahalanobis"], quick=True, data_dir=data_dir, cache_dir=tmp_path / "c",
+              progress=False, log=lambda *a: 0, n_boot=20)
+    t = res.timings
+    assert t["mnist-mlp/MNIST/training split features"] >= 0.6
+    assert t["mnist-mlp/MNIST/scores from features"] < 0.6
+    parts = sum(v for k, v in t.items() if k.count("/") == 2) + t["metrics and bootstrap intervals"]
+    assert parts <= t["total"] + 0.05
