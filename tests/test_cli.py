@@ -35,6 +35,34 @@ def test_score_writes_one_row_per_input(tmp_path, capsys):
     assert all(0 < float(r["msp"]) <= 1 for r in rows)
 
 
+def test_score_runs_one_deep_pass_for_every_deep_score(tmp_path, monkeypatch):
+    """Several deep gradient specs on `uvood score` share ONE fused deep pass per batch, with the values of
+    separate calls of uvood.score_model."""
+    import torch
+
+    import uvood.scores.fused as fused
+    from uvood import zoo
+    from uvood.api import score_model
+
+    x = np.random.default_rng(1).integers(0, 256, (9, 28, 28, 1), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x)
+    calls = []
+    real = fused.deep_pass
+    monkeypatch.setattr(fused, "deep_pass", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    specs = ["gradnorm(depth=deep)", "exgrad(depth=deep)", "msp"]
+    out = tmp_path / "s.csv"
+    argv = ["score", "--model", "mnist-mlp", "--data", str(tmp_path / "d.npz"), "--out", str(out), "--batch-size", "16"]
+    assert main(argv + sum((["--score", s] for s in specs), [])) == 0
+    assert len(calls) == 1
+    rows = list(csv.DictReader(open(out)))
+    model = zoo.load("mnist-mlp")
+    xs = torch.from_numpy(x).permute(0, 3, 1, 2)
+    for spec in specs[:2]:
+        got = np.array([float(r[spec]) for r in rows])
+        want = score_model(spec, model, xs, progress=False).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_score_reads_a_folder_of_images(tmp_path):
     from PIL import Image
 

@@ -158,12 +158,16 @@ def _cmd_score(args) -> int:
               file=sys.stderr)
     x, y, names = _load_inputs(args.data, shape, args)
 
+    with_model = [sc for sc in scores if sc.needs_model]
+
     def one_batch(xb, _y):  # one batch: the prediction and every score; nothing else is kept
         feats = extract(model, xb, batch_size=args.batch_size, progress=False, dtype=args.dtype)
         cols = {"prediction": feats.logits.argmax(1).numpy()}
+        # every score that needs the model in one call: the deep gradient scores share ONE fused deep pass
+        deep = score_model(with_model, model, xb, batch_size=args.batch_size, progress=False,
+                           dtype=args.dtype) if with_model else {}
         for i, sc in enumerate(scores):
-            cols[f"s{i}"] = (score_model(sc, model, xb, batch_size=args.batch_size, progress=False, dtype=args.dtype)
-                             if sc.needs_model else score_features(sc, feats.h, feats.logits)).numpy()
+            cols[f"s{i}"] = (deep[sc.spec] if sc.needs_model else score_features(sc, feats.h, feats.logits)).numpy()
         return cols
 
     pbar = bar(data_length(x), "score", True)
