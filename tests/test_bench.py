@@ -292,10 +292,9 @@ def test_warm_rerun_reads_no_image_and_recomputes_no_score(tmp_path, data_dir, m
     def refuse(*a, **k):
         raise AssertionError("a warm rerun must only read caches")
 
-    # BatchGrad's fit reads ID training images by design; the test sets and every score come from the caches
-    load = runner.uvdata.load
-    monkeypatch.setattr(runner.uvdata, "load", lambda name, split, **k: refuse() if split == "test" else
-                        load(name, split, **k))
+    # no image at all: the test sets, the fitted scores' statistics and deep BatchGrad's anchors all come from caches
+    monkeypatch.setattr(runner.uvdata, "load", refuse)
+    monkeypatch.setattr(runner.get_score("batchgrad(depth=deep)").__class__, "fit", refuse)
     monkeypatch.setattr(runner, "score_model", refuse)
     monkeypatch.setattr(runner.fused, "deep_pass", refuse)
     monkeypatch.setattr(uvood.scores.registry.ProductScore, "from_features", refuse)

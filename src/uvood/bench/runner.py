@@ -423,6 +423,30 @@ def _feature_fits(spec: BenchSpec, id_name: str, model, model_name: str, fp: str
     return {sc: FitOnFeatures(sc, key, features, head) for sc in todo}
 
 
+#: ID training images a model score (e.g. deep BatchGrad's anchors) is fitted on, evenly spaced
+MODEL_FIT_N = 2000
+
+
+def _fit_model_score(sc, model, model_name: str, fp: str, ds: dict, in_shape, data_dir, cache: Path) -> None:
+    """Fit ``sc`` (a score that needs the model and ID training data) on ``MODEL_FIT_N`` images of the ID set's
+    training split. The fitted state is cached (keyed by the model's fingerprint, the training data's identity,
+    the score's spec and version and the seed), so a rerun neither decodes the training images nor fits again."""
+    split = ds.get("train_split", "train")
+    ident = uvdata.datasets.identity(ds["dataset"], split, data_dir=data_dir, limit=MODEL_FIT_N)
+    what = [fp, ident, list(in_shape), sc.spec, sc.version_tag, "seed=0"]
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
+    path = cache / f"fit-{_slug(f'{model_name}__{sc.spec}__{ident}')}.npz"
+    state = load_verified(path, key, "Fit cache")
+    if state is not None:
+        sc.load_state({k: torch.from_numpy(v) for k, v in state.items()})
+        return
+    with claim(path):
+        train = uvdata.load(ds["dataset"], split, data_dir=data_dir, limit=MODEL_FIT_N)
+        xt = transforms.to_model_format(train.x, channels=in_shape[0], size=in_shape[1])
+        sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
+        save_verified(path, key, {k: v.detach().cpu().numpy() for k, v in sc.state().items()})
+
+
 def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n: int | None = None,
         data_dir=None, cache_dir=None, progress: bool = True, log=print, n_boot: int = 1000,
         deep_n: int | None = None, max_memory: int | None = None) -> RunResult:
@@ -452,9 +476,10 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         if "dataset" in spec.datasets[id_name] and info.get("num_classes"):  # fail before any work
             uvdata.datasets.check_model_classes(spec.datasets[id_name]["dataset"], info["num_classes"], model_name)
         fp = model_fingerprint(model)
-        for sc in score_objs.values():  # bias=true needs a head bias; shallow scores never see the model itself
-            if any(getattr(t, "bias", False) is True for t in getattr(sc, "factors", [sc])):  # a gradient flag
-                check_head_bias(sc, model, torch.zeros(1, *in_shape))
+        with_bias = [sc for sc in score_objs.values()  # bias=true needs a head bias (a gradient flag)
+                     if any(getattr(t, "bias", False) is True for t in getattr(sc, "factors", [sc]))]
+        if with_bias:  # one look at the model's head serves every score (each look runs the model)
+            check_head_bias(with_bias[0], model, torch.zeros(1, *in_shape))
         needed = [id_name] + [o for i, o in spec.pairs if i == id_name]
         feats = {}
         for ds_name in needed:
@@ -485,10 +510,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                 ds = spec.datasets[id_name]
                 if "dataset" not in ds:
                     raise UvoodError(f"{sc.spec} needs labelled ID training data; {id_name} has no named data set.")
-                train = uvdata.load(ds["dataset"], ds.get("train_split", "train"), data_dir=data_dir, limit=2000)
-                xt = transforms.to_model_format(train.x, channels=in_shape[0], size=in_shape[1])
                 t = time.time()
-                sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
+                _fit_model_score(sc, model, model_name, fp, ds, in_shape, data_dir, cache)
                 key = f"{model_name}/{id_name}/fits of model scores"
                 timings[key] = round(timings.get(key, 0.0) + time.time() - t, 2)
         from_features = [score_objs[full] for _, full, _ in rows_spec if not score_objs[full].needs_model]
