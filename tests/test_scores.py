@@ -150,7 +150,7 @@ def test_canonical_spec(spec, canon):
 @pytest.mark.parametrize("bad,message", [
     ("", "non-empty string"), ("norm", "needs its parameter 'p', e.g. norm"), ("norm(1,2)", "takes 1 positional"),
     ("msp(x=1)", "no parameter 'x'. Valid parameters: T"), ("msp*", "expected a score name"),
-    ("energy(T=0)", "T must be > 0"), ("norm(-1)", r"needs p >= 0"), ("a b", "Unknown score 'a'")])
+    ("energy(T=0)", "T must be > 0 and finite"), ("norm(-1)", r"needs p >= 0"), ("a b", "Unknown score 'a'")])
 def test_bad_specs_raise_clear_errors(bad, message):
     with pytest.raises(UvoodError, match=message):
         uvood.get_score(bad)
@@ -186,7 +186,12 @@ def test_spec_values_are_typed_and_long_specs_clipped_in_errors(bad, msg):
 
 
 def test_huge_integer_parameter_is_a_number_not_an_overflow():
-    assert uvood.get_score("energy(T=" + "9" * 5000 + ")").spec == "energy(T=inf)"
+    assert uvood.get_score("norm(" + "9" * 5000 + ")").spec == "norm(inf)"
+    with pytest.raises(UvoodError, match="Temperature T must be > 0 and finite, got inf"):
+        uvood.get_score("energy(T=" + "9" * 5000 + ")")
+    for name in ("msp", "energy", "tv", "varsum", "entropy"):
+        with pytest.raises(UvoodError, match="Temperature T must be > 0 and finite"):
+            uvood.get_score(f"{name}(T=inf)")
 
 
 def test_norm_times_energy_flips_per_sample_where_energy_is_negative():

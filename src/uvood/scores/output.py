@@ -5,6 +5,8 @@ Paper, Section 4.2 and Figure 1. All computed in float64.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .registry import Score, register
@@ -74,10 +76,10 @@ class OutputScore(Score):
 
 def _t_factory(fn):
     def factory(T=1.0):
-        if not T > 0:
+        if not 0 < T < math.inf:  # T = inf would score every input inf (energy) or the uniform value (msp, tv)
             from ..errors import UvoodError
 
-            raise UvoodError(f"Temperature T must be > 0, got {T}.")
+            raise UvoodError(f"Temperature T must be > 0 and finite, got {T}.")
         return OutputScore(fn, T=float(T))
 
     factory.__doc__ = fn.__doc__
