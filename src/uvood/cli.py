@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="offline demo: the zoo's MNIST model on bundled MNIST / Fashion-MNIST images")
+    add_device_option(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("scores", help="list the registry of score names")

@@ -19,7 +19,6 @@ fit, a model with other weights (``strict=False``: loaded with a warning) or ano
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import warnings
@@ -108,8 +107,9 @@ def _score_version(score) -> str:
 
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where and in which float type the model computes (its first floating parameter or buffer)."""
-    t = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
-    return (t.device, t.dtype) if t is not None else (torch.device("cpu"), torch.float32)
+    from .devices import model_float
+
+    return model_float(model)
 
 
 def _rows(data, idx: torch.Tensor, batch_size: int) -> torch.Tensor:

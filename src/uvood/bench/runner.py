@@ -36,6 +36,7 @@ from .. import metrics, zoo
 from ..api import score_model
 from ..cache import atomic_write, claim, load_verified, save_verified
 from ..data import transforms
+from ..devices import probe
 from ..errors import UvoodError
 from ..features import FORMAT_VERSION as FEATURES_VERSION
 from ..features import extract, model_fingerprint
@@ -418,7 +419,7 @@ def _feature_fits(spec: BenchSpec, id_name: str, model, model_name: str, fp: str
         return f
 
     def head():
-        return head_weights(model, torch.zeros(1, *in_shape))
+        return head_weights(model, probe(model, (1, *in_shape)))
 
     return {sc: FitOnFeatures(sc, key, features, head) for sc in todo}
 
@@ -454,7 +455,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         fp = model_fingerprint(model)
         for sc in score_objs.values():  # bias=true needs a head bias; shallow scores never see the model itself
             if any(getattr(t, "bias", False) is True for t in getattr(sc, "factors", [sc])):  # a gradient flag
-                check_head_bias(sc, model, torch.zeros(1, *in_shape))
+                check_head_bias(sc, model, probe(model, (1, *in_shape)))
         needed = [id_name] + [o for i, o in spec.pairs if i == id_name]
         feats = {}
         for ds_name in needed:
