@@ -197,11 +197,16 @@ def _cmd_demo(args) -> int:
     return run_demo(verbose=True)
 
 
-def add_device_option(p) -> None:
-    """``--device`` of every command that runs a model (checked before any work, :func:`uvood.devices.use`)."""
+def add_device_option(p, precision: bool = True) -> None:
+    """``--device`` (checked before any work, :func:`uvood.devices.use`) and ``--precision``
+    (:mod:`uvood.precision`; not on ``zoo train``, whose recipes choose theirs) of every command that runs a model."""
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="where the model runs: cpu (default), cuda, cuda:N or mps; under torchrun, cuda means one "
                    "GPU per rank (cuda:LOCAL_RANK)")
+    if precision:
+        p.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+                       help="float32 (default) or bfloat16: autocast of the forward passes that give features and "
+                       "logits; the scores that backpropagate through the model stay float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from . import devices, distributed
+    from . import devices, distributed, precision
 
     try:
+        precision.use(getattr(args, "precision", None))
         device = distributed.local_device(getattr(args, "device", None))
         if device is not None:
             devices.use(device)  # the models the command loads go there (an unavailable device: an error now)
@@ -271,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
         finally:
             distributed.close()
+            precision.use(None)  # back to float32 for whatever runs next in this process
     except UvoodError as e:
         return _fail(str(e))
     except OSError as e:  # a file or folder the command reads or writes, a network error

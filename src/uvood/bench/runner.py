@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import data as uvdata
-from .. import metrics, zoo
+from .. import metrics, precision, zoo
 from ..api import score_model
 from ..cache import atomic_write, claim, load_verified, save_verified
 from ..data import transforms
@@ -406,7 +406,8 @@ def _feature_fits(spec: BenchSpec, id_name: str, model, model_name: str, fp: str
     train_ds = {"dataset": ds["dataset"], "split": ds.get("train_split", "train")}
     inputs = _prepare(spec, id_name, in_shape, fit_n or 10**9, data_dir, ds=train_ds)
     name = _slug(f"{model_name}__{inputs.identity}__{inputs.desc}")
-    key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, FEATURES_VERSION]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, FEATURES_VERSION,
+                                     *precision.key(precision.parse(None))]).encode()).hexdigest()[:16]
 
     @functools.cache
     def features():
@@ -492,7 +493,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         from_features = [score_objs[full] for _, full, _ in rows_spec if not score_objs[full].needs_model]
         for ds_name, (f, inputs) in feats.items():
             fkey = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "feature-scores",
-                                              FEATURES_VERSION]).encode())
+                                              FEATURES_VERSION, *precision.key(precision.parse(None))]).encode())
             path = cache / f"fscores-{_slug(f'{model_name}__{inputs.identity}__{inputs.desc}')}.npz"
             t = time.time()
             values = _feature_scores(from_features, f, fkey.hexdigest(), path, fits)
@@ -539,7 +540,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             "torch": torch.__version__, "threads": torch.get_num_threads(), "n_per_set": n,
             "cross_domain": spec.cross_domain, "metric": spec.metric, "deep_n": deep_n, "quick": quick,
             "scores": scores, "n_boot": n_boot, "feature_sets": len(feature_sets), "fit_n": fit_n,
-            "max_memory": max_memory,
+            "max_memory": max_memory, "precision": precision.parse(None),
             "feature_sets_computed": sum(feature_sets),
             "versions": {"features": FEATURES_VERSION, "label_norms": LABEL_NORMS_VERSION,
                          "metrics": metrics.METRICS_VERSION,

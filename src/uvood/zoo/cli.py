@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     from ..cli import add_device_option
 
-    add_device_option(p)
+    add_device_option(p, precision=False)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="test accuracy of a shipped model")
     p.add_argument("name")
