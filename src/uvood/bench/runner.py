@@ -37,6 +37,7 @@ from ..api import score_model
 from ..cache import atomic_write, claim, load_verified, save_verified
 from ..data import transforms
 from ..devices import probe
+from ..distributed import all_gather, map_shards
 from ..errors import UvoodError
 from ..features import FORMAT_VERSION as FEATURES_VERSION
 from ..features import extract, model_fingerprint
@@ -254,15 +255,19 @@ class FitOnFeatures:
 
 def _chunked(fn, x: torch.Tensor, chunk: int, progress: bool, desc: str) -> list:
     """``fn`` on ``x`` in slices of ``chunk`` images, with a progress bar that counts images. The slices are the
-    batches one call would use (``chunk`` = its batch size), so the values are the same as one call's."""
+    batches one call would use (``chunk`` = its batch size), so the values are the same as one call's.
+    Under ``torchrun`` each rank computes a contiguous share of the slices and every rank gets them all
+    (:func:`uvood.distributed.map_shards`): the same slices, so the same values, in about 1/N of the time."""
     from tqdm.auto import tqdm
 
-    out = []
-    with tqdm(total=x.shape[0], desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for i in range(0, x.shape[0], chunk):
-            out.append(fn(x[i:i + chunk]))
-            bar.update(min(chunk, x.shape[0] - i))
-    return out
+    n = x.shape[0]
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        def one(k: int):
+            out = fn(x[k * chunk:(k + 1) * chunk])
+            bar.update(min(chunk, n - k * chunk))
+            return out
+
+        return map_shards(one, -(-n // chunk), desc)
 
 
 def _shares_label_norms(score) -> bool:
@@ -300,13 +305,15 @@ def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, 
     entries = {full: _deep_entry(fp, inputs, model_name, cache, sc) for full, sc in scores.items()}
     by_path = {path: (key, what) for key, path, what in entries.values()}
     found = {path: load_verified(path, key, _what(w)) for path, (key, w) in by_path.items()}
-    if any(v is None for v in found.values()):
+    missing = _agreed({p for p, v in found.items() if v is None}, "the deep-score cache lookup")
+    if missing:
         with contextlib.ExitStack() as stack:
-            for path in sorted(p for p, v in found.items() if v is None):
+            for path in sorted(missing):
                 stack.enter_context(claim(path))
-            for path in [p for p, v in found.items() if v is None]:  # made by another run while we waited?
+            for path in missing:  # made by another run while we waited?
                 found[path] = load_verified(path, by_path[path][0], _what(by_path[path][1]))
-            todo = {path: by_path[path] for path, v in found.items() if v is None}
+            todo = {path: by_path[path] for path in sorted(_agreed({p for p in missing if found[p] is None},
+                                                                   "the deep-score cache lookup"))}
             if todo:
                 found.update(_compute_deep(todo, scores, model, inputs, progress, max_memory))
     out = {}
@@ -319,6 +326,12 @@ def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, 
         else:
             out[full] = got["s"]
     return out
+
+
+def _agreed(missing: set, what: str) -> set:
+    """The cache entries missing on any rank (under ``torchrun``; ``missing`` itself otherwise): every rank then
+    computes the same entries together (:func:`_chunked`), even when a file appeared between their lookups."""
+    return set().union(*all_gather(missing, what))
 
 
 def _compute_deep(todo: dict, scores: dict, model, inputs: Inputs, progress: bool, max_memory: int | None) -> dict:
