@@ -114,3 +114,37 @@ def test_uvood_score_precision_bfloat16_writes_scores_near_float32(tmp_path):
         cols[p] = np.array([float(r.split(",")[-1]) for r in rows])
     assert not np.array_equal(cols["float32"], cols["bfloat16"])
     np.testing.assert_allclose(cols["bfloat16"], cols["float32"], rtol=0.05)
+
+
+def test_bench_with_bfloat16_keeps_its_own_cache_files_and_float32_deep_rows(tmp_path, data_dir, monkeypatch):
+    from test_bench import _mini_spec
+    from uvood.bench import runner
+
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]], quick_n=60, quick_deep_n=60)
+    computed = []
+    compute = uvood.features._compute
+    monkeypatch.setattr(uvood.features, "_compute", lambda *a, **k: (computed.append(1), compute(*a, **k))[1])
+
+    def run():
+        return runner.run(spec, scores=["energy", "mahalanobis", "gradnorm(depth=deep)"], quick=True,
+                          data_dir=data_dir, cache_dir=tmp_path / "c", progress=False, log=lambda *a: 0, n_boot=20)
+
+    f32 = run()
+    n_f32 = len(computed)
+    precision.use("bfloat16")
+    try:
+        bf = run()
+    finally:
+        precision.use(None)
+    assert len(computed) == 2 * n_f32  # every feature set extracted again, not read from the float32 files
+    assert bf.meta["precision"] == "bfloat16" and f32.meta["precision"] == "float32"
+    for key, s in f32.scores.items():
+        if key[2] == "gradnorm(depth=deep)":  # backpropagates: float32 under both, read from the cache
+            np.testing.assert_array_equal(bf.scores[key], s)
+        else:
+            assert not np.array_equal(bf.scores[key], s), key
+            rel = np.abs(bf.scores[key] - s) / np.maximum(np.abs(s), 1e-12)
+            assert np.median(rel) <= precision.TOLERANCE["median_rel"], key
+    again = run()  # float32 again: its files are still there
+    assert len(computed) == 2 * n_f32
+    assert [r["auroc"] for r in again.rows] == [r["auroc"] for r in f32.rows]

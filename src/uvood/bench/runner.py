@@ -89,6 +89,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("UVOOD_CACHE", Path.home() / ".cache" / "uvood"))
 
 
+def _precision_tag() -> str:
+    """What ``--precision bfloat16`` adds to the names of the files it computes (features, feature scores), so that
+    bfloat16 and float32 runs keep their own files (their keys differ too): nothing for float32."""
+    return "".join(f"__{k}" for k in precision.key(precision.parse(None)))
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")[:120]
 
@@ -418,7 +424,7 @@ def _feature_fits(spec: BenchSpec, id_name: str, model, model_name: str, fp: str
         return out
     train_ds = {"dataset": ds["dataset"], "split": ds.get("train_split", "train")}
     inputs = _prepare(spec, id_name, in_shape, fit_n or 10**9, data_dir, ds=train_ds)
-    name = _slug(f"{model_name}__{inputs.identity}__{inputs.desc}")
+    name = _slug(f"{model_name}__{inputs.identity}__{inputs.desc}{_precision_tag()}")
     key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, FEATURES_VERSION,
                                      *precision.key(precision.parse(None))]).encode()).hexdigest()[:16]
 
@@ -475,7 +481,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         for ds_name in needed:
             inputs = _prepare(spec, ds_name, in_shape, n, data_dir)
             t = time.time()
-            name = _slug(f"{model_name}__{inputs.identity}__{inputs.desc}")
+            name = _slug(f"{model_name}__{inputs.identity}__{inputs.desc}{_precision_tag()}")
             with claim(cache / f"features-{name}.npz", log=log):
                 f = extract(model, lambda inputs=inputs: (inputs.x, torch.as_tensor(inputs.y)), batch_size=128,
                             cache_dir=cache, data_id=inputs.identity, transform=inputs.desc, progress=progress,
@@ -507,7 +513,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         for ds_name, (f, inputs) in feats.items():
             fkey = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "feature-scores",
                                               FEATURES_VERSION, *precision.key(precision.parse(None))]).encode())
-            path = cache / f"fscores-{_slug(f'{model_name}__{inputs.identity}__{inputs.desc}')}.npz"
+            path = cache / f"fscores-{_slug(f'{model_name}__{inputs.identity}__{inputs.desc}{_precision_tag()}')}.npz"
             t = time.time()
             values = _feature_scores(from_features, f, fkey.hexdigest(), path, fits)
             timings[f"{model_name}/{ds_name}/scores from features"] = round(time.time() - t, 2)
