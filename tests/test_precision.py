@@ -94,6 +94,8 @@ def test_bfloat16_is_refused_with_the_float64_reference_and_unknown_precisions(t
         uvood.Detector(model, dtype="float64", precision="bfloat16")
     with pytest.raises(UvoodError, match="on a float64 model"):
         uvood.extract(model.double(), x.double(), progress=False, precision="bfloat16")
+    # a float32 copy of the float64 model (dtype="float32") may run in bfloat16
+    assert len(uvood.extract(model, x, progress=False, dtype="float32", precision="bfloat16")) == len(x)
     with pytest.raises(UvoodError, match="float16 is not offered"):
         uvood.score_model("energy", model.float(), x, progress=False, precision="float16")
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 28, 28), np.uint8))

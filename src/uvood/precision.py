@@ -78,7 +78,7 @@ def check(precision: str | None, dtype=None, model: torch.nn.Module | None = Non
         raise UvoodError("precision='bfloat16' cannot be combined with dtype='float64' (--dtype float64): float64 is "
                          "the exact reference and bfloat16 autocast would round its forward pass to 8 bits. Choose "
                          "one: --precision float32 --dtype float64, or --precision bfloat16 without --dtype.")
-    if model is not None and model_dtype(model) == torch.float64:
+    if dtype is None and model is not None and model_dtype(model) == torch.float64:  # it would run in float64
         raise UvoodError("precision='bfloat16' on a float64 model: autocast would round the float64 reference's "
                          "forward pass to 8 bits. Use precision='float32', or a float32 model.")
     return precision
