@@ -150,3 +150,29 @@ def test_bench_with_bfloat16_keeps_its_own_cache_files_and_float32_deep_rows(tmp
     again = run()  # float32 again: its files are still there
     assert len(computed) == 2 * n_f32
     assert [r["auroc"] for r in again.rows] == [r["auroc"] for r in f32.rows]
+
+
+def test_zoo_eval_precision_bfloat16_runs_in_bfloat16_and_keeps_the_accuracy(data_dir):
+    model = uvood.zoo.load("mnist-mlp")
+    out_dtypes = set()
+    model.register_forward_hook(lambda m, i, o: out_dtypes.add(o.dtype))
+    want = uvood.zoo.evaluate("mnist-mlp", data_dir=data_dir, limit=500, model=model)["accuracy"]
+    assert out_dtypes == {torch.float32}
+    precision.use("bfloat16")
+    try:
+        got = uvood.zoo.evaluate("mnist-mlp", data_dir=data_dir, limit=500, model=model)["accuracy"]
+    finally:
+        precision.use(None)
+    assert out_dtypes == {torch.float32, torch.bfloat16}
+    assert abs(got - want) <= 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU here (torch.cuda.is_available() is False): bfloat16 on CUDA is not exercised")
+def test_bfloat16_on_cuda_is_within_the_tolerance():
+    model, x, _ = _toy()
+    want = uvood.score_model(FEATURE_SPECS, model, x, progress=False)
+    got = uvood.score_model(FEATURE_SPECS, model.cuda(), x, progress=False, precision="bfloat16")
+    for spec in FEATURE_SPECS:
+        rel = (got[spec] - want[spec]).abs() / want[spec].abs().clamp_min(1e-12)
+        assert float(rel.median()) <= precision.TOLERANCE["median_rel"], spec
