@@ -1,6 +1,17 @@
 """Distributed speed and bounded memory.
 
-    python benchmarks/distributed.py [--images 2000] [--memory 100000 1000000] [--write benchmarks/RESULTS.md]
+    python benchmarks/distributed.py [--images 2000] [--memory 100000 1000000] [--bench 512] [--write FILE]
+
+    # only the sharded `uvood bench` (one command; prints the ratio):
+    python benchmarks/distributed.py --skip-speed --memory --api-memory --bench 512
+
+Sharded bench (``--bench N``, 0 skips it): ``uvood bench`` of a one-model spec (the zoo's cifar10-cnn, CIFAR-10
+test against MNIST test, N images each, every image through the deep rows ``gradnorm(depth=deep)``,
+``exgrad(depth=deep)`` and ``grad(agg=mean_of_norm,depth=deep)``: one fused deep pass per set) with a fresh cache,
+in one process with one thread, then under ``torchrun --nproc_per_node=2`` (one thread each; 512 images = 4
+chunks of 128 per set, 2 per rank). The runner splits its chunks of images between the ranks
+(:func:`uvood.distributed.map_shards`); the whole commands' wall times and the runner's fused-pass times are
+compared, and the two ``results.csv`` must be identical.
 
 Speed: deep GradNorm (``gradnorm(depth=deep)``, the engine) of the zoo's CIFAR-10 CNN over ``--images`` CIFAR-10
 test images ($UVOOD_DATA; random images without it): one process with one thread, then
@@ -104,6 +115,41 @@ def speed(n: int) -> dict:
             "wall_ratio": runs[1]["wall_s"] / runs[2]["wall_s"]}
 
 
+BENCH_SCORES = ["gradnorm(depth=deep)", "exgrad(depth=deep)", "grad(agg=mean_of_norm,depth=deep)"]
+
+
+def bench_speed(n: int) -> dict:
+    """``uvood bench`` (fresh cache) in 1 process, then 2 under torchrun: wall times, fused-pass times, equal rows."""
+    tmp = Path(tempfile.mkdtemp(prefix="uvood-dist-bench-"))
+    spec = {"name": "dist-bench", "version": 1, "description": "benchmarks/distributed.py --bench",
+            "datasets": {"CIFAR-10": {"dataset": "cifar10", "split": "test"}, "MNIST": {"dataset": "mnist",
+                                                                                        "split": "test"}},
+            "models": {"CIFAR-10": "cifar10-cnn"}, "pairs": [["CIFAR-10", "MNIST"]], "cross_domain": "resize",
+            "n": n, "quick_n": n, "deep_n": n, "metric": {"tpr": 0.95, "fpr_positive": "id"}, "groups": ["table1"],
+            "deep": True}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    runs = {}
+    for world in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] \
+            if world > 1 else [sys.executable]
+        out = tmp / f"out{world}"
+        cmd = launcher + ["-m", "uvood", "bench", str(tmp / "spec.json"), "--scores", *BENCH_SCORES,
+                          "--cache-dir", str(tmp / f"cache{world}"), "--out", str(out), "--no-progress"]
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+        record = json.loads((out / "timings.json").read_text())[-1]
+        fused_s = sum(v for k, v in record["breakdown"].items() if k.endswith("fused deep pass"))
+        runs[world] = {"wall_s": wall, "total_s": record["total_s"], "fused_s": fused_s,
+                       "rows": (out / "results.csv").read_text()}
+        print({"world": world, **{k: v for k, v in runs[world].items() if k != "rows"}}, flush=True)
+    return {"n": n, "runs": runs, "identical": runs[1]["rows"] == runs[2]["rows"],
+            "wall_ratio": runs[1]["wall_s"] / runs[2]["wall_s"],
+            "fused_ratio": runs[1]["fused_s"] / max(runs[2]["fused_s"], 1e-9),
+            "total_ratio": runs[1]["total_s"] / runs[2]["total_s"]}
+
+
 def memory(sizes: list[int], baseline_src: str | None) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="uvood-mem-"))
     rows = []
@@ -170,7 +216,7 @@ def api_memory(sizes: list[int]) -> list[dict]:
     return rows
 
 
-def report(sp: dict | None, mem: list[dict], n: int) -> str:
+def report(sp: dict | None, mem: list[dict], n: int, bs: dict | None = None) -> str:
     lines = [f"\n## Distributed runs and bounded memory (benchmarks/distributed.py, {time.strftime('%Y-%m-%d')})\n",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
              f"torch {torch.__version__}."]
@@ -186,6 +232,15 @@ def report(sp: dict | None, mem: list[dict], n: int) -> str:
                   f"Speed-up of the call: **{sp['call_ratio']:.2f}x** (whole command, start-up and rendezvous "
                   f"included: {sp['wall_ratio']:.2f}x); scores of 2 processes vs 1: max relative difference "
                   f"{sp['max_rel_diff']:.1e}."]
+    if bs:
+        r1, r2 = bs["runs"][1], bs["runs"][2]
+        lines += ["", f"`uvood bench` of cifar10-cnn, CIFAR-10 vs MNIST, {bs['n']} images per set, deep rows "
+                  f"{', '.join(BENCH_SCORES)}, fresh cache, 1 thread per process, gloo:", "",
+                  "| run | fused deep passes (s) | runner total (s) | whole command (s) |", "|---|---|---|---|",
+                  f"| 1 process | {r1['fused_s']:.1f} | {r1['total_s']:.1f} | {r1['wall_s']:.1f} |",
+                  f"| torchrun, 2 processes | {r2['fused_s']:.1f} | {r2['total_s']:.1f} | {r2['wall_s']:.1f} |", "",
+                  f"Speed-up: fused deep passes **{bs['fused_ratio']:.2f}x**, runner {bs['total_ratio']:.2f}x, whole "
+                  f"command {bs['wall_ratio']:.2f}x; results.csv of 2 processes identical to 1: {bs['identical']}."]
     if mem:
         lines += ["", "Peak resident memory of `uvood score --model mnist-mlp --score 'norm(0.3)*energy'` on synthetic "
                   "MNIST-sized uint8 images (uncompressed .npz), 1 thread:", "",
@@ -204,6 +259,8 @@ def main() -> None:
                     help="images scored by Detector.score over a DataLoader (peak RSS)")
     ap.add_argument("--baseline-src", help="a src folder of the code before, for the memory comparison")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--bench", type=int, default=512, metavar="N",
+                    help="images per set of the sharded `uvood bench` comparison (0: skip it)")
     ap.add_argument("--write", help="append the section to this file (e.g. benchmarks/RESULTS.md)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -214,9 +271,12 @@ def main() -> None:
     sp = None if args.skip_speed else speed(args.images)
     if sp:
         print(json.dumps({k: v for k, v in sp.items() if k != "runs"}), flush=True)
+    bs = bench_speed(args.bench) if args.bench else None
+    if bs:
+        print(json.dumps({k: v for k, v in bs.items() if k != "runs"}), flush=True)
     mem = memory(args.memory, args.baseline_src) if args.memory else []
     mem += api_memory(args.api_memory)
-    text = report(sp, mem, args.images)
+    text = report(sp, mem, args.images, bs)
     print(text)
     if args.write:
         with open(args.write, "a") as f:

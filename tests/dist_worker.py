@@ -56,6 +56,8 @@ def run(task: str, cache_dir: str | None) -> dict[str, np.ndarray]:
         model[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
         f = uvood.extract(model, (x, y), batch_size=4, progress=False, cache_dir=cache_dir, data_id="toy")
         return {"h": f.h.numpy(), "logits": f.logits.numpy(), "computed": np.array(sum(calls))}
+    if task == "bench":  # a tiny spec's deep rows: the fused deep pass and a product with a deep factor
+        return bench(cache_dir)
     if task == "scores":  # features, shallow and deep gradient scores, BatchGrad and a fitted score in one run
         f = uvood.extract(model, (x, y), batch_size=8, progress=False)
         out = {"h": f.h.numpy(), "logits": f.logits.numpy(), "y": f.y.numpy()}
@@ -67,6 +69,49 @@ def run(task: str, cache_dir: str | None) -> dict[str, np.ndarray]:
             out[k + "_threshold"] = np.array(det.threshold)
         return out
     raise ValueError(task)
+
+
+BENCH_SCORES = ["gradnorm(depth=deep)", "exgrad(depth=deep)", "grad(agg=mean_of_norm,depth=deep)",
+                "gradnorm(depth=deep)*energy", "energy"]
+
+
+def bench(cache_dir: str) -> dict[str, np.ndarray]:
+    """``uvood.bench.runner.run`` of a tiny spec (mnist-mlp, MNIST vs Fashion-MNIST, 200 images each: two chunks of
+    the fused pass per set; real data in $UVOOD_DATA) with :data:`BENCH_SCORES`; every score array, and the number
+    of images this rank pushed through the deep passes (the fused pass and the product's score_model)."""
+    from pathlib import Path
+
+    from test_bench import _mini_spec
+    from uvood.bench import runner
+    from uvood.scores import fused
+
+    seen = [0]
+    deep_pass = fused.deep_pass
+
+    def counted(model, x, *a, **k):
+        seen[0] += x.shape[0]
+        return deep_pass(model, x, *a, **k)
+
+    fused.deep_pass = counted
+    score_model = runner.score_model
+
+    def counted_score_model(spec, model, x, *a, **k):
+        seen[0] += x.shape[0]
+        return score_model(spec, model, x, *a, **k)
+
+    runner.score_model = counted_score_model
+    spec_dir = Path(cache_dir) / f"spec-rank{os.environ.get('RANK', '-')}"
+    spec_dir.mkdir(exist_ok=True)
+    spec = _mini_spec(spec_dir, pairs=[["MNIST", "Fashion-MNIST"]], quick_n=200, quick_deep_n=200)
+    try:
+        result = runner.run(spec, scores=BENCH_SCORES, quick=True, data_dir=os.environ["UVOOD_DATA"],
+                            cache_dir=Path(cache_dir) / "cache", progress=False, log=lambda *a: 0, n_boot=20)
+    finally:  # the reference runs in the test's own process
+        fused.deep_pass, runner.score_model = deep_pass, score_model
+    out = {"|".join(k): v for k, v in result.scores.items()}
+    out["auroc"] = np.array([r["auroc"] for r in result.rows])
+    out["deep_images"] = np.array(seen[0])
+    return out
 
 
 def errors() -> dict[str, np.ndarray]:

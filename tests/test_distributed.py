@@ -140,3 +140,20 @@ def test_torchrun_uvood_score_writes_the_csv_of_one_process(tmp_path):
         fa, fb = a.split(","), b.split(",")
         assert fa[:4] == fb[:4]
         np.testing.assert_allclose([float(v) for v in fb[4:]], [float(v) for v in fa[4:]], rtol=1e-6, atol=0)
+
+
+def test_torchrun_bench_shards_the_deep_passes_and_equals_one_process(tmp_path, data_dir):
+    """Two gloo ranks run a tiny spec's deep rows (the fused deep pass, per-label norms, a product with a deep
+    factor): every score equals one process's, and each rank pushed only its share of the images through the
+    deep passes (the speed-up), together all of them once."""
+    one = tmp_path / "one"
+    one.mkdir()
+    want = reference("bench", str(one))
+    assert launch("bench", tmp_path, tmp_path, wait_s=300) == [0, 0]
+    total = int(want["deep_images"])
+    runs = [result(tmp_path, "bench", r) for r in (0, 1)]
+    for got in runs:
+        assert set(got) == set(want)
+        assert_close(got, want, [k for k in want if k != "deep_images"])
+    shares = [int(got["deep_images"]) for got in runs]
+    assert sum(shares) == total and max(shares) < total  # split, not repeated

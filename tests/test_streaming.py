@@ -86,3 +86,87 @@ def test_map_batches_collects_rows_of_unknown_count_in_order():
     got = map_batches(lambda x, _y: {"a": x.numpy(), "b": x[:, 0].long().numpy()}, iter(batches), 4, "test")
     np.testing.assert_array_equal(got["a"], torch.cat(batches).numpy())
     np.testing.assert_array_equal(got["b"], torch.cat(batches)[:, 0].long().numpy())
+
+
+def _image_sources(tmp_path, n=21):
+    """A folder of PNG files (two classes, images of varying sizes) and a JPEG archive of the same images."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (24 + i % 5, 24 + i % 5, 3), dtype=np.uint8) for i in range(n)]
+    for i, im in enumerate(images):
+        (tmp_path / "folder" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "folder" / f"c{i % 2}" / f"{i:03d}.png")
+    blobs = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=90)
+        blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+    np.savez(tmp_path / "jpeg.npz", data=np.concatenate(blobs), offsets=np.cumsum([0] + [len(b) for b in blobs]),
+             y=np.arange(n) % 2, names=np.array([f"img{i}" for i in range(n)]))
+    return tmp_path / "folder", tmp_path / "jpeg.npz"
+
+
+@pytest.mark.parametrize("kind", ["folder", "jpeg"])
+def test_uvood_score_decodes_folders_and_jpeg_archives_one_batch_at_a_time(tmp_path, monkeypatch, kind):
+    """Counted, not timed: when batch k reaches the model, exactly the images of batches 0..k have been decoded
+    (never the whole set); the scores equal those of the images decoded in memory first."""
+    from uvood.cli import main
+    from uvood.data import formats, transforms
+
+    folder, archive = _image_sources(tmp_path)
+    decoded = [0]
+
+    def counted(decode):
+        def wrapper(*args):
+            decoded[0] += 1
+            return decode(*args)
+        return wrapper
+
+    if kind == "folder":
+        read = formats.read_image_file
+        monkeypatch.setattr(formats, "read_image_file", counted(read))
+        files, _, _ = formats.list_image_folder(folder)
+        everything = [read(f) for f in files]
+    else:
+        get = formats.JpegArchive.__getitem__
+        monkeypatch.setattr(formats.JpegArchive, "__getitem__", counted(get))
+        jpegs = formats.JpegArchive(archive, num_classes=2)
+        everything = [get(jpegs, i) for i in range(len(jpegs))]
+    model = uvood.zoo.load("mnist-mlp")
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((decoded[0], args[0].shape[0])))
+    monkeypatch.setattr(uvood.zoo, "load", lambda name, device=None: model)
+    out = tmp_path / "s.csv"
+    source = folder if kind == "folder" else archive
+    assert main(["score", "--model", "mnist-mlp", "--data", str(source), "--score", "energy", "--batch-size", "4",
+                 "--out", str(out)]) == 0
+    n = len(everything)
+    assert [k for _, k in seen] == [4] * (n // 4) + [n % 4]  # one forward per batch
+    assert [d for d, _ in seen] == [min(4 * (k + 1), n) for k in range(len(seen))]
+    want = uvood.score_model("energy", model, transforms.to_model_format(everything, channels=1, size=28),
+                             batch_size=4, progress=False)
+    got = [float(r.split(",")[-1]) for r in out.read_text().splitlines()[1:]]
+    np.testing.assert_array_equal(np.array(got), want.numpy())
+
+
+def test_a_sub_range_of_lazy_images_reads_nothing_until_sliced():
+    """A rank's share (uvood.distributed slices it with sub) must not read its rows at once: only each batch."""
+    reads = []
+
+    class Source:
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, index):
+            reads.append((index.start, index.stop))
+            return torch.arange(index.start, index.stop, dtype=torch.float32)
+
+    lazy = LazyImages(Source(), lambda part: part)
+    share = lazy.sub(30, 70).sub(5, 1000)  # clipped to its range, as slices are
+    assert reads == [] and len(share) == 35
+    got = torch.cat([b for b, _ in uvood.batching.iter_batches(share, 16)])
+    assert reads == [(35, 51), (51, 67), (67, 70)]
+    torch.testing.assert_close(got, torch.arange(35, 70, dtype=torch.float32))

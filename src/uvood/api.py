@@ -28,7 +28,7 @@ def score_features(spec: str | Score, h, logits) -> torch.Tensor:
 
 
 def score_model(spec: str | Score | list, model: torch.nn.Module, data, batch_size: int = 128, head=None,
-                progress: bool = True, dtype=None):
+                progress: bool = True, dtype=None, precision: str | None = None):
     """Score raw inputs with ``model`` (needed for deep gradient scores); returns float64 (N,).
 
     ``spec``: one spec (returns a tensor), or a list of specs (returns ``{canonical spec: tensor}``):
@@ -47,6 +47,10 @@ def score_model(spec: str | Score | list, model: torch.nn.Module, data, batch_si
     a ReLU or max-pool choice near a tie can flip (seen on 4 of 2,000 images, up to 2 % relative).
     ``dtype="float64"`` runs a float64 copy of the model, for scores of a sample that are the same
     whatever batch it is in (slower: about 2x on CPU).
+
+    ``precision="bfloat16"``: the forward pass of the scores computed from features runs under bfloat16
+    autocast (:mod:`uvood.precision`); the scores that backpropagate through the model stay float32.
+    None: the default (``--precision``, float32). Refused with ``dtype="float64"``.
     """
     from .devices import model_device
     from .distributed import dist, map_batches
@@ -62,6 +66,9 @@ def score_model(spec: str | Score | list, model: torch.nn.Module, data, batch_si
         if score.needs_fit and not score.state():
             raise UvoodError(f"Score {score.spec!r} must be fitted on ID data first: use "
                              "uvood.Detector(...).fit(id_data).")
+    from .precision import check
+
+    precision = check(precision, dtype, model)
     model, head = with_dtype(model, head, dtype)
     run_dtype, channels, expected = model_dtype(model), model_channels(model), input_range(model)
     warned: dict = {}
@@ -73,7 +80,7 @@ def score_model(spec: str | Score | list, model: torch.nn.Module, data, batch_si
             return None
         x = model_input(x, run_dtype, channels).to(device)
         warn_range(x, expected, warned)
-        values = _score_batch(scores, model, x, head)
+        values = _score_batch(scores, model, x, head, precision)
         return {k: values[spec].detach().to(torch.float64).cpu().numpy() for k, spec in keys.items()}
 
     names = ", ".join(keys.values())
@@ -89,22 +96,26 @@ def score_model(spec: str | Score | list, model: torch.nn.Module, data, batch_si
     return result if many else result[scores[0].spec]
 
 
-def _score_batch(scores: list[Score], model, x: torch.Tensor, head) -> dict[str, torch.Tensor]:
+def _score_batch(scores: list[Score], model, x: torch.Tensor, head, precision: str = "float32"
+                 ) -> dict[str, torch.Tensor]:
     """Every score on one batch: the fusable deep ones from one deep pass, the plain feature scores from one
-    forward, the rest by their own ``from_model``."""
-    if len(scores) == 1:
+    forward (under bfloat16: every score computed from features, from one autocast forward), the rest by
+    their own ``from_model`` (in float32)."""
+    bf16 = precision == "bfloat16"
+    if len(scores) == 1 and not (bf16 and not scores[0].needs_model):
         return {scores[0].spec: scores[0].from_model(model, x, head)}
-    from .model import eval_mode, forward_features
+    from .model import eval_mode
+    from .precision import forward_features
     from .scores.fused import deep_pass, fusable
 
     out: dict[str, torch.Tensor] = {}
     deep = [sc for sc in scores if fusable(sc)]
     if deep:
         out.update(deep_pass(model, x, deep, head=head, batch_size=min(sc.batch_size for sc in deep)).scores)
-    plain = [sc for sc in scores if not sc.needs_model and type(sc).from_model is Score.from_model]
-    if len(plain) > 1:
+    plain = [sc for sc in scores if not sc.needs_model and (bf16 or type(sc).from_model is Score.from_model)]
+    if len(plain) > 1 or (bf16 and plain):
         with torch.no_grad(), eval_mode(model):
-            h, logits = forward_features(model, x, head)
+            h, logits = forward_features(model, x, head, precision)
         out.update({sc.spec: sc.from_features(h, logits) for sc in plain})
     for sc in scores:
         if sc.spec not in out:

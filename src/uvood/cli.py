@@ -98,13 +98,15 @@ def _read_user_images(path: Path):
 
     if not path.exists():
         raise UvoodError(f"No data at {path}: pass an .npz file (decoded or JPEG format) or a folder of images.")
-    if path.is_dir():
-        images, y, classes = formats.read_image_folder(path)
+    if path.is_dir():  # files listed now, each decoded when its batch is scored
+        files, labels, classes = formats.list_image_folder(path)
+        y = np.asarray(labels, np.int64)
+        images = lazy.Decoded(lambda i: formats.read_image_file(files[i]), len(files))
         return images, y, [f"{classes[c]}/{i}" for i, c in enumerate(y)]
     arrays = lazy.open_npz(path)  # uncompressed members are read slice by slice, when scored
-    if {"data", "offsets"} <= set(arrays):
+    if {"data", "offsets"} <= set(arrays):  # JPEG bytes held, each image decoded when its batch is scored
         archive = formats.JpegArchive(path, num_classes=2**31 - 1, allow_unlabelled=True)
-        return archive, archive.y, [str(n) for n in archive.names]
+        return lazy.Decoded(archive.__getitem__, len(archive)), archive.y, [str(n) for n in archive.names]
     if "x" not in arrays:
         raise UvoodError(f"{path} has keys {sorted(arrays)}: expected 'x' (and 'y') for decoded images, or "
                          "'data', 'offsets', 'y', 'names' for JPEG bytes (see the data README).")
@@ -114,17 +116,16 @@ def _read_user_images(path: Path):
 
 
 def _load_inputs(path: str, shape: tuple[int, int, int], args):
-    """DATA in the model's input format ``shape`` = (C, H, W): an .npz's images are converted batch by batch
-    as they are scored (:class:`uvood.data.lazy.LazyImages`), so memory does not grow with their number."""
+    """DATA in the model's input format ``shape`` = (C, H, W): the images (of an .npz, a JPEG archive or a
+    folder) are read, decoded and converted batch by batch as they are scored
+    (:class:`uvood.data.lazy.LazyImages`), so memory does not grow with their number."""
     from .data import transforms
     from .data.lazy import LazyImages
 
     images, y, names = _read_user_images(Path(path))
     c, h, _ = shape
-    if names is None:
-        return LazyImages(images, lambda part: transforms.to_model_format(part, channels=c, size=h,
-                                                                          mode=args.cross_domain)), y, None
-    return transforms.to_model_format(images, channels=c, size=h, mode=args.cross_domain), y, names
+    return LazyImages(images, lambda part: transforms.to_model_format(part, channels=c, size=h,
+                                                                      mode=args.cross_domain)), y, names
 
 
 def _cmd_score(args) -> int:
@@ -150,7 +151,7 @@ def _cmd_score(args) -> int:
     model, shape = _load_model(args)
     if to_fit:
         x_fit, y_fit, _ = _load_inputs(args.fit, shape, args)
-        if hasattr(x_fit, "slice"):  # a lazily converted .npz: the fit reads it whole (its statistics need all of it)
+        if hasattr(x_fit, "slice"):  # lazily read images: the fit reads them whole (its statistics need all of them)
             x_fit = x_fit.slice(0, len(x_fit))
         for sc in to_fit:  # one forward pass over the ID data per score, in batches
             sc.fit(model, x_fit, None if y_fit is None else torch.as_tensor(y_fit), seed=0)
@@ -201,11 +202,16 @@ def _cmd_demo(args) -> int:
     return run_demo(verbose=True)
 
 
-def add_device_option(p) -> None:
-    """``--device`` of every command that runs a model (checked before any work, :func:`uvood.devices.use`)."""
+def add_device_option(p, precision: bool = True) -> None:
+    """``--device`` (checked before any work, :func:`uvood.devices.use`) and ``--precision``
+    (:mod:`uvood.precision`; not on ``zoo train``, whose recipes choose theirs) of every command that runs a model."""
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="where the model runs: cpu (default), cuda, cuda:N or mps; under torchrun, cuda means one "
                    "GPU per rank (cuda:LOCAL_RANK)")
+    if precision:
+        p.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+                       help="float32 (default) or bfloat16: autocast of the forward passes that give features and "
+                       "logits; the scores that backpropagate through the model stay float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="offline demo: the zoo's MNIST model on bundled MNIST / Fashion-MNIST images")
+    add_device_option(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("scores", help="list the registry of score names")
@@ -263,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from . import devices, distributed
+    from . import devices, distributed, precision
 
     try:
+        precision.use(getattr(args, "precision", None))
         device = distributed.local_device(getattr(args, "device", None))
         if device is not None:
             devices.use(device)  # the models the command loads go there (an unavailable device: an error now)
@@ -274,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
         finally:
             distributed.close()
+            precision.use(None)  # back to float32 for whatever runs next in this process
     except UvoodError as e:
         return _fail(str(e))
     except OSError as e:  # a file or folder the command reads or writes, a network error

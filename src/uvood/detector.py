@@ -19,7 +19,6 @@ fit, a model with other weights (``strict=False``: loaded with a warning) or ano
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import warnings
@@ -35,7 +34,6 @@ from .errors import UvoodError
 from .features import model_fingerprint, tensor_fingerprint
 from .model import (
     eval_mode,
-    forward_features,
     head_name,
     input_range,
     model_channels,
@@ -44,6 +42,8 @@ from .model import (
     resolve_head,
     with_dtype,
 )
+from .precision import check as check_precision
+from .precision import forward_features as forward_in
 from .progress import bar
 from .scores.registry import get_score
 from .validation import check_images, model_input, warn_range
@@ -80,7 +80,11 @@ META_FIELDS = {
     "score_version": (lambda v: isinstance(v, str), "a string of registry versions, e.g. 'norm:1*energy:1'"),
     "checksum": (lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest"),
     "dtype": (lambda v: v is None or v in ("float32", "float64"), "null (the model's own), 'float32' or 'float64'"),
+    "precision": (lambda v: v == "bfloat16", "'bfloat16' (absent for float32)"),
 }
+
+#: fields a file may lack, with the value their absence means
+OPTIONAL_FIELDS = {"precision": "float32"}
 
 #: BatchGrad's fitted-state tensors -> (their shape given C classes, the input shape and D features,
 #: whether they hold floats). Other fitted scores (uvood.scores.fitted, shaping) check their own tensors in
@@ -108,8 +112,9 @@ def _score_version(score) -> str:
 
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where and in which float type the model computes (its first floating parameter or buffer)."""
-    t = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
-    return (t.device, t.dtype) if t is not None else (torch.device("cpu"), torch.float32)
+    from .devices import model_float
+
+    return model_float(model)
 
 
 def _rows(data, idx: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -162,10 +167,10 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     fields = set(META_FIELDS)
     if set(meta) - fields:
         raise bad(f"unknown field(s) {sorted(set(meta) - fields)}")
-    if fields - set(meta):
-        raise bad(f"missing field(s) {sorted(fields - set(meta))}")
+    if fields - set(meta) - set(OPTIONAL_FIELDS):
+        raise bad(f"missing field(s) {sorted(fields - set(meta) - set(OPTIONAL_FIELDS))}")
     for key in META_FIELDS:
-        if not META_FIELDS[key][0](meta[key]):
+        if key in meta and not META_FIELDS[key][0](meta[key]):
             raise bad(f"field {key!r} must be {META_FIELDS[key][1]}, got {str(meta[key])[:100]!r}")
     state = payload.get("state", {})
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -194,12 +199,13 @@ class Detector:
     """OOD detector around ``model`` with the score ``score`` (a registry spec string)."""
 
     def __init__(self, model: torch.nn.Module, score: str = "norm(0.3)*energy", head=None, batch_size: int = 128,
-                 dtype=None):
+                 dtype=None, precision: str | None = None):
         if not _is_int(batch_size) or batch_size < 1:
             raise UvoodError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
         self.model = model
         self.dtype = parse_dtype(dtype)  # None: the model's own; "float64": batch-independent (uvood.score_model)
         self._twin = None  # (model, head) converted to dtype, made on first use
+        self.precision = check_precision(precision, self.dtype, model)  # bfloat16: autocast forward (uvood.precision)
         self.score_fn = get_score(score)
         self.spec = self.score_fn.spec
         self.head = resolve_head(model, head)
@@ -217,7 +223,7 @@ class Detector:
         model, head = self._twin or (self.model, self.head)
         device, dtype = _device_dtype(model)
         with torch.no_grad(), eval_mode(model):
-            return forward_features(model, x.to(device=device, dtype=dtype), head)
+            return forward_in(model, x.to(device=device, dtype=dtype), head, self.precision)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, id_data, tpr: float = 0.95, seed: int = 0, progress: bool = True) -> Detector:
@@ -337,7 +343,7 @@ class Detector:
         """S(x) of one checked batch, float64 (N,)."""
         if self.score_fn.needs_model:
             return score_model(self.score_fn, self.model, x, self.batch_size, self.head, progress=False,
-                               dtype=self.dtype)
+                               dtype=self.dtype, precision=self.precision)
         h, z = self._forward(x)
         return score_features(self.score_fn, h, z).cpu()
 
@@ -377,6 +383,8 @@ class Detector:
                 "batch_size": self.batch_size, "model_sha256": model_fingerprint(self.model),
                 "id_score_range": list(self.id_score_range), "score_version": _score_version(self.score_fn),
                 "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")}
+        if self.precision != "float32":  # written only when not float32: float32 files keep their format
+            meta["precision"] = self.precision
         state = {k: v.detach().cpu() for k, v in self.score_fn.state().items()}
         meta["checksum"] = _checksum(meta, state)
         atomic_write(path, lambda f: torch.save({"meta": json.dumps(meta), "state": state}, f))
@@ -389,7 +397,8 @@ class Detector:
         ``strict``, loaded with a ``UserWarning`` otherwise.
         """
         meta, state = _read(path)
-        det = cls(model, score=meta["spec"], head=meta["head"], batch_size=meta["batch_size"], dtype=meta["dtype"])
+        det = cls(model, score=meta["spec"], head=meta["head"], batch_size=meta["batch_size"], dtype=meta["dtype"],
+                  precision=meta.get("precision", "float32"))
         if det.spec != meta["spec"]:
             raise UvoodError(f"{path} is not a valid uvood detector file: its spec {meta['spec']!r} is not in the "
                              f"canonical form uvood writes ({det.spec!r}). Fit the detector again and save it.")

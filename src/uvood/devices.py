@@ -56,3 +56,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (the CPU for a model without any)."""
     t = next((t for t in (*model.parameters(), *model.buffers())), None)
     return t.device if t is not None else torch.device("cpu")
+
+
+def model_float(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, float dtype) the model computes in: those of its first floating parameter or buffer
+    ((cpu, float32) for a model without any)."""
+    t = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    return (t.device, t.dtype) if t is not None else (torch.device("cpu"), torch.float32)
+
+
+def follow(x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """``x`` on the model's device, and in the model's float dtype when ``x`` is floating (integer tensors such
+    as labels keep theirs): what every probe or anchor tensor goes through before it meets the model."""
+    device, dtype = model_float(model)
+    return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+
+
+def probe(model: torch.nn.Module, shape) -> torch.Tensor:
+    """A zero input of ``shape`` (one sample: 1 x C x H x W) on the model's device, in its float dtype."""
+    device, dtype = model_float(model)
+    return torch.zeros(tuple(shape), device=device, dtype=dtype)

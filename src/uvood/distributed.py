@@ -360,16 +360,40 @@ def map_batches(fn: Callable[[torch.Tensor, torch.Tensor | None], dict[str, np.n
     except Exception as e:  # noqa: BLE001 - reported to every rank below, then raised everywhere
         result = ("error", f"{type(e).__name__}: {e}")
         error = e
+    for computed in _gather_or_raise(result, error, what):
+        done.update(computed)
+    return _cat([done[p] for p in parts])
+
+
+def _gather_or_raise(result: tuple[str, object], error: Exception | None, what: str) -> list:
+    """Every rank's ``("ok", value)`` or ``("error", message)``: the values in rank order, or, when a rank failed,
+    an error on every rank (this rank's own UvoodError as it was, else one naming the rank that failed)."""
     gathered = all_gather(result, what)
     failed = [(r, msg) for r, (status, msg) in enumerate(gathered) if status == "error"]
     if failed:
         if result[0] == "error" and isinstance(error, UvoodError):
             raise error
         r, msg = failed[0]
-        raise UvoodError(f"rank {r} of {world} failed during {what}: {msg}")
-    for _, computed in gathered:
-        done.update(computed)
-    return _cat([done[p] for p in parts])
+        raise UvoodError(f"rank {r} of {len(gathered)} failed during {what}: {msg}")
+    return [value for _, value in gathered]
+
+
+def map_shards(fn: Callable[[int], object], n: int, what: str) -> list:
+    """``[fn(i) for i in range(n)]``; under a process group of several ranks each rank computes a contiguous share
+    of the ``i`` (:func:`split`; ``fn`` runs inside :func:`local`, so uvood calls in it are not split again) and
+    every rank gets the whole list, in order (one ``all_gather_object``; ``fn``'s values must be picklable).
+    A rank that raises makes every rank raise. Used by the benchmark runner for its chunks of images
+    (:func:`uvood.bench.runner._chunked`): the same chunks as one process, so the same values."""
+    rank, world = rank_world()
+    if world == 1:
+        return [fn(i) for i in range(n)]
+    error: Exception | None = None
+    try:
+        with local():
+            result: tuple[str, object] = ("ok", [fn(i) for i in split(list(range(n)), world, rank)])
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then raised everywhere
+        result, error = ("error", f"{type(e).__name__}: {e}"), e
+    return [v for values in _gather_or_raise(result, error, what) for v in values]
 
 
 def drop_parts(stem: str | Path) -> None:

@@ -21,7 +21,8 @@ from .batching import data_length
 from .cache import load_verified, save_verified
 from .distributed import all_gather, drop_parts, is_writer
 from .errors import UvoodError
-from .model import eval_mode, forward_features
+from .model import eval_mode
+from .precision import forward_features as forward_in
 from .progress import bar as progress_bar
 from .validation import check_finite, check_nonempty
 
@@ -66,7 +67,8 @@ def tensor_fingerprint(x: torch.Tensor | np.ndarray) -> str:
     return d.hexdigest()
 
 
-def _compute(model, data, batch_size, head, progress, desc, dtype=None, part_cache=None) -> Features:
+def _compute(model, data, batch_size, head, progress, desc, dtype=None, part_cache=None,
+             precision: str = "float32") -> Features:
     """Features of every batch of ``data``; under torchrun each rank computes its share
     (:func:`uvood.distributed.map_batches`) and every rank gets the whole, in order."""
     from .distributed import dist, map_batches
@@ -85,7 +87,7 @@ def _compute(model, data, batch_size, head, progress, desc, dtype=None, part_cac
             return None
         x = model_input(x, run_dtype, channels).to(device)
         warn_range(x, expected, warned)
-        h, z = forward_features(model, x, head)
+        h, z = forward_in(model, x, head, precision)  # bfloat16 autocast when asked (uvood.precision)
         n = x.shape[0]
         return {"h": h.to(keep).cpu().numpy(), "logits": z.to(keep).cpu().numpy(),
                 "y": np.zeros(n, np.int64) if y is None else y.cpu().long().numpy(),
@@ -109,11 +111,13 @@ def _compute(model, data, batch_size, head, progress, desc, dtype=None, part_cac
     return Features(torch.from_numpy(out["h"]), logits, torch.from_numpy(out["y"]) if has_y else None)
 
 
-def cache_key(model, data_id: str, transform: str = "", head=None, dtype=None) -> str:
+def cache_key(model, data_id: str, transform: str = "", head=None, dtype=None, precision: str = "float32") -> str:
     meta = {"v": FORMAT_VERSION, "model": model_fingerprint(model), "data": data_id,
             "transform": transform, "head": head if isinstance(head, str) or head is None else repr(head)}
     if dtype is not None:  # only when asked for, so that the keys of existing caches stay valid
         meta["dtype"] = str(dtype)
+    if precision != "float32":  # bfloat16 features never mix with float32 ones
+        meta["precision"] = precision
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
@@ -129,7 +133,7 @@ def load_cached(path: Path, key: str) -> Features | None:
 
 def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cache_dir: str | os.PathLike | None = None,
             data_id: str | None = None, transform: str = "", progress: bool = True, desc: str = "features",
-            cache_name: str | None = None, dtype=None) -> Features:
+            cache_name: str | None = None, dtype=None, precision: str | None = None) -> Features:
     """Run ``model`` once over ``data`` and return its :class:`Features` ``(h, logits, y)``.
 
     ``data`` is a tensor N x C x H x W (float, the model's input format), an ``(x, y)`` pair or
@@ -144,16 +148,20 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
     layouts follow :data:`uvood.validation.LAYOUT_RULE`, float64 arrays are converted to the
     model's dtype). ``dtype="float64"`` runs a float64 copy of the model (features kept in
     float64, cached under their own key); see :func:`uvood.score_model` for why.
+    ``precision="bfloat16"`` runs the forward under bfloat16 autocast (:mod:`uvood.precision`; features
+    kept in float32, cached under their own key); None: the default (``--precision``, float32).
     """
     from .model import parse_dtype
+    from .precision import check
 
     dtype = parse_dtype(dtype)
+    precision = check(precision, dtype, model)
     lazy = callable(data)
     if lazy and (data_id is None or cache_dir is None):
         raise UvoodError("data given as a function needs cache_dir and data_id (it is only called on a cache "
                          "miss); pass the tensor or DataLoader itself otherwise.")
     if cache_dir is None:
-        return _compute(model, data, batch_size, head, progress, desc, dtype)
+        return _compute(model, data, batch_size, head, progress, desc, dtype, precision=precision)
     if data_id is None:
         if isinstance(data, (torch.Tensor, np.ndarray)):
             data_id = "tensor:" + tensor_fingerprint(data)
@@ -162,7 +170,7 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
         else:
             raise UvoodError("To cache features of a DataLoader, pass data_id='a name for this data' "
                              "(tensors are hashed automatically).")
-    key = cache_key(model, data_id, transform, head, dtype)
+    key = cache_key(model, data_id, transform, head, dtype, precision)
     path = Path(cache_dir) / f"features-{cache_name or key[:32]}.npz"
     cached = load_cached(path, key)
     if all(all_gather(cached is not None, "the feature cache lookup")):  # every rank found it (or one process)
@@ -170,7 +178,8 @@ def extract(model: torch.nn.Module, data, batch_size: int = 256, head=None, cach
     if lazy:
         data = data()
     stem = path.with_suffix("")
-    feats = _compute(model, data, batch_size, head, progress, desc, dtype, part_cache=(stem, key))
+    feats = _compute(model, data, batch_size, head, progress, desc, dtype, part_cache=(stem, key),
+                     precision=precision)
     arrays = {"h": feats.h.numpy(), "logits": feats.logits.numpy(),
               "y": feats.y.numpy() if feats.y is not None else np.zeros(0, np.int64)}
     save_verified(path, key, arrays)  # rank 0 only under torchrun

@@ -188,10 +188,10 @@ def find_head(model: nn.Module, example: torch.Tensor, head: nn.Module | str | N
     head_module = resolve_head(model, head)
     if head_module is not None:
         return head_module
-    from .devices import model_device
+    from .devices import follow
 
     with torch.no_grad(), eval_mode(model):
-        return _run_and_choose(model, example.to(model_device(model)), None)[0]
+        return _run_and_choose(model, follow(example, model), None)[0]
 
 
 def num_classes(model: nn.Module, example: torch.Tensor, head=None) -> int:

@@ -246,6 +246,18 @@ def list_image_folder(root) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
+def read_image_file(file, size: int | None = None) -> np.ndarray:
+    """One image file as uint8 H x W x 3 (RGB), resized (bilinear, antialiased) to ``size`` x ``size`` if given."""
+    try:
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+            if size:
+                im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+            return np.asarray(im)
+    except OSError as exc:
+        raise UvoodError(f"{file} is not a readable image ({exc}); remove or replace it.") from None
+
+
 def read_image_folder(root, size: int | None = None) -> tuple[list, np.ndarray, list[str]]:
     """ImageFolder layout ``root/<class>/<image>``: (images, labels, class names).
 
@@ -253,15 +265,6 @@ def read_image_folder(root, size: int | None = None) -> tuple[list, np.ndarray, 
     they are resized (bilinear, antialiased) to ``size`` x ``size`` and returned as one array.
     """
     files, labels, classes = list_image_folder(root)
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as im:
-                im = im.convert("RGB")
-                if size:
-                    im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
-                images.append(np.asarray(im))
-        except OSError as exc:
-            raise UvoodError(f"{file} is not a readable image ({exc}); remove or replace it.") from None
+    images = [read_image_file(file, size) for file in files]
     y = np.asarray(labels, np.int64)
     return (np.stack(images) if size else images), y, classes

@@ -6,6 +6,8 @@
 * :class:`LazyImages`: ``fn(source[lo:hi])`` on demand, e.g. uint8 images of a memory-mapped
   file converted to the model's input format batch by batch (:func:`uvood.batching.iter_batches`
   slices it like a tensor, :mod:`uvood.distributed` shards it like one).
+* :class:`Decoded`: the images of a folder or a JPEG archive, decoded one slice at a time (the
+  source of a :class:`LazyImages` in ``uvood score``).
 """
 
 from __future__ import annotations
@@ -85,22 +87,46 @@ def open_npz(path) -> dict[str, np.ndarray | StoredArray]:
 
 
 class LazyImages:
-    """``fn(source[lo:hi])`` for any slice, computed when asked for; ``len`` and ``shape[0]`` as ``source``."""
+    """``fn(source[lo:hi])`` for any slice, computed when asked for; ``len`` and ``shape[0]`` as ``source``
+    (or as the range ``start:stop`` of it that :meth:`sub` keeps: a sub-range reads nothing until sliced)."""
 
-    def __init__(self, source, fn: Callable[[np.ndarray], object]):
+    def __init__(self, source, fn: Callable[[object], object], start: int = 0, stop: int | None = None):
         self.source, self.fn = source, fn
+        self.start, self.stop = start, len(source) if stop is None else stop
 
     def __len__(self) -> int:
-        return len(self.source)
+        return self.stop - self.start
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.source),)
+        return (len(self),)
+
+    def _bounds(self, lo: int, hi: int) -> tuple[int, int]:
+        lo, hi = max(0, min(lo, len(self))), max(0, min(hi, len(self)))
+        return self.start + lo, self.start + max(lo, hi)
 
     def slice(self, lo: int, hi: int):
-        """The converted samples ``lo:hi`` (a tensor)."""
-        return self.fn(self.source[lo:hi])
+        """The converted samples ``lo:hi`` (a tensor): only these are read (and decoded)."""
+        a, b = self._bounds(lo, hi)
+        return self.fn(self.source[a:b])
 
     def sub(self, lo: int, hi: int) -> LazyImages:
         """Samples ``lo:hi``, still unread."""
-        return LazyImages(self.source[lo:hi], self.fn)
+        return LazyImages(self.source, self.fn, *self._bounds(lo, hi))
+
+
+class Decoded:
+    """Images ``0..n-1`` that ``read(i)`` decodes (uint8 H x W x C arrays, any sizes): ``images[lo:hi]`` decodes
+    those only, so a folder of image files or a JPEG archive is held decoded one batch at a time."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], n: int):
+        self.read, self.n = read, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: slice) -> list[np.ndarray]:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("Decoded images are read by contiguous slices, images[lo:hi]")
+        lo, hi, _ = index.indices(self.n)
+        return [self.read(i) for i in range(lo, hi)]

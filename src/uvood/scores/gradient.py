@@ -380,8 +380,10 @@ class BatchGradScore(Score):
             raise UvoodError("BatchGrad needs labelled ID training data: fit(model, x, y) with y the class labels.")
         if len(y) != x.shape[0]:
             raise UvoodError(f"fit got {x.shape[0]} inputs but {len(y)} labels.")
-        with torch.no_grad(), eval_mode(model):
-            _, z = forward_features(model, x[:1], head)
+        from ..devices import follow
+
+        with torch.no_grad(), eval_mode(model):  # the probe follows the model's device and dtype
+            _, z = forward_features(model, follow(x[:1], model), head)
         idx = self._anchor_indices(y, z.shape[1], seed)
         self.anchor_x = x[idx].detach().clone()
         self.anchor_y = torch.arange(z.shape[1])
@@ -390,7 +392,7 @@ class BatchGradScore(Score):
             if self.bias:
                 check_head_bias(self, model, x, head)
             with torch.no_grad(), eval_mode(model):
-                h, z = forward_features(model, self.anchor_x, head)
+                h, z = forward_features(model, follow(self.anchor_x, model), head)
             p = softmax(z, self.T)
             v = (torch.eye(z.shape[1], dtype=torch.float64, device=p.device)[self.anchor_y.to(p.device)] - p) / self.T
             self.anchor_grad = v.T @ augment(h, self.bias).to(p.device)

@@ -97,6 +97,7 @@ def evaluate(name: str, data_dir=None, limit: int | None = None, model: nn.Modul
     from ..data import load as load_data
     from ..data.transforms import to_model_format
     from ..devices import model_device
+    from ..precision import autocast, parse
 
     meta = info(name) if (CHECKPOINTS / f"{name}.json").is_file() else {"dataset": SPECS[name]["dataset"]}
     images = load_data(meta["dataset"], "test", data_dir=data_dir, limit=limit)
@@ -105,7 +106,9 @@ def evaluate(name: str, data_dir=None, limit: int | None = None, model: nn.Modul
     correct = 0
     for i in range(0, len(images), batch):
         x = to_model_format(images.x[i:i + batch], channels, size, "paste").to(model_device(model))
-        correct += int((model(x).argmax(1).cpu().numpy() == images.y[i:i + batch]).sum())
+        with autocast(parse(None), x.device):  # --precision bfloat16: an autocast forward
+            logits = model(x)
+        correct += int((logits.argmax(1).cpu().numpy() == images.y[i:i + batch]).sum())
     return {"accuracy": correct / len(images), "n": len(images), "identity": images.identity,
             "cpu_fallback": bool(meta.get("cpu_fallback", False)), "c": meta.get("c")}
 

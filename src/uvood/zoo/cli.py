@@ -27,13 +27,14 @@ def register(subparsers) -> None:
     p.add_argument("--out-dir", default="runs", help="checkpoints and logs (default: runs)")
     p.add_argument("--c", type=int, default=None, help="CNN width c (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    from ..cli import add_device_option
+
+    add_device_option(p, precision=False)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="test accuracy of a shipped model")
     p.add_argument("name")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=None, help="evenly spaced subset of the test split")
-    from ..cli import add_device_option
-
     add_device_option(p)
     p.set_defaults(func=cmd_eval)
 
@@ -63,8 +64,10 @@ def cmd_train(args) -> int:
     from .train import train
 
     overrides = {"c": args.c} if args.c else {}
+    from ..devices import default_device
+
     meta = train(args.name, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir, out_dir=args.out_dir,
-                 threads=args.threads, **overrides)
+                 threads=args.threads, device=default_device() if args.device else None, **overrides)
     print(json.dumps({k: meta[k] for k in ("name", "test_accuracy", "wall_time_s", "device", "weights_sha256")}))
     return 0
 

@@ -117,6 +117,8 @@ def evaluate_imagenet(model: nn.Module, name: str, data_dir=None, split: str = "
     ``photos750``) with the standard evaluation transform at the model's resolution."""
     from ..data import datasets
     from ..data.transforms import imagenet_eval
+    from ..devices import model_device
+    from ..precision import autocast, parse
 
     size = input_size(name)
     images = datasets.load("imagenet1k", split, data_dir=data_dir, limit=limit)
@@ -124,7 +126,9 @@ def evaluate_imagenet(model: nn.Module, name: str, data_dir=None, split: str = "
     top1 = top5 = 0
     model.eval()
     for i in range(0, len(target), batch):
-        logits = model(imagenet_eval(images.x[i:i + batch], size))
+        x = imagenet_eval(images.x[i:i + batch], size).to(model_device(model))  # --device: the model's
+        with autocast(parse(None), x.device):  # --precision bfloat16: an autocast forward
+            logits = model(x).float().cpu()
         if i == 0:
             datasets.check_model_classes("imagenet1k", logits.shape[1], name)
         best = logits.topk(5, dim=1).indices

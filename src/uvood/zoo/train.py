@@ -150,7 +150,7 @@ def _arrays(dataset: str, split: str, data_dir, cache_dir: Path):
 
 
 def train(name: str, epochs: int | None = None, seed: int = 0, data_dir=None, out_dir="runs",
-          threads: int | None = None, progress: bool = True, **overrides) -> dict:
+          threads: int | None = None, progress: bool = True, device=None, **overrides) -> dict:
     """Train zoo model ``name``, resuming from ``<out_dir>/<name>/last.pt``; returns its metadata.
 
     ``overrides`` replace architecture kwargs (e.g. ``c=48``); they are part of the run's
@@ -167,7 +167,11 @@ def train(name: str, epochs: int | None = None, seed: int = 0, data_dir=None, ou
     spec = SPECS[name]
     run_dir = Path(out_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..devices import parse_device
+
+    # --device (checked: an unavailable one is an error); by default the first GPU when there is one
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = parse_device(device) if device is not None else torch.device(auto)
 
     x_train, y_train, train_sha, _ = _arrays(spec["dataset"], "train", data_dir, run_dir.parent)
     x_test, y_test, test_sha, _ = _arrays(spec["dataset"], "test", data_dir, run_dir.parent)
