@@ -210,3 +210,48 @@ def test_max_memory_option_parses_sizes():
     assert memory_size("4096") == 4096
     with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
         memory_size("lots")
+
+
+@pytest.mark.parametrize("conv,hw", [(dict(padding=1), 6), (dict(stride=2, dilation=2, padding=2), 9),
+                                     (dict(padding="same", padding_mode="reflect"), 5), (dict(padding=0), 4)])
+@pytest.mark.parametrize("block", [1, 7, 3 * 9 * 4, 10**9])
+def test_blocked_conv_reduction_equals_the_per_sample_kernel(monkeypatch, conv, hw, block):
+    """Per-sample weight-gradient norms formed in cache-sized blocks (labels x channels x patch, any block size,
+    offsets included) equal those of the convolution's own per-sample kernel, float64 to round-off."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(3, 5, 3, **conv).double()
+    a = torch.randn(4, 3, hw, hw, dtype=torch.float64)
+    out = module(a)
+    g = torch.randn(out.shape[0], 3, *out.shape[1:], dtype=torch.float64).transpose(0, 1)  # sample-major, K = 3
+    off = torch.randn_like(module.weight)
+    reds = [("l1", off), ("l2sq", None), ("l2sq", off), ("l1", None)]
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 10**12)
+    kernel = engine.ConvRule().reduce(module, (a,), g, "weight", reds)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", block)
+    assert engine.ConvRule.blocked(module, a, g) == (block < 3 * module.weight.numel())
+    for x in (a, a.contiguous(memory_format=torch.channels_last)):
+        got = engine.ConvRule.reduce_blocked(module, x, g, reds)
+        torch.testing.assert_close(got, kernel, rtol=1e-10, atol=0)
+    formed = engine.ConvRule().grad_sample(module, (a,), {}, g, ["weight"])["weight"]
+    torch.testing.assert_close(got[0], (formed + off).abs().flatten(2).sum(-1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(got[1], (formed ** 2).flatten(2).sum(-1), rtol=1e-10, atol=0)
+
+
+def test_blocked_conv_path_matches_float64_reference(monkeypatch):
+    """The engine with every conv on the blocked path (l1, l2sq, BatchGrad's offset) against autograd per sample;
+    the per-sample kernel is not called."""
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 5)
+    monkeypatch.setattr(engine, "GHOST_FACTOR", float("inf"))
+
+    def boom(*a, **k):
+        raise AssertionError("the unblocked per-sample kernel ran")
+
+    monkeypatch.setattr(engine.ConvRule, "_per_sample_weight_grads", staticmethod(boom))
+    model, x = make("cnn", 3, True, n=5)
+    model.eval()
+    torch.manual_seed(0)
+    offsets = {id(p): torch.randn_like(p) for p in model.parameters()}
+    groups = [RowGroup(label_cot, (Reduction("l1"), Reduction("l2sq"), Reduction("l1", offsets)))]
+    (a,), _ = per_sample_grad_reductions(model, x, groups, batch_size=3)
+    for j, (nm, off) in enumerate([("l1", None), ("l2sq", None), ("l1", offsets)]):
+        assert_rel(a[j], naive_norms(model, x, label_cot, nm, offsets=off))

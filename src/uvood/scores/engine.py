@@ -99,6 +99,12 @@ CHUNK_ELEMENTS = 2**23
 #: (:meth:`ConvRule.ghost_cheaper`); measured on CPU with benchmarks/fused_pass.py: 1.1-2.0 on the CNN
 GHOST_FACTOR = 1.5
 
+#: elements of one block of a sample's per-sample convolution weight gradient (labels x output channels x patch)
+#: formed and reduced while it is in cache (:meth:`ConvRule.reduce_blocked`); gradients of at most this many
+#: elements per sample take the convolution's own kernel instead (2**19 float32 = 2 MiB, measured:
+#: benchmarks/fused_pass.py)
+BLOCK_ELEMENTS = 2**19
+
 log = logging.getLogger(__name__)
 _GHOST_LOGGED: dict = {}  # (layer, input shape, K) -> last choice logged
 
@@ -336,6 +342,60 @@ class ConvRule(LayerRule):
             out[:, lo:hi] = (gg * ga.unsqueeze(1)).sum((-1, -2)).T
         return out
 
+    @staticmethod
+    def blocked(module, a, g) -> bool:
+        """Whether :meth:`reduce` forms each sample's weight gradient in blocks (:meth:`reduce_blocked`): 2-D
+        convolutions without groups whose K x Cout x d per-sample gradient exceeds BLOCK_ELEMENTS."""
+        return (isinstance(module, nn.Conv2d) and module.groups == 1 and a.ndim == 4
+                and g.shape[0] * module.weight.numel() > BLOCK_ELEMENTS)
+
+    @staticmethod
+    def reduce_blocked(module, a, g, reds) -> torch.Tensor:
+        """R x K x n (float64): :meth:`reduce` of the weight with each sample's gradient formed in blocks.
+
+        Per sample n, with A_n the d x T unfolded input patches (d = Cin k^2, T output positions) and
+        G_n the (K Cout) x T output gradients, the weight gradient of label k is G_{n,k} A_n^T (Cout x d).
+        It is formed in blocks of rows (labels k0..k1 x output channels c0..c1, at most BLOCK_ELEMENTS
+        elements, one matrix product each) into one preallocated buffer that stays in cache, and every
+        reduction accumulates its per-row value |.|_1 or ||.||_2 from the block at once: no pass over a
+        gradient that left the cache. Exact (same products and sums as the kernel, in another order).
+        Row values are summed in float64: l1 = sum_rows ||row||_1, l2sq = sum_rows ||row||_2^2."""
+        a, padding = ConvRule._padded(module, a)
+        K, n = g.shape[:2]
+        cout, d = module.weight.shape[0], module.weight[0].numel()
+        T = math.prod(g.shape[3:])
+        G = g.transpose(0, 1).reshape(n, K, cout, T)  # a view of the engine's sample-major buffer
+        if cout * d <= BLOCK_ELEMENTS:
+            kb, cb = max(1, min(K, BLOCK_ELEMENTS // (cout * d))), cout
+        else:
+            kb, cb = 1, max(1, BLOCK_ELEMENTS // d)
+        offs = [None if off is None else off.detach().to(g.dtype).reshape(cout, d) for _, off in reds]
+        # offset reductions first (on a second buffer), then plain l2sq, then plain l1 (|.| in place)
+        order = sorted(range(len(reds)), key=lambda j: (offs[j] is None, reds[j][0] == "l1"))
+        buf = g.new_empty(kb * cb * d)
+        tmp = g.new_empty(kb * cb * d) if any(o is not None for o in offs) else None
+        rows = g.new_empty(len(reds), n, K, cout)  # per-row l1 or l2 norms
+        for i in range(n):
+            At = F.unfold(a[i:i + 1], module.kernel_size, dilation=module.dilation, padding=padding,
+                          stride=module.stride)[0].T  # T x d
+            for k0 in range(0, K, kb):
+                k1 = min(K, k0 + kb)
+                for c0 in range(0, cout, cb):
+                    c1 = min(cout, c0 + cb)
+                    m = (k1 - k0) * (c1 - c0)
+                    blk = buf[:m * d].view(k1 - k0, c1 - c0, d)
+                    torch.mm(G[i, k0:k1, c0:c1].reshape(m, T), At, out=blk.view(m, d))
+                    for j in order:
+                        t = blk
+                        if offs[j] is not None:
+                            t = torch.add(blk, offs[j][c0:c1], out=tmp[:m * d].view(k1 - k0, c1 - c0, d))
+                        if reds[j][0] == "l1":
+                            torch.sum(t.abs_(), dim=2, out=rows[j, i, k0:k1, c0:c1])
+                        else:
+                            torch.linalg.vector_norm(t, 2, dim=2, out=rows[j, i, k0:k1, c0:c1])
+        rows = rows.to(torch.float64)
+        return torch.stack([(rows[j] if nm == "l1" else rows[j] ** 2).sum(-1).T for j, (nm, _) in enumerate(reds)])
+
     def norms(self, module, inputs, kwargs, g, names, norm):
         """``norm`` may be a tuple of norms: then every value is L x K x n, from ONE pass over the
         per-sample weight gradients (their kernel calls dominate the cost). Squared l2 alone, where
@@ -364,6 +424,8 @@ class ConvRule(LayerRule):
         if name == "bias":
             b = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g
             return torch.stack([_vector_norm(b if off is None else b + off.to(b.dtype), nm) for nm, off in reds])
+        if self.blocked(module, inputs[0], g):
+            return self.reduce_blocked(module, inputs[0], g, reds)
         offs = [None if off is None else off.detach().to(g.dtype).reshape(1, -1) for _, off in reds]
         # offset reductions first (on a temporary), then plain l2sq, then plain l1 (|.| in place on gw)
         order = sorted(range(len(reds)), key=lambda j: (offs[j] is None, reds[j][0] == "l1"))
