@@ -189,7 +189,7 @@ def test_memory_budget_sets_micro_batch_and_rows_without_changing_values(monkeyp
     with torch.enable_grad():
         big = engine.plan_micro_batch(model, x, group, None, modules, 32, 2**30)
         small = engine.plan_micro_batch(model, x, group, None, modules, 32, 3 * engine.CHUNK_ELEMENTS * 8 + 40_000)
-    assert big == (32, 32 * 5)
+    assert big == (20, 20 * 5)  # 40 samples, at most 32 per micro-batch: two equal ones
     assert small[0] < 32 or small[1] < 32 * 5
     seen = []
     orig = engine._micro_batch
@@ -199,6 +199,21 @@ def test_memory_budget_sets_micro_batch_and_rows_without_changing_values(monkeyp
     roomy, _ = per_sample_grad_norms(model, x, label_cot, batch_size=32)
     torch.testing.assert_close(tight, roomy, rtol=1e-12, atol=0)
     assert_rel(roomy, naive_norms(model, x, label_cot, "l1"))
+
+
+def test_plan_counts_per_sample_memory_only():
+    """The planner's bytes per sample exclude the parameters autograd saves (not per sample: here 24 MB) and count
+    a view of the input by its own size; the micro-batches are equal."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3000, 2000), nn.ReLU(), nn.Linear(2000, 3)).eval()  # 24 MB weight
+    modules = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    x = torch.randn(64, 3000)
+    group = [RowGroup(label_cot, (Reduction("l1"),))]
+    # per sample: act = input 12000 B (the view x[:2] counts 2 samples, not x) + hidden 8000 (Linear output) +
+    # 8000 (ReLU output) + logits 12; row = 8000 + 12; 3 cotangents: act + 4 rows = 60060 B; weights not counted
+    budget = 3 * engine.CHUNK_ELEMENTS * 4 + 24 * 60060  # 24 samples
+    with torch.enable_grad():
+        n, rows = engine.plan_micro_batch(model, x, group, None, modules, 64, budget)
+    assert (n, rows) == (22, 22 * 3)  # 64 samples in three equal micro-batches, not 24 + 24 + 16
 
 
 def test_max_memory_option_parses_sizes():

@@ -927,26 +927,42 @@ MIN_BATCH = 4
 #: default budget of a deep pass: this times what a plain forward + backward of the batch holds (plan_micro_batch)
 BOUND_FACTOR = 1.2
 
+#: the default budget is at least this (bytes, besides the materialised chunks): smaller micro-batches would save
+#: no memory that matters and cost a forward's fixed overhead each (small models such as the MLP)
+MIN_MEMORY = 2**26
+
 
 def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: int | None) -> tuple[int, int]:
     """(samples per micro-batch, max_rows) that fit ``budget`` bytes, measured on a probe of 2 samples.
 
-    Per sample: ``act`` = bytes autograd saves in the forward (``saved_tensors_hooks``) plus the
-    recorded module outputs; ``row`` = bytes of one cotangent's output gradients at the recorded
-    modules. A micro-batch of n samples with k cotangents at once needs about
-    n (act + (k + 1) row) + the materialised chunks (3 x CHUNK_ELEMENTS elements).
+    Per sample: ``act`` = bytes of the distinct storages autograd saves in the forward
+    (``saved_tensors_hooks``; the model's parameters and buffers, saved too, are not per sample;
+    a tensor saved twice counts once) and of the recorded module outputs; ``row`` = bytes of one
+    cotangent's output gradients at the recorded modules. A micro-batch of n samples with k
+    cotangents at once holds about
+    n (act + (k + [k > 1]) row): the k rows of output gradients, plus, for k > 1, the gradients of
+    the backward in flight before they are copied into the buffers (:func:`_output_grads`); plus
+    the materialised chunks (3 x CHUNK_ELEMENTS elements).
 
-    ``budget=None``: the memory a plain forward + backward of the batch (min(batch_size, N)
-    samples) holds, m act, times BOUND_FACTOR (and at most :func:`default_memory`): the deep pass
-    stays near that bound, with smaller micro-batches rather than stacked copies.
+    ``budget=None``: what a plain forward + backward of the batch (min(batch_size, N) samples)
+    holds, m (act + row) (the saved activations and the gradients in flight), times BOUND_FACTOR
+    (at least MIN_MEMORY, at most :func:`default_memory`): the deep pass stays near that bound, with smaller
+    micro-batches rather than stacked copies.
 
     All K cotangents at once (the per-sample kernels then run once per sample) with as many samples
-    (up to ``batch_size``) as fit; below MIN_BATCH samples, the cotangents are split into chunks.
+    (up to ``batch_size``) as fit, in micro-batches of equal size (N = 64 at 57 per micro-batch:
+    2 x 32, not 57 + 7); below MIN_BATCH samples, the cotangents are split into chunks.
     """
     saved: dict = {}
+    constant = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+    def count(t):  # a storage's bytes, at most those of its largest saved view (x[:2] is a view of x)
+        st = t.untyped_storage()
+        if st.data_ptr() not in constant:
+            saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), min(st.nbytes(), t.numel() * t.element_size()))
 
     def pack(t):
-        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        count(t)
         return t
 
     tape = _Tape(modules, False)
@@ -956,21 +972,26 @@ def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: i
     finally:
         tape.remove()
     m = logits.shape[0]
+    for r in tape.records:
+        count(r.output)
+    act = sum(saved.values()) / m
     rows = sum(r.output.numel() * r.output.element_size() for r in tape.records) / m
-    act = sum(saved.values()) / m + rows
     z64 = logits.detach().to(torch.float64)
     K = max(grp.cotangents(z64).shape[0] for grp in groups)
-    n = min(batch_size, x.shape[0])
+    N = x.shape[0]
+    n = min(batch_size, N)
     fixed = 3 * CHUNK_ELEMENTS * logits.element_size()
     if budget is None:
-        budget = min(default_memory(), int(BOUND_FACTOR * n * act) + fixed)
+        budget = min(default_memory(), max(int(BOUND_FACTOR * n * (act + rows)), MIN_MEMORY) + fixed)
     avail = budget - fixed
     k = K
-    if n * (act + (K + 1) * rows) > avail:
-        n = int(avail // (act + (K + 1) * rows))
-        if n < min(MIN_BATCH, x.shape[0]):  # too few samples: split the cotangents instead
-            n = max(1, min(MIN_BATCH, x.shape[0], int(avail // (act + 2 * rows))))
+    need = act + (K + (K > 1)) * rows
+    if n * need > avail:
+        n = int(avail // need)
+        if n < min(MIN_BATCH, N):  # too few samples: split the cotangents instead
+            n = max(1, min(MIN_BATCH, N, int(avail // (act + 2 * rows))))
             k = max(1, min(K, int((avail / n - act) // max(rows, 1.0)) - 1))
+    n = math.ceil(N / math.ceil(N / n))  # equal micro-batches
     log.debug("deep pass plan: %d samples x %d cotangents per chunk (act %.0f kB, row %.0f kB per sample, "
               "budget %.0f MB)", n, k, act / 1e3, rows / 1e3, budget / 1e6)
     return n, n * k
