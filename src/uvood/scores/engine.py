@@ -1007,9 +1007,15 @@ def _plan_coverage(model, logits, records, selected, head_module, plan):
     return plan["uncovered"]
 
 
-def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tensor, last: bool) -> list:
+def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tensor, last: bool,
+                  cache: dict | None = None) -> list:
     """Gradients of <vk[k], logits> w.r.t. every recorded output, K x output shape each (None where
-    unused), written into one preallocated buffer per output (no list of K copies to stack)."""
+    unused), written into one preallocated buffer per output (no list of K copies to stack).
+
+    ``cache`` (one dict per pass) keeps the buffers for the next chunk and micro-batch: a fresh
+    buffer of a few hundred MB costs more in page faults than the copies into it (measured: 0.22 s
+    against 0.05 s for 296 MB); a smaller micro-batch uses the first rows of a larger buffer, a chunk
+    of another K replaces it."""
     K = vk.shape[0]
     if K == 1:
         grads = torch.autograd.grad(logits, outs, vk[0], allow_unused=True, retain_graph=not last)
@@ -1026,7 +1032,14 @@ def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tens
             if gr is None:
                 continue
             if bufs[j] is None:
-                bufs[j] = torch.empty((gr.shape[0], K, *gr.shape[1:]), dtype=gr.dtype, device=gr.device)
+                shape = (gr.shape[0], K, *gr.shape[1:])
+                buf = None if cache is None else cache.pop(j, None)  # at most one buffer per output
+                if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0] or buf.dtype != gr.dtype:
+                    del buf
+                    buf = torch.empty(shape, dtype=gr.dtype, device=gr.device)
+                if cache is not None:
+                    cache[j] = buf
+                bufs[j] = buf[:gr.shape[0]]
             bufs[j][:, k].copy_(gr)
         del gk
     return [None if b is None else b.transpose(0, 1) for b in bufs]
@@ -1076,7 +1089,7 @@ def _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan):
             for r in everything:
                 r.grad = None  # free the previous chunk's buffers before the next backward
             if records:
-                for r, gr in zip(records, _output_grads(logits, outs, vk, last)):
+                for r, gr in zip(records, _output_grads(logits, outs, vk, last, plan.setdefault("buffers", {}))):
                     r.grad = gr
             if whole is not None:
                 whole.grad = vk
