@@ -270,3 +270,19 @@ def test_blocked_conv_path_matches_float64_reference(monkeypatch):
     (a,), _ = per_sample_grad_reductions(model, x, groups, batch_size=3)
     for j, (nm, off) in enumerate([("l1", None), ("l2sq", None), ("l1", offsets)]):
         assert_rel(a[j], naive_norms(model, x, label_cot, nm, offsets=off))
+
+
+def test_plan_probes_a_model_once_per_input_shape(monkeypatch):
+    """The planner's probe forward runs once per model and input shape; later passes plan from the kept bytes."""
+    model, x = make("cnn", 3, True, n=6)
+    model.eval()
+    calls = []
+    orig = engine.forward_head
+    monkeypatch.setattr(engine, "forward_head", lambda m, xx, h: calls.append(xx.shape[0]) or orig(m, xx, h))
+    first, _ = per_sample_grad_norms(model, x, label_cot, batch_size=4)
+    second, _ = per_sample_grad_norms(model, x[:5], label_cot, batch_size=4)
+    assert calls == [2, 3, 3, 3, 2]  # probe, 2 x 3 samples; no probe, 3 + 2
+    torch.testing.assert_close(second, first[:, :5], rtol=1e-12, atol=0)
+    other, _ = make("cnn", 3, True, n=4)
+    per_sample_grad_norms(other.eval(), x[:4], label_cot, batch_size=4)
+    assert calls[5:] == [2, 4]  # another model: probed again

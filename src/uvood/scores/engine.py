@@ -77,6 +77,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -933,7 +934,8 @@ MIN_MEMORY = 2**26
 
 
 def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: int | None) -> tuple[int, int]:
-    """(samples per micro-batch, max_rows) that fit ``budget`` bytes, measured on a probe of 2 samples.
+    """(samples per micro-batch, max_rows) that fit ``budget`` bytes, measured on a probe of 2 samples
+    (once per model and input shape: :func:`_per_sample_bytes`).
 
     Per sample: ``act`` = bytes of the distinct storages autograd saves in the forward
     (``saved_tensors_hooks``; the model's parameters and buffers, saved too, are not per sample;
@@ -953,6 +955,40 @@ def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: i
     (up to ``batch_size``) as fit, in micro-batches of equal size (N = 64 at 57 per micro-batch:
     2 x 32, not 57 + 7); below MIN_BATCH samples, the cotangents are split into chunks.
     """
+    act, rows, C, elsize = _per_sample_bytes(model, x, head, modules)
+    K = max(grp.cotangents(torch.zeros(1, C, dtype=torch.float64, device=x.device)).shape[0] for grp in groups)
+    N = x.shape[0]
+    n = min(batch_size, N)
+    fixed = 3 * CHUNK_ELEMENTS * elsize
+    if budget is None:
+        budget = min(default_memory(), max(int(BOUND_FACTOR * n * (act + rows)), MIN_MEMORY) + fixed)
+    avail = budget - fixed
+    k = K
+    need = act + (K + (K > 1)) * rows
+    if n * need > avail:
+        n = int(avail // need)
+        if n < min(MIN_BATCH, N):  # too few samples: split the cotangents instead
+            n = max(1, min(MIN_BATCH, N, int(avail // (act + 2 * rows))))
+            k = max(1, min(K, int((avail / n - act) // max(rows, 1.0)) - 1))
+    n = math.ceil(N / math.ceil(N / n))  # equal micro-batches
+    log.debug("deep pass plan: %d samples x %d cotangents per chunk (act %.0f kB, row %.0f kB per sample, "
+              "budget %.0f MB)", n, k, act / 1e3, rows / 1e3, budget / 1e6)
+    return n, n * k
+
+
+#: per model (weakly held): (input shape, dtype, device, head, recorded modules) -> _per_sample_bytes
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _per_sample_bytes(model, x, head, modules) -> tuple[float, float, int, int]:
+    """(act, row, C, bytes per logit) of :func:`plan_micro_batch`, measured by a forward of 2 samples under
+    ``saved_tensors_hooks``; kept per model and input shape, so that the next call (the next batch of
+    a data set) plans without a probe forward."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device, head if isinstance(head, str) else id(head),
+           tuple(id(m) for m in modules))
+    cache = _PROBES.setdefault(model, {})
+    if key in cache:
+        return cache[key]
     saved: dict = {}
     constant = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
@@ -974,27 +1010,9 @@ def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: i
     m = logits.shape[0]
     for r in tape.records:
         count(r.output)
-    act = sum(saved.values()) / m
-    rows = sum(r.output.numel() * r.output.element_size() for r in tape.records) / m
-    z64 = logits.detach().to(torch.float64)
-    K = max(grp.cotangents(z64).shape[0] for grp in groups)
-    N = x.shape[0]
-    n = min(batch_size, N)
-    fixed = 3 * CHUNK_ELEMENTS * logits.element_size()
-    if budget is None:
-        budget = min(default_memory(), max(int(BOUND_FACTOR * n * (act + rows)), MIN_MEMORY) + fixed)
-    avail = budget - fixed
-    k = K
-    need = act + (K + (K > 1)) * rows
-    if n * need > avail:
-        n = int(avail // need)
-        if n < min(MIN_BATCH, N):  # too few samples: split the cotangents instead
-            n = max(1, min(MIN_BATCH, N, int(avail // (act + 2 * rows))))
-            k = max(1, min(K, int((avail / n - act) // max(rows, 1.0)) - 1))
-    n = math.ceil(N / math.ceil(N / n))  # equal micro-batches
-    log.debug("deep pass plan: %d samples x %d cotangents per chunk (act %.0f kB, row %.0f kB per sample, "
-              "budget %.0f MB)", n, k, act / 1e3, rows / 1e3, budget / 1e6)
-    return n, n * k
+    cache[key] = (sum(saved.values()) / m, sum(r.output.numel() * r.output.element_size() for r in tape.records) / m,
+                  logits.shape[1], logits.element_size())
+    return cache[key]
 
 
 def _plan_coverage(model, logits, records, selected, head_module, plan):
