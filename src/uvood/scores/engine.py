@@ -743,8 +743,11 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
                 fast_groups.setdefault(fast, []).append(nm)
         for js, nms in fast_groups.items():
             got = _rule_norms(r.rule, r.module, r.inputs, r.kwargs, r.grad, nms, tuple(reductions[j].norm for j in js))
+            dest = total if len(js) == R else total[list(js)]  # all reductions: no gather / scatter per value
             for v in got.values():
-                total[list(js)] += v
+                dest += v
+            if dest is not total:
+                total[list(js)] = dest
             for nm in nms:
                 if nm not in got:
                     mat[nm] = sorted(set(mat.get(nm, [])) | set(js))
