@@ -16,7 +16,14 @@ in CPU time of the process (one thread: the wall time of an idle machine; robust
   per data set (label norms l1 + l2sq, GradNorm, BatchGrad, the predicted-label norm-of-mean row)
   against ONE fused pass (:func:`uvood.scores.fused.deep_pass`);
 * ghost factor: per CNN convolution, the ghost norm's and the per-sample kernel's time per
-  multiply-add of the cost model (:meth:`uvood.scores.engine.ConvRule.ghost_cheaper`).
+  multiply-add of the cost model (:meth:`uvood.scores.engine.ConvRule.ghost_cheaper`);
+* blocks: per CNN convolution and K in (1, 10), the l1 of the per-sample weight gradients by the
+  convolution's per-sample kernel and in cache-sized blocks (``ConvRule.reduce_blocked``), and the
+  path the rule takes (``engine.BLOCK_ELEMENTS``).
+
+The deep scores compared with a bound get the whole batch as ``batch_size``, as the bound holds it;
+the engine's memory planner (``plan_micro_batch``: at most 1.2x what the plain forward + backward
+holds) then picks the micro-batch, e.g. ExGrad at batch 64 on the CNN: 4 x 16 samples.
 
 Peak memory: each job runs in a fresh process (``--rss-job``), which reports its peak resident
 set (VmHWM, reset before the job); the baseline is the same process after building the model and
@@ -94,6 +101,8 @@ def model_paths(model, x, old) -> list:
     """(label, fn(x)) of every path timed on ``model``."""
     gn, eg = get_score("gradnorm(depth=deep)"), get_score("exgrad(depth=deep)")
     sq = get_score("grad(label=uniform,agg=mean_of_norm,norm=l2sq,depth=deep)")
+    for sc in (gn, eg, sq):
+        sc.batch_size = x.shape[0]  # the whole batch, as the bound; the memory planner picks the micro-batch
     zero = get_score("grad(label=predicted,agg=norm_of_mean,norm=l2sq,depth=deep)")
     bg = fitted_batchgrad(model, x.shape[1:])
     cot = _logit_cotangents("uniform", "mean_of_norm", "none", 1.0, False)
@@ -181,6 +190,51 @@ def ghost_factor(args, lines):
     return rows
 
 
+def block_table(args, lines):
+    """Per CNN convolution and K (1: GradNorm, 10: ExGrad's labels): l1 of the per-sample weight gradients by the
+    convolution's per-sample kernel (unblocked) and by cache-sized blocks (:meth:`ConvRule.reduce_blocked`), and
+    the path the rule takes (BLOCK_ELEMENTS)."""
+    torch.manual_seed(0)
+    model = cnn().eval()
+    x = torch.rand(args.batch, 3, 32, 32)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    acts = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.__setitem__(m, (i[0].detach(), o.detach()))) for m in convs]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for K in (1, 10):
+        for m in convs:
+            a, o = acts[m]
+            g = torch.randn(o.shape[0], K, *o.shape[1:]).transpose(0, 1)  # sample-major, as the engine holds it
+
+            def kernel(_, m=m, a=a, g=g):
+                block, engine.BLOCK_ELEMENTS = engine.BLOCK_ELEMENTS, float("inf")
+                try:
+                    return engine.ConvRule().reduce(m, (a,), g, "weight", [("l1", None)])
+                finally:
+                    engine.BLOCK_ELEMENTS = block
+
+            def blocked(_, m=m, a=a, g=g):
+                return engine.ConvRule.reduce_blocked(m, a, g, [("l1", None)])
+
+            (rk, rb), (vk, vb) = race([(kernel, a), (blocked, a)], args.repeats)
+            rel = float(((vb - vk).abs() / vk).max())
+            rows.append((K, tuple(m.weight.shape), o.shape[2] * o.shape[3], a.shape[0] / rk, a.shape[0] / rb, rel,
+                         engine.ConvRule.blocked(m, a, g)))
+    lines += ["", f"Per-sample l1 of conv weight gradients, batch {args.batch}, BLOCK_ELEMENTS = "
+              f"{engine.BLOCK_ELEMENTS}:", "",
+              "| K | conv (Cout, Cin, k, k) | T | kernel s | blocked s | kernel / blocked | max rel. diff "
+              "| rule takes |",
+              "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for K, shape, T, tk, tb, rel, pick in rows:
+        lines.append(f"| {K} | {shape} | {T} | {tk:.3f} | {tb:.3f} | {tk / tb:.2f}x | {rel:.1e} | "
+                     f"{'blocked' if pick else 'kernel'} |")
+    return rows
+
+
 def _vm(field: str) -> float:
     """A field of /proc/self/status in MiB (VmHWM: peak resident set of this process image; VmRSS: now)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -245,6 +299,7 @@ def main() -> None:
              "compare paths timed in the same run.", "", "| model | path | samples/s |", "|---|---|---:|"]
     results = speed(args, lines, {})
     ghost_factor(args, lines)
+    block_table(args, lines)
     mem = rss(args, lines)
     targets = []
     for name, res in results.items():

@@ -446,3 +446,23 @@ def test_uncovered_parameters_that_torch_func_cannot_handle_are_named():
     model = Branchy().eval()
     with pytest.raises(UvoodError, match=r"\['a.weight'\].*outside their own module"):
         per_sample_grad_norms(model, torch.randn(3, 4), label_cot)
+
+
+def test_output_gradient_buffers_are_reused_across_micro_batches():
+    """_output_grads writes the K gradients into one buffer per output kept in the pass's cache: the next
+    micro-batch (here smaller) reuses its first rows, another K replaces it; the values are autograd's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4)).eval()
+    cache: dict = {}
+    storages = []
+    for n, K in ((5, 3), (4, 3), (4, 2)):
+        x = torch.randn(n, 2, 4, 4)
+        h = model[0](x)
+        z = model[3](model[2](model[1](h)))
+        v = torch.randn(K, n, 4)
+        got = engine._output_grads(z, [h], v, True, cache)[0]
+        for k in range(K):
+            torch.testing.assert_close(got[k], torch.autograd.grad(model[3](model[2](model[1](h))), h, v[k])[0],
+                                       rtol=0, atol=0)
+        storages.append(got.untyped_storage().data_ptr())
+    assert storages[1] == storages[0] and list(cache) == [0] and cache[0].shape[:2] == (4, 2)

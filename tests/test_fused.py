@@ -189,7 +189,7 @@ def test_memory_budget_sets_micro_batch_and_rows_without_changing_values(monkeyp
     with torch.enable_grad():
         big = engine.plan_micro_batch(model, x, group, None, modules, 32, 2**30)
         small = engine.plan_micro_batch(model, x, group, None, modules, 32, 3 * engine.CHUNK_ELEMENTS * 8 + 40_000)
-    assert big == (32, 32 * 5)
+    assert big == (20, 20 * 5)  # 40 samples, at most 32 per micro-batch: two equal ones
     assert small[0] < 32 or small[1] < 32 * 5
     seen = []
     orig = engine._micro_batch
@@ -201,6 +201,21 @@ def test_memory_budget_sets_micro_batch_and_rows_without_changing_values(monkeyp
     assert_rel(roomy, naive_norms(model, x, label_cot, "l1"))
 
 
+def test_plan_counts_per_sample_memory_only():
+    """The planner's bytes per sample exclude the parameters autograd saves (not per sample: here 24 MB) and count
+    a view of the input by its own size; the micro-batches are equal."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3000, 2000), nn.ReLU(), nn.Linear(2000, 3)).eval()  # 24 MB weight
+    modules = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    x = torch.randn(64, 3000)
+    group = [RowGroup(label_cot, (Reduction("l1"),))]
+    # per sample: act = input 12000 B (the view x[:2] counts 2 samples, not x) + hidden 8000 (Linear output) +
+    # 8000 (ReLU output) + logits 12; row = 8000 + 12; 3 cotangents: act + 4 rows = 60060 B; weights not counted
+    budget = 3 * engine.CHUNK_ELEMENTS * 4 + 24 * 60060  # 24 samples
+    with torch.enable_grad():
+        n, rows = engine.plan_micro_batch(model, x, group, None, modules, 64, budget)
+    assert (n, rows) == (22, 22 * 3)  # 64 samples in three equal micro-batches, not 24 + 24 + 16
+
+
 def test_max_memory_option_parses_sizes():
     import argparse
 
@@ -210,3 +225,64 @@ def test_max_memory_option_parses_sizes():
     assert memory_size("4096") == 4096
     with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
         memory_size("lots")
+
+
+@pytest.mark.parametrize("conv,hw", [(dict(padding=1), 6), (dict(stride=2, dilation=2, padding=2), 9),
+                                     (dict(padding="same", padding_mode="reflect"), 5), (dict(padding=0), 4)])
+@pytest.mark.parametrize("block", [1, 7, 3 * 9 * 4, 10**9])
+def test_blocked_conv_reduction_equals_the_per_sample_kernel(monkeypatch, conv, hw, block):
+    """Per-sample weight-gradient norms formed in cache-sized blocks (labels x channels x patch, any block size,
+    offsets included) equal those of the convolution's own per-sample kernel, float64 to round-off."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(3, 5, 3, **conv).double()
+    a = torch.randn(4, 3, hw, hw, dtype=torch.float64)
+    out = module(a)
+    g = torch.randn(out.shape[0], 3, *out.shape[1:], dtype=torch.float64).transpose(0, 1)  # sample-major, K = 3
+    off = torch.randn_like(module.weight)
+    reds = [("l1", off), ("l2sq", None), ("l2sq", off), ("l1", None)]
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 10**12)
+    kernel = engine.ConvRule().reduce(module, (a,), g, "weight", reds)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", block)
+    assert engine.ConvRule.blocked(module, a, g) == (block < 3 * module.weight.numel())
+    for x in (a, a.contiguous(memory_format=torch.channels_last)):
+        got = engine.ConvRule.reduce_blocked(module, x, g, reds)
+        torch.testing.assert_close(got, kernel, rtol=1e-10, atol=0)
+    formed = engine.ConvRule().grad_sample(module, (a,), {}, g, ["weight"])["weight"]
+    torch.testing.assert_close(got[0], (formed + off).abs().flatten(2).sum(-1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(got[1], (formed ** 2).flatten(2).sum(-1), rtol=1e-10, atol=0)
+
+
+def test_blocked_conv_path_matches_float64_reference(monkeypatch):
+    """The engine with every conv on the blocked path (l1, l2sq, BatchGrad's offset) against autograd per sample;
+    the per-sample kernel is not called."""
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 5)
+    monkeypatch.setattr(engine, "GHOST_FACTOR", float("inf"))
+
+    def boom(*a, **k):
+        raise AssertionError("the unblocked per-sample kernel ran")
+
+    monkeypatch.setattr(engine.ConvRule, "_per_sample_weight_grads", staticmethod(boom))
+    model, x = make("cnn", 3, True, n=5)
+    model.eval()
+    torch.manual_seed(0)
+    offsets = {id(p): torch.randn_like(p) for p in model.parameters()}
+    groups = [RowGroup(label_cot, (Reduction("l1"), Reduction("l2sq"), Reduction("l1", offsets)))]
+    (a,), _ = per_sample_grad_reductions(model, x, groups, batch_size=3)
+    for j, (nm, off) in enumerate([("l1", None), ("l2sq", None), ("l1", offsets)]):
+        assert_rel(a[j], naive_norms(model, x, label_cot, nm, offsets=off))
+
+
+def test_plan_probes_a_model_once_per_input_shape(monkeypatch):
+    """The planner's probe forward runs once per model and input shape; later passes plan from the kept bytes."""
+    model, x = make("cnn", 3, True, n=6)
+    model.eval()
+    calls = []
+    orig = engine.forward_head
+    monkeypatch.setattr(engine, "forward_head", lambda m, xx, h: calls.append(xx.shape[0]) or orig(m, xx, h))
+    first, _ = per_sample_grad_norms(model, x, label_cot, batch_size=4)
+    second, _ = per_sample_grad_norms(model, x[:5], label_cot, batch_size=4)
+    assert calls == [2, 3, 3, 3, 2]  # probe, 2 x 3 samples; no probe, 3 + 2
+    torch.testing.assert_close(second, first[:, :5], rtol=1e-12, atol=0)
+    other, _ = make("cnn", 3, True, n=4)
+    per_sample_grad_norms(other.eval(), x[:4], label_cot, batch_size=4)
+    assert calls[5:] == [2, 4]  # another model: probed again

@@ -37,7 +37,11 @@ How (Opacus / BackPACK style)
      convolution's own weight-gradient kernel, one call per sample for all K cotangents
      (stacked along the output channels); the norms path holds one sample's gradient at a
      time, the materialising path works in chunks of samples. The l1 norm of a sum over
-     positions is not separable, so no shortcut exists. Squared l2 alone may instead come from
+     positions is not separable, so no shortcut exists; where a sample's K x Cout x d gradient
+     exceeds BLOCK_ELEMENTS (late layers, K labels), it is formed in cache-sized blocks of
+     (label, output channel) rows, G_{n,k}[c0:c1] @ unfold(a_n)^T, and every norm is taken from
+     the block while it is in cache (:meth:`ConvRule.reduce_blocked`; 3x faster on the CNN's last
+     convolution, where T = 4 positions make the kernel write-bound). Squared l2 alone may instead come from
      the ghost norm ||sum_t g_t a_t^T||^2 = sum_{t,t'} (a_t . a_t')(g_t . g_t') (Gram matrices of
      the T output positions), chosen per layer by a cost model (:meth:`ConvRule.ghost_cheaper`):
      cheaper where T (d + K Cout) < K Cout d, i.e. on late layers with few positions.
@@ -77,6 +81,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -98,6 +103,12 @@ CHUNK_ELEMENTS = 2**23
 #: cost of one ghost-norm multiply-add relative to one of the per-sample weight-gradient kernel
 #: (:meth:`ConvRule.ghost_cheaper`); measured on CPU with benchmarks/fused_pass.py: 1.1-2.0 on the CNN
 GHOST_FACTOR = 1.5
+
+#: elements of one block of a sample's per-sample convolution weight gradient (labels x output channels x patch)
+#: formed and reduced while it is in cache (:meth:`ConvRule.reduce_blocked`); gradients of at most this many
+#: elements per sample take the convolution's own kernel instead (2**19 float32 = 2 MiB, measured:
+#: benchmarks/fused_pass.py)
+BLOCK_ELEMENTS = 2**19
 
 log = logging.getLogger(__name__)
 _GHOST_LOGGED: dict = {}  # (layer, input shape, K) -> last choice logged
@@ -336,6 +347,60 @@ class ConvRule(LayerRule):
             out[:, lo:hi] = (gg * ga.unsqueeze(1)).sum((-1, -2)).T
         return out
 
+    @staticmethod
+    def blocked(module, a, g) -> bool:
+        """Whether :meth:`reduce` forms each sample's weight gradient in blocks (:meth:`reduce_blocked`): 2-D
+        convolutions without groups whose K x Cout x d per-sample gradient exceeds BLOCK_ELEMENTS."""
+        return (isinstance(module, nn.Conv2d) and module.groups == 1 and a.ndim == 4
+                and g.shape[0] * module.weight.numel() > BLOCK_ELEMENTS)
+
+    @staticmethod
+    def reduce_blocked(module, a, g, reds) -> torch.Tensor:
+        """R x K x n (float64): :meth:`reduce` of the weight with each sample's gradient formed in blocks.
+
+        Per sample n, with A_n the d x T unfolded input patches (d = Cin k^2, T output positions) and
+        G_n the (K Cout) x T output gradients, the weight gradient of label k is G_{n,k} A_n^T (Cout x d).
+        It is formed in blocks of rows (labels k0..k1 x output channels c0..c1, at most BLOCK_ELEMENTS
+        elements, one matrix product each) into one preallocated buffer that stays in cache, and every
+        reduction accumulates its per-row value |.|_1 or ||.||_2 from the block at once: no pass over a
+        gradient that left the cache. Exact (same products and sums as the kernel, in another order).
+        Row values are summed in float64: l1 = sum_rows ||row||_1, l2sq = sum_rows ||row||_2^2."""
+        a, padding = ConvRule._padded(module, a)
+        K, n = g.shape[:2]
+        cout, d = module.weight.shape[0], module.weight[0].numel()
+        T = math.prod(g.shape[3:])
+        G = g.transpose(0, 1).reshape(n, K, cout, T)  # a view of the engine's sample-major buffer
+        if cout * d <= BLOCK_ELEMENTS:
+            kb, cb = max(1, min(K, BLOCK_ELEMENTS // (cout * d))), cout
+        else:
+            kb, cb = 1, max(1, BLOCK_ELEMENTS // d)
+        offs = [None if off is None else off.detach().to(g.dtype).reshape(cout, d) for _, off in reds]
+        # offset reductions first (on a second buffer), then plain l2sq, then plain l1 (|.| in place)
+        order = sorted(range(len(reds)), key=lambda j: (offs[j] is None, reds[j][0] == "l1"))
+        buf = g.new_empty(kb * cb * d)
+        tmp = g.new_empty(kb * cb * d) if any(o is not None for o in offs) else None
+        rows = g.new_empty(len(reds), n, K, cout)  # per-row l1 or l2 norms
+        for i in range(n):
+            At = F.unfold(a[i:i + 1], module.kernel_size, dilation=module.dilation, padding=padding,
+                          stride=module.stride)[0].T  # T x d
+            for k0 in range(0, K, kb):
+                k1 = min(K, k0 + kb)
+                for c0 in range(0, cout, cb):
+                    c1 = min(cout, c0 + cb)
+                    m = (k1 - k0) * (c1 - c0)
+                    blk = buf[:m * d].view(k1 - k0, c1 - c0, d)
+                    torch.mm(G[i, k0:k1, c0:c1].reshape(m, T), At, out=blk.view(m, d))
+                    for j in order:
+                        t = blk
+                        if offs[j] is not None:
+                            t = torch.add(blk, offs[j][c0:c1], out=tmp[:m * d].view(k1 - k0, c1 - c0, d))
+                        if reds[j][0] == "l1":
+                            torch.sum(t.abs_(), dim=2, out=rows[j, i, k0:k1, c0:c1])
+                        else:
+                            torch.linalg.vector_norm(t, 2, dim=2, out=rows[j, i, k0:k1, c0:c1])
+        rows = rows.to(torch.float64)
+        return torch.stack([(rows[j] if nm == "l1" else rows[j] ** 2).sum(-1).T for j, (nm, _) in enumerate(reds)])
+
     def norms(self, module, inputs, kwargs, g, names, norm):
         """``norm`` may be a tuple of norms: then every value is L x K x n, from ONE pass over the
         per-sample weight gradients (their kernel calls dominate the cost). Squared l2 alone, where
@@ -364,6 +429,8 @@ class ConvRule(LayerRule):
         if name == "bias":
             b = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g
             return torch.stack([_vector_norm(b if off is None else b + off.to(b.dtype), nm) for nm, off in reds])
+        if self.blocked(module, inputs[0], g):
+            return self.reduce_blocked(module, inputs[0], g, reds)
         offs = [None if off is None else off.detach().to(g.dtype).reshape(1, -1) for _, off in reds]
         # offset reductions first (on a temporary), then plain l2sq, then plain l1 (|.| in place on gw)
         order = sorted(range(len(reds)), key=lambda j: (offs[j] is None, reds[j][0] == "l1"))
@@ -676,8 +743,11 @@ def _norms_from_records(records: list[_Record], selected: dict[int, torch.nn.Par
                 fast_groups.setdefault(fast, []).append(nm)
         for js, nms in fast_groups.items():
             got = _rule_norms(r.rule, r.module, r.inputs, r.kwargs, r.grad, nms, tuple(reductions[j].norm for j in js))
+            dest = total if len(js) == R else total[list(js)]  # all reductions: no gather / scatter per value
             for v in got.values():
-                total[list(js)] += v
+                dest += v
+            if dest is not total:
+                total[list(js)] = dest
             for nm in nms:
                 if nm not in got:
                     mat[nm] = sorted(set(mat.get(nm, [])) | set(js))
@@ -865,26 +935,77 @@ MIN_BATCH = 4
 #: default budget of a deep pass: this times what a plain forward + backward of the batch holds (plan_micro_batch)
 BOUND_FACTOR = 1.2
 
+#: the default budget is at least this (bytes, besides the materialised chunks): smaller micro-batches would save
+#: no memory that matters and cost a forward's fixed overhead each (small models such as the MLP)
+MIN_MEMORY = 2**26
+
 
 def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: int | None) -> tuple[int, int]:
-    """(samples per micro-batch, max_rows) that fit ``budget`` bytes, measured on a probe of 2 samples.
+    """(samples per micro-batch, max_rows) that fit ``budget`` bytes, measured on a probe of 2 samples
+    (once per model and input shape: :func:`_per_sample_bytes`).
 
-    Per sample: ``act`` = bytes autograd saves in the forward (``saved_tensors_hooks``) plus the
-    recorded module outputs; ``row`` = bytes of one cotangent's output gradients at the recorded
-    modules. A micro-batch of n samples with k cotangents at once needs about
-    n (act + (k + 1) row) + the materialised chunks (3 x CHUNK_ELEMENTS elements).
+    Per sample: ``act`` = bytes of the distinct storages autograd saves in the forward
+    (``saved_tensors_hooks``; the model's parameters and buffers, saved too, are not per sample;
+    a tensor saved twice counts once) and of the recorded module outputs; ``row`` = bytes of one
+    cotangent's output gradients at the recorded modules. A micro-batch of n samples with k
+    cotangents at once holds about
+    n (act + (k + [k > 1]) row): the k rows of output gradients, plus, for k > 1, the gradients of
+    the backward in flight before they are copied into the buffers (:func:`_output_grads`); plus
+    the materialised chunks (3 x CHUNK_ELEMENTS elements).
 
-    ``budget=None``: the memory a plain forward + backward of the batch (min(batch_size, N)
-    samples) holds, m act, times BOUND_FACTOR (and at most :func:`default_memory`): the deep pass
-    stays near that bound, with smaller micro-batches rather than stacked copies.
+    ``budget=None``: what a plain forward + backward of the batch (min(batch_size, N) samples)
+    holds, m (act + row) (the saved activations and the gradients in flight), times BOUND_FACTOR
+    (at least MIN_MEMORY, at most :func:`default_memory`): the deep pass stays near that bound, with smaller
+    micro-batches rather than stacked copies.
 
     All K cotangents at once (the per-sample kernels then run once per sample) with as many samples
-    (up to ``batch_size``) as fit; below MIN_BATCH samples, the cotangents are split into chunks.
+    (up to ``batch_size``) as fit, in micro-batches of equal size (N = 64 at 57 per micro-batch:
+    2 x 32, not 57 + 7); below MIN_BATCH samples, the cotangents are split into chunks.
     """
+    act, rows, C, elsize = _per_sample_bytes(model, x, head, modules)
+    K = max(grp.cotangents(torch.zeros(1, C, dtype=torch.float64, device=x.device)).shape[0] for grp in groups)
+    N = x.shape[0]
+    n = min(batch_size, N)
+    fixed = 3 * CHUNK_ELEMENTS * elsize
+    if budget is None:
+        budget = min(default_memory(), max(int(BOUND_FACTOR * n * (act + rows)), MIN_MEMORY) + fixed)
+    avail = budget - fixed
+    k = K
+    need = act + (K + (K > 1)) * rows
+    if n * need > avail:
+        n = int(avail // need)
+        if n < min(MIN_BATCH, N):  # too few samples: split the cotangents instead
+            n = max(1, min(MIN_BATCH, N, int(avail // (act + 2 * rows))))
+            k = max(1, min(K, int((avail / n - act) // max(rows, 1.0)) - 1))
+    n = math.ceil(N / math.ceil(N / n))  # equal micro-batches
+    log.debug("deep pass plan: %d samples x %d cotangents per chunk (act %.0f kB, row %.0f kB per sample, "
+              "budget %.0f MB)", n, k, act / 1e3, rows / 1e3, budget / 1e6)
+    return n, n * k
+
+
+#: per model (weakly held): (input shape, dtype, device, head, recorded modules) -> _per_sample_bytes
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _per_sample_bytes(model, x, head, modules) -> tuple[float, float, int, int]:
+    """(act, row, C, bytes per logit) of :func:`plan_micro_batch`, measured by a forward of 2 samples under
+    ``saved_tensors_hooks``; kept per model and input shape, so that the next call (the next batch of
+    a data set) plans without a probe forward."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device, head if isinstance(head, str) else id(head),
+           tuple(id(m) for m in modules))
+    cache = _PROBES.setdefault(model, {})
+    if key in cache:
+        return cache[key]
     saved: dict = {}
+    constant = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+    def count(t):  # a storage's bytes, at most those of its largest saved view (x[:2] is a view of x)
+        st = t.untyped_storage()
+        if st.data_ptr() not in constant:
+            saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), min(st.nbytes(), t.numel() * t.element_size()))
 
     def pack(t):
-        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        count(t)
         return t
 
     tape = _Tape(modules, False)
@@ -894,24 +1015,11 @@ def plan_micro_batch(model, x, groups, head, modules, batch_size: int, budget: i
     finally:
         tape.remove()
     m = logits.shape[0]
-    rows = sum(r.output.numel() * r.output.element_size() for r in tape.records) / m
-    act = sum(saved.values()) / m + rows
-    z64 = logits.detach().to(torch.float64)
-    K = max(grp.cotangents(z64).shape[0] for grp in groups)
-    n = min(batch_size, x.shape[0])
-    fixed = 3 * CHUNK_ELEMENTS * logits.element_size()
-    if budget is None:
-        budget = min(default_memory(), int(BOUND_FACTOR * n * act) + fixed)
-    avail = budget - fixed
-    k = K
-    if n * (act + (K + 1) * rows) > avail:
-        n = int(avail // (act + (K + 1) * rows))
-        if n < min(MIN_BATCH, x.shape[0]):  # too few samples: split the cotangents instead
-            n = max(1, min(MIN_BATCH, x.shape[0], int(avail // (act + 2 * rows))))
-            k = max(1, min(K, int((avail / n - act) // max(rows, 1.0)) - 1))
-    log.debug("deep pass plan: %d samples x %d cotangents per chunk (act %.0f kB, row %.0f kB per sample, "
-              "budget %.0f MB)", n, k, act / 1e3, rows / 1e3, budget / 1e6)
-    return n, n * k
+    for r in tape.records:
+        count(r.output)
+    cache[key] = (sum(saved.values()) / m, sum(r.output.numel() * r.output.element_size() for r in tape.records) / m,
+                  logits.shape[1], logits.element_size())
+    return cache[key]
 
 
 def _plan_coverage(model, logits, records, selected, head_module, plan):
@@ -924,9 +1032,15 @@ def _plan_coverage(model, logits, records, selected, head_module, plan):
     return plan["uncovered"]
 
 
-def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tensor, last: bool) -> list:
+def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tensor, last: bool,
+                  cache: dict | None = None) -> list:
     """Gradients of <vk[k], logits> w.r.t. every recorded output, K x output shape each (None where
-    unused), written into one preallocated buffer per output (no list of K copies to stack)."""
+    unused), written into one preallocated buffer per output (no list of K copies to stack).
+
+    ``cache`` (one dict per pass) keeps the buffers for the next chunk and micro-batch: a fresh
+    buffer of a few hundred MB costs more in page faults than the copies into it (measured: 0.22 s
+    against 0.05 s for 296 MB); a smaller micro-batch uses the first rows of a larger buffer, a chunk
+    of another K replaces it."""
     K = vk.shape[0]
     if K == 1:
         grads = torch.autograd.grad(logits, outs, vk[0], allow_unused=True, retain_graph=not last)
@@ -943,7 +1057,14 @@ def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tens
             if gr is None:
                 continue
             if bufs[j] is None:
-                bufs[j] = torch.empty((gr.shape[0], K, *gr.shape[1:]), dtype=gr.dtype, device=gr.device)
+                shape = (gr.shape[0], K, *gr.shape[1:])
+                buf = None if cache is None else cache.pop(j, None)  # at most one buffer per output
+                if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0] or buf.dtype != gr.dtype:
+                    del buf
+                    buf = torch.empty(shape, dtype=gr.dtype, device=gr.device)
+                if cache is not None:
+                    cache[j] = buf
+                bufs[j] = buf[:gr.shape[0]]
             bufs[j][:, k].copy_(gr)
         del gk
     return [None if b is None else b.transpose(0, 1) for b in bufs]
@@ -993,7 +1114,7 @@ def _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan):
             for r in everything:
                 r.grad = None  # free the previous chunk's buffers before the next backward
             if records:
-                for r, gr in zip(records, _output_grads(logits, outs, vk, last)):
+                for r, gr in zip(records, _output_grads(logits, outs, vk, last, plan.setdefault("buffers", {}))):
                     r.grad = gr
             if whole is not None:
                 whole.grad = vk
