@@ -81,18 +81,18 @@ BACKENDS = ("auto", "torch", "faiss", "pruned")
 #: rows per cone of the pruned search's partition (k = n // CLUSTER_SIZE cones, at most MAX_CLUSTERS)
 CLUSTER_SIZE = 256
 MAX_CLUSTERS = 4096
-#: units (shells of decreasing cos theta) per cone; nearest cones probed first per query
-SHELLS = 4
-#: rounds of the search: the first visits each query's units of largest bound holding ~PROBE_ROWS * m rows,
-#: round r ROUNDS[r] times as many units (0: all that are left)
-PROBE_ROWS = 2
-ROUNDS = (1, 4, 16, 0)
+#: rows per unit (a cone's rows of decreasing cos theta cut into units of UNIT rows)
+UNIT = 64
+#: the probe visits each query's units of largest bound holding about PROBE_ROWS * m rows
+PROBE_ROWS = 12
+#: similarities kept per query between two cuts to its m largest, in multiples of m
+BUFFER = 4
 #: spherical k-means iterations (seeded; the partition changes speed, never a value)
 KMEANS_ITERS = 10
 #: a query needing more than this fraction of the bank after the probe is searched by brute force
-BRUTE_FRACTION = 0.5
-#: absolute margin on the cone bound for the float64 rounding of its own evaluation (<< float32 error)
-BOUND_SLACK = 1e-9
+BRUTE_FRACTION = 0.25
+#: absolute margin added to cos(alpha) and to the cone bound for their float32 evaluation (module docstring)
+SLACK = 1e-5
 
 
 def faiss_available() -> bool:
@@ -184,110 +184,154 @@ def spherical_kmeans(x32: torch.Tensor, k: int, iters: int = KMEANS_ITERS, seed:
 
 class Partition:
     """The exact pruned candidate search (``"pruned"``): a spherical k-means partition of the bank into
-    cones, built once, and the m largest float32 similarities per query, computed only where a cone's
-    bound says they can reach the query's top m (module docstring, "Pruned search")."""
+    cones cut into units of UNIT rows, built once, and the m largest float32 similarities per query,
+    computed only in the units whose bound can reach the query's top m (module docstring, "Pruned search")."""
 
     def __init__(self, bank: torch.Tensor, bank32: torch.Tensor):
         n, d = bank32.shape
         self.n, self.d = n, d
-        k = max(1, min(n // CLUSTER_SIZE, MAX_CLUSTERS))
-        assign, u32 = spherical_kmeans(bank32, k)
-        self.u32, self.unorm = u32, u32.double().norm(dim=1)
+        assign, u32 = spherical_kmeans(bank32, max(1, min(n // CLUSTER_SIZE, MAX_CLUSTERS)))
+        self.u32, unorm = u32, u32.double().norm(dim=1)
         # cos theta_b of every row to its cone's axis, rounded down (float64, |error| <= D 2^-53 << 1e-12)
         norm = bank.norm(dim=1)
-        cos_j = (bank * u32.double()[assign]).sum(1) / (self.unorm[assign] * norm.clamp_min(1e-300))
-        cos_j = (cos_j - 1e-12).clamp(-1.0, 1.0)
-        # rows sorted by cone, then by decreasing cos theta_j: each cone is SHELLS contiguous units
-        self.order = torch.from_numpy(np.lexsort((-cos_j.numpy(), assign.numpy()))).long()
+        cos_b = (bank * u32.double()[assign]).sum(1) / (unorm[assign] * norm.clamp_min(1e-300))
+        cos_b = (cos_b - 1e-12).clamp(-1.0, 1.0)
+        # rows sorted by cone, then by decreasing cos theta_b; each cone cut into units of UNIT rows
+        self.order = torch.from_numpy(np.lexsort((-cos_b.numpy(), assign.numpy()))).long()
         self.bank32 = bank32[self.order].contiguous()
-        sizes = torch.bincount(assign, minlength=k)
-        starts = torch.cumsum(sizes, 0) - sizes
-        lo, hi, cone = [], [], []
-        for c, (a, z) in enumerate(zip(starts.tolist(), (starts + sizes).tolist())):
-            cuts = torch.linspace(a, z, SHELLS + 1).round().long().tolist()
-            for u_lo, u_hi in zip(cuts[:-1], cuts[1:]):
-                if u_hi > u_lo:
-                    lo.append(u_lo), hi.append(u_hi), cone.append(c)
-        self.lo, self.hi, self.cone = torch.tensor(lo), torch.tensor(hi), torch.tensor(cone)
-        self.size = (self.hi - self.lo).double()
-        ct = cos_j[self.order][self.hi - 1]  # the unit's widest angle: its last (smallest) cos theta_j
-        self.cos_t, self.sin_t = ct, (1.0 - ct * ct).clamp_min(0.0).sqrt()
+        sizes = torch.bincount(assign, minlength=u32.shape[0]).tolist()
+        self.bounds, cone, start = [], [], 0
+        for c, size in enumerate(sizes):
+            self.bounds += [(lo, min(lo + UNIT, start + size)) for lo in range(start, start + size, UNIT)]
+            cone += [c] * math.ceil(size / UNIT)
+            start += size
+        lo, hi = torch.tensor([b[0] for b in self.bounds]), torch.tensor([b[1] for b in self.bounds])
+        self.lo, self.cone, self.size = lo, torch.tensor(cone), (hi - lo).float()
+        ct = cos_b[self.order][hi - 1]  # the unit's widest angle: its last (smallest) cos theta_b
+        self.cos_t, self.sin_t = ct.float(), (1.0 - ct * ct).clamp_min(0.0).sqrt().float()
         short = torch.cat([torch.zeros(1), torch.cumsum((norm[self.order] < 1.0 - 1e-9).double(), 0)])
-        self.floor = torch.where(short[self.hi] > short[self.lo], 0.0, -math.inf)  # rows of norm < 1: max(0, UB)
-        self.cone_lo, self.cone_hi = starts, starts + sizes
+        self.floor = torch.where(short[hi] > short[lo], 0.0, -math.inf).float()  # rows of norm < 1: max(0, UB)
+        self.unorm = unorm.float()
+        cone_lo = {}
+        for u, c in enumerate(cone):
+            cone_lo.setdefault(c, u)
+        self.cone_first = torch.tensor([cone_lo.get(c, 0) for c in range(u32.shape[0])])  # first unit of each cone
+        self.cone_end = [self.bounds[u][1] for u in range(len(self.bounds))]  # end row of each unit's cone
+        for u in range(len(self.bounds) - 2, -1, -1):
+            if cone[u] == cone[u + 1]:
+                self.cone_end[u] = self.cone_end[u + 1]
 
-    def upper_bounds(self, q32: torch.Tensor, err: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos alpha, rounded up: N x cones; the bound on q^T b over each unit's rows, N x units)."""
-        ca = ((q32 @ self.u32.T).double() + err * self.unorm) / self.unorm + 1e-12
-        ca = ca.clamp(-1.0, 1.0)
-        c, ct, st = ca[:, self.cone], self.cos_t[None, :], self.sin_t[None, :]
-        ub = torch.where(c >= ct, 1.0, c * ct + (1.0 - c * c).clamp_min(0.0).sqrt() * st)
-        return ca, torch.maximum(ub, self.floor[None, :]) + BOUND_SLACK
+    def upper_bounds(self, q32: torch.Tensor, err: float) -> torch.Tensor:
+        """UB(q, U) of the module docstring for every query and unit (N x units, float32, slack included)."""
+        ca = ((q32 @ self.u32.T + err * self.unorm) / self.unorm + SLACK).clamp_(-1.0, 1.0)  # >= cos(alpha)
+        sa = ((1.0 - ca) * (1.0 + ca)).sqrt_()
+        c = ca[:, self.cone]
+        ub = torch.addcmul(c * self.cos_t, sa[:, self.cone], self.sin_t)
+        ub.masked_fill_(c >= self.cos_t, 1.0)
+        return torch.maximum(ub, self.floor, out=ub).add_(SLACK)
 
-    def _visit(self, q32, pair_q, pair_u, vals, idx):
-        """Merge into the running top m (``vals``, ``idx``, N x m) the float32 similarities of query
-        ``pair_q[i]`` to the rows of unit ``pair_u[i]``: unit by unit, one matmul with the queries that need
-        it; only queries with a value above their current m-th enter the merge. Returns similarities computed."""
-        m = vals.shape[1]
+    def _visit(self, q32, pair_q, pair_u, buf):
+        """Add to ``buf`` the float32 similarities of query pair_q[i] to the rows from unit pair_u[i] to the end
+        of its cone: one matmul per start unit with the queries that start there. Returns similarities computed."""
         order = torch.argsort(pair_u, stable=True)
-        pair_q, counts = pair_q[order], torch.bincount(pair_u, minlength=self.lo.numel())
-        done, start = 0, 0
-        for u in torch.nonzero(counts).reshape(-1).tolist():
-            cnt, lo, hi = int(counts[u]), int(self.lo[u]), int(self.hi[u])
-            qs = pair_q[start:start + cnt]
-            start += cnt
-            sim = q32.index_select(0, qs) @ self.bank32[lo:hi].T
-            done += sim.numel()
-            hit = sim.amax(1) > vals[:, m - 1].index_select(0, qs)
-            n_hit = int(hit.sum())
-            if n_hit == 0:
-                continue
-            if n_hit < cnt:
-                hit = torch.nonzero(hit).reshape(-1)
-                qs, sim = qs.index_select(0, hit), sim.index_select(0, hit)
-            v, pos = torch.topk(torch.cat([vals.index_select(0, qs), sim], 1), m, dim=1)
-            rows = torch.cat([idx.index_select(0, qs), torch.arange(lo, hi).expand(qs.numel(), hi - lo)], 1)
-            vals.index_copy_(0, qs, v)
-            idx.index_copy_(0, qs, rows.gather(1, pos))
+        pair_q = pair_q[order]
+        counts = torch.bincount(pair_u, minlength=len(self.bounds)).tolist()
+        done = start = 0
+        for u, cnt in enumerate(counts):
+            if cnt:
+                lo, hi = self.bounds[u][0], self.cone_end[u]
+                qs = pair_q[start:start + cnt]
+                buf.add(qs, q32.index_select(0, qs) @ self.bank32[lo:hi].T, lo)
+                done += cnt * (hi - lo)
+                start += cnt
         return done
 
     def top(self, q32, m, brute, stats):
-        """The m largest float32 similarities (values, bank rows) of every query, searched in rounds: each
-        query visits its units in decreasing order of their bound, ROUNDS[r] of them in round r, skipping
-        units whose bound is <= its current m-th value; after the first round, a query whose remaining units
-        hold more than BRUTE_FRACTION of the bank is searched by ``brute`` instead."""
-        nq = q32.shape[0]
-        if PROBE_ROWS * m >= BRUTE_FRACTION * self.n:  # the first round alone would visit that much
-            stats.update(similarities=nq * self.n, brute_queries=nq)
+        """The m largest float32 similarities (values sorted in decreasing order, bank rows) of every query:
+        1. probe: the query's ``first`` cones of largest bound, whole; the m-th largest of their values, tau,
+           is a lower bound of the final m-th value;
+        2. a query whose units with UB > tau in other cones hold more than BRUTE_FRACTION of the bank goes to
+           ``brute``;
+        3. every other query visits, in every other cone, the rows from its first unit with UB > tau to the
+           cone's end (UB grows with theta along a cone, so these hold every unit with UB > tau)."""
+        nq, n, cones = q32.shape[0], self.n, self.u32.shape[0]
+        first = math.ceil(PROBE_ROWS * m / CLUSTER_SIZE)  # cones holding about PROBE_ROWS * m rows
+        if first * 2 >= cones:  # the probe alone would visit half the bank
+            stats.update(similarities=nq * n, brute_queries=nq)
             return brute(q32, m)
-        vals = torch.full((nq, m), -math.inf, dtype=torch.float32)
-        idx = torch.full((nq, m), -1, dtype=torch.int64)
-        _, ub = self.upper_bounds(q32, float32_error(self.d))
-        ub[~((q32.double().norm(dim=1) - 1.0).abs() <= 1e-5)] = math.inf  # not unit (or not finite): brute force
-        ub, rank = torch.sort(ub, dim=1, descending=True)
-        done, brute_q, lo = 0, torch.zeros(0, dtype=torch.int64), 0
-        active = torch.arange(nq)
-        first = math.ceil(PROBE_ROWS * m * self.lo.numel() / self.n)  # units of ~PROBE_ROWS * m rows
-        for r in range(len(ROUNDS)):
-            hi = min(lo + first * ROUNDS[r], rank.shape[1]) if ROUNDS[r] else rank.shape[1]
-            thr = vals[active, m - 1:].double()
-            if r == 1:  # the measured fraction of the bank a query still needs decides brute force
-                left = (ub[active, lo:] > thr) * self.size[rank[active, lo:]]
-                far = left.sum(1) > BRUTE_FRACTION * self.n
-                brute_q, active, thr = active[far], active[~far], thr[~far]
-            go = ~(ub[active, lo:hi] <= thr)  # NaN bounds (non-finite queries) are visited
-            q_of, col = torch.nonzero(go, as_tuple=True)
-            done += self._visit(q32, active[q_of], rank[active[q_of], lo + col], vals, idx)
-            if hi == rank.shape[1]:
-                break
-            active = active[~(ub[active, hi] <= vals[active, m - 1].double())]
-            lo = hi
-        idx = self.order[idx.clamp_min(0)]
+        ub = self.upper_bounds(q32, float32_error(self.d))
+        ub[~((q32.double().norm(dim=1) - 1.0).abs() <= 1e-6)] = math.inf  # not unit (or not finite): brute force
+        cone_ub = torch.full((nq, cones), -math.inf).scatter_reduce_(1, self.cone.expand(nq, -1), ub, "amax")
+        near = torch.topk(cone_ub, first, dim=1).indices
+        buf = Buffer(torch.full((nq, m), -math.inf), torch.full((nq, m), -1, dtype=torch.int64), BUFFER * m)
+        done = self._visit(q32, torch.arange(nq).repeat_interleave(first), self.cone_first[near].reshape(-1), buf)
+        skip = torch.zeros(nq, cones, dtype=torch.bool).scatter_(1, near, True)[:, self.cone]
+        need = ~(ub <= buf.tau[:, None]) & ~skip  # NaN bounds (non-finite queries) are visited
+        far = (need.float() @ self.size) > BRUTE_FRACTION * n
+        need[far] = False
+        # per (query, cone): the first unit needed (the units of a cone are in increasing order)
+        start = torch.full((nq, cones), len(self.bounds), dtype=torch.int64).scatter_reduce_(
+            1, self.cone.expand(nq, -1), torch.where(need, torch.arange(len(self.bounds)), len(self.bounds)), "amin")
+        q_of, c = torch.nonzero(start < len(self.bounds), as_tuple=True)
+        done += self._visit(q32, q_of, start[q_of, c], buf)
+        vals, rows = buf.top()
+        idx = self.order[rows.clamp_min(0)]
+        brute_q = torch.nonzero(far).reshape(-1)
         if brute_q.numel():
             vals[brute_q], idx[brute_q] = brute(q32[brute_q], m)
-            done += brute_q.numel() * self.n
+            done += brute_q.numel() * n
         stats.update(similarities=done, brute_queries=int(brute_q.numel()))
         return vals, idx
+
+
+class Buffer:
+    """Per query, the float32 similarities >= tau seen so far (at most ``width``) and their rows, tau a lower
+    bound of the query's final m-th value: the m-th largest of the values kept when the buffer was last cut."""
+
+    def __init__(self, vals: torch.Tensor, rows: torch.Tensor, width: int):
+        nq, self.m = vals.shape
+        self.vals = torch.full((nq, width), -math.inf, dtype=torch.float32)
+        self.rows = torch.full((nq, width), -1, dtype=torch.int64)
+        self.vals[:, :self.m], self.rows[:, :self.m] = vals, rows
+        self.fill = torch.full((nq,), self.m, dtype=torch.int64)
+        self.tau = vals.amin(1)
+        self.cuts = 0
+
+    def _cut(self, qs):
+        """Keep the m largest values of the queries ``qs``; tau becomes their m-th."""
+        v, pos = torch.topk(self.vals[qs], self.m, dim=1, sorted=False)
+        r = self.rows[qs].gather(1, pos)
+        self.vals[qs] = -math.inf
+        self.vals[qs, :self.m], self.rows[qs, :self.m] = v, r
+        self.fill[qs], self.tau[qs] = self.m, v.amin(1)
+        self.cuts += qs.numel()
+
+    def add(self, qs, sim, lo):
+        """Add the values >= tau of ``sim`` (queries ``qs`` x bank rows lo, lo + 1, ...)."""
+        step = self.vals.shape[1] - self.m
+        if sim.shape[1] > step:
+            for at in range(0, sim.shape[1], step):
+                self.add(qs, sim[:, at:at + step], lo + at)
+            return
+        keep = sim >= self.tau.index_select(0, qs)[:, None]
+        count = keep.sum(1)
+        full = torch.nonzero(self.fill.index_select(0, qs) + count > self.vals.shape[1]).reshape(-1)
+        if full.numel():
+            self._cut(qs[full])
+            keep = sim >= self.tau.index_select(0, qs)[:, None]
+            count = keep.sum(1)
+        i, j = torch.nonzero(keep, as_tuple=True)
+        if i.numel() == 0:
+            return
+        at = (self.fill.index_select(0, qs)[:, None] + torch.cumsum(keep, 1) - 1)[i, j]
+        self.vals[qs[i], at] = sim[i, j]
+        self.rows[qs[i], at] = j + lo
+        self.fill.index_add_(0, qs, count)
+
+    def top(self):
+        """(values sorted in decreasing order, rows), N x m."""
+        vals, pos = torch.topk(self.vals, self.m, dim=1)
+        return vals, self.rows.gather(1, pos)
 
 
 def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, search: Float32Search | None = None,
