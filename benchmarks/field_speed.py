@@ -3,11 +3,16 @@
     python benchmarks/field_speed.py [--quick] [--repeats 3] [--model fashionmnist-cnn] [--n-fit 60000]
 
 1. KNN search: uvood's exact k-th similarity (:func:`uvood.scores.neighbours.kth_similarity`: float32
-   candidates from torch blocks or faiss, certified float64 values) against one full distance matrix
-   in one block (``torch.cdist`` in float32, then ``kthvalue``), 10,000 queries against 50,000 unit
-   reference vectors of width 256, k = 50 (``--quick``: 2,000 x 10,000). Also timed: the float32 matmul
-   alone in blocks (no selection), the least work of any exact brute force; and faiss's float32 search
-   alone. Exactness: every path's k-th value against the float64 brute force on the first 500 queries.
+   candidates from torch blocks, faiss or the exact pruned search, certified float64 values) against one
+   full distance matrix in one block (``torch.cdist`` in float32, then ``kthvalue``), k = 50, on
+   (a) 10,000 random unit queries against 50,000 random unit references of width 256 (nothing to prune),
+   (b) real features: ``--model``'s penultimate features (fashionmnist-cnn: D = 256) of the first
+   50,000 training images as references, 10,000 test images as ID queries and 10,000 MNIST test images
+   (Fashion-MNIST for an MNIST model) as OOD queries; features are cached in ``$UVOOD_CACHE``.
+   (``--quick``: 2,000 x 10,000, and mnist-mlp.) Also timed: the float32 matmul alone in blocks (no
+   selection), and faiss's float32 search alone. Columns: the share of the N x n similarities the
+   search computed, the queries it sent to the brute force, and every path's k-th value against the
+   float64 brute force on the first 500 queries. One line per target (>= 5x) per query set.
 2. Scoring throughput once fitted: the model's forward pass alone (``forward_features``) against the
    forward pass plus each fitted or shaping score, on a zoo model and real data (``UVOOD_DATA``);
    ratio = forward-only time / (forward + score) time. Target: >= 0.8 for every method.
