@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from uvood.errors import UvoodError
 from uvood.scores import neighbours
 from uvood.scores.neighbours import Float32Search, Partition, float32_error, kth_similarity
 
@@ -137,3 +138,18 @@ def test_pruned_search_skips_most_of_a_clustered_bank(monkeypatch):
     kth_similarity(q.double(), bank, 50, search)
     assert search.stats["brute_queries"] > 400
     assert search.stats["similarities"] <= 1.5 * 500 * 20000
+
+
+def test_pruned_sends_non_finite_and_non_unit_queries_to_the_brute_force(monkeypatch):
+    """A NaN query fails as it does with faiss (the brute force it is sent to); a query of norm 0.5 (the
+    bound assumes unit queries) is searched by brute force and gets the brute force's value."""
+    monkeypatch.setattr(neighbours, "CLUSTER_SIZE", 64)
+    bank, mu = _clustered(3000)
+    q = torch.cat([_unit(mu), 0.5 * _unit(mu[:3])])
+    search = Float32Search(bank, "pruned")
+    ref = torch.topk(q @ bank.T, 5, dim=1).values[:, -1]
+    torch.testing.assert_close(kth_similarity(q, bank, 5, search), ref, rtol=1e-13, atol=1e-15)
+    assert search.stats["brute_queries"] == 3
+    q[0] = float("nan")
+    with pytest.raises(UvoodError, match="faiss found fewer neighbours"):
+        kth_similarity(q, bank, 5, Float32Search(bank, "pruned"))
