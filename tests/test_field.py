@@ -100,7 +100,7 @@ def test_fdbd_and_knn_match_loops(feats):
     np.testing.assert_allclose(fitted("knn(5)", feats).from_features(feats["ht"], feats["zt"]).numpy(), ref, rtol=1e-9)
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", ["torch", "faiss", "pruned"])
 @pytest.mark.parametrize("spread,copies", [(1.0, 1), (1.0, 4), (1e-9, 1)])
 def test_knn_kth_similarity_equals_float64_brute_force(spread, copies, backend):
     """Float32 candidates (torch blocks or faiss) + float64 values equal the float64 k-th similarity, also
@@ -129,7 +129,7 @@ def test_knn_blocks_and_backends_agree(monkeypatch):
     monkeypatch.setattr(neighbours, "CERTIFY_ROWS", 129)
     bank, q = h / h.norm(dim=1, keepdim=True), ht / ht.norm(dim=1, keepdim=True)
     ref = -(2 - 2 * torch.topk(q @ bank.T, 20, dim=1).values[:, -1]).clamp_min(0).sqrt()
-    for backend in ("torch", "faiss"):
+    for backend in ("torch", "faiss", "pruned"):
         s = get_score("knn(20)").fit_features(h, torch.zeros(3000, 6))
         s.backend = backend
         out = s.from_features(ht, torch.zeros(700, 6))

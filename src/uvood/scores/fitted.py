@@ -286,7 +286,8 @@ class KNNScore(FittedScore):
     choice for CIFAR-10; 1000 for ImageNet, where it also subsamples the training set). Computed
     as sqrt(2 - 2 s_(k)), s_(k) the exact float64 k-th largest similarity z^T z_j, searched in float32
     (:func:`uvood.scores.neighbours.kth_similarity`; faiss when installed, same values). ``backend``
-    (attribute, not part of the spec): "auto", "torch" or "faiss".
+    (attribute, not part of the spec): "auto", "torch", "faiss" or "pruned" (exact, skips the bank's
+    cones that cannot hold a query's neighbours; same values).
 
     pytorch-ood (``KNN``, sklearn ``NearestNeighbors``): outlier score ||z - z_(k)||, ``uvood = -pood``.
     """
