@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UvoodError
+from .engine import CHUNK_ELEMENTS, _slice
 from .fitted import FittedScore, pinv_psd
 from .gradient import BOOLS, DEPTHS, GradScore
 from .output import softmax
@@ -414,6 +415,175 @@ class _Logits(nn.Module):
         return forward_head(self.model, x, self._head[0])[2]
 
 
+# ---------------------------------------------------------------- projections J(x) V from the layer records
+
+#: cost of one multiply-add of the per-sample convolution weight-gradient kernel (plus its projection) relative
+#: to one of a batched convolution, for the cost model of :func:`conv_stacked_cheaper`; measured on CPU with
+#: ``python benchmarks/since_speed.py --calibrate`` (one thread)
+CONV_KERNEL_FACTOR = 3.0
+
+
+def param_views(named, v: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{id(p): l x *p.shape}: the rows of ``v`` (P x l, parameters in the order of ``named``) of each
+    parameter, as l tensors of its shape, in its dtype and device."""
+    out, pos = {}, 0
+    for _, p in named:
+        out[id(p)] = v[pos:pos + p.numel()].T.reshape(-1, *p.shape).to(device=p.device, dtype=p.dtype)
+        pos += p.numel()
+    return out
+
+
+def _project_linear(module, a, g, vs):
+    """n x l: sum over positions of g^T V_j a (weight) + g . b_j (bias), y = a W^T + b.
+
+    <g a^T, V_j> = g^T V_j a needs no per-sample gradient: one (rows x Din) @ (Din x l Cout) product (or the
+    transposed order when Cout < Din: the smaller intermediate), then a batched dot product."""
+    n = a.shape[0]
+    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    l = next(iter(vs.values())).shape[0]
+    phi = g2.new_zeros(g2.shape[0], l)
+    w = vs.get("weight")
+    if w is not None:
+        cout, din = w.shape[1:]
+        step = max(1, CHUNK_ELEMENTS // (l * min(cout, din)))
+        if din <= cout:  # (g V_j) . a
+            m, left, right, width = w.transpose(0, 1).reshape(cout, l * din), g2, a2, din
+        else:  # (V_j a) . g
+            m, left, right, width = w.reshape(l * cout, din).T, a2, g2, cout
+        for lo in range(0, left.shape[0], step):
+            t = (left[lo:lo + step] @ m).view(-1, l, width)
+            phi[lo:lo + step] += torch.bmm(t, right[lo:lo + step, :, None])[..., 0]
+    if "bias" in vs:
+        phi += g2 @ vs["bias"].T
+    return phi.view(n, -1, l).sum(1)
+
+
+def conv_stacked_cheaper(module, g, l: int) -> bool:
+    """Cost model of a convolution's projection onto l directions, per sample, with T output positions,
+    d = Cin/groups * kernel elements: materialising the per-sample weight gradient (the engine's kernel,
+    Cout d T multiply-adds) and projecting it (l Cout d) against the layer input convolved with the l
+    stacked filters (l Cout d T, one batched convolution). Stacked when l T < CONV_KERNEL_FACTOR (T + l),
+    i.e. on late layers with few output positions."""
+    T = math.prod(g.shape[2:])
+    return l * T < CONV_KERNEL_FACTOR * (T + l)
+
+
+def _project_conv_stacked(module, a, g, w):
+    """n x l: sum_t <g_t, (a * V_j)_t>, the layer input convolved with the l filters V_j (stacked along the
+    output channels, group-major so that each group sees its own input channels), dotted with g."""
+    l, cout = w.shape[:2]
+    G = module.groups
+    ws = w.reshape(l, G, cout // G, *w.shape[2:]).transpose(0, 1).reshape(G * l * (cout // G), *w.shape[2:])
+    n, T = g.shape[0], math.prod(g.shape[2:])
+    phi = g.new_empty(n, l)
+    step = max(1, CHUNK_ELEMENTS // (l * cout * T))
+    for lo in range(0, n, step):
+        y = module._conv_forward(a[lo:lo + step], ws, None).reshape(-1, G, l, cout // G, T)
+        gg = g[lo:lo + step].reshape(-1, G, 1, cout // G, T)
+        phi[lo:lo + step] = (y * gg).sum((1, 3, 4))
+    return phi
+
+
+def _project_materialised(r, g, vs):
+    """n x l from the per-sample gradients of the record's rule (``grad_sample``: the convolution's per-sample
+    kernel, BatchNorm's closed form, torch.func for other modules), formed in chunks of samples and projected
+    with one (m x P_layer) @ (P_layer x l) product per parameter."""
+    n = g.shape[0]
+    names = list(vs)
+    per_sample = sum(vs[nm][0].numel() for nm in names) + r.rule.sample_elements(r.module, r.inputs, names)
+    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    l = vs[names[0]].shape[0]
+    phi = g.new_zeros(n, l)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        gs = r.rule.grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs, g[None, lo:hi], names)
+        for nm in names:
+            phi[lo:hi] += gs[nm][0].reshape(hi - lo, -1) @ vs[nm].reshape(l, -1).T
+    return phi
+
+
+def project_record(r, g: torch.Tensor, vs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """n x l: phi_j = <per-sample gradient of the record's parameters ``vs`` (name -> l x shape), V_j>, from
+    its input and its output gradient g (n x output shape), by the cheapest exact rule: linear layers by
+    g^T V_j a, convolutions by the cost model :func:`conv_stacked_cheaper`, their bias from g directly,
+    anything else by materialised per-sample gradients (:func:`_project_materialised`)."""
+    from .engine import ConvRule, LinearRule
+
+    if isinstance(r.rule, LinearRule):
+        return _project_linear(r.module, r.inputs[0], g, vs)
+    if isinstance(r.rule, ConvRule) and "weight" in vs and conv_stacked_cheaper(r.module, g, vs["weight"].shape[0]):
+        phi = _project_conv_stacked(r.module, r.inputs[0], g, vs["weight"])
+        if "bias" in vs:
+            phi += g.reshape(g.shape[0], g.shape[1], -1).sum(-1) @ vs["bias"].T
+        return phi
+    return _project_materialised(r, g, vs)
+
+
+def _jvp_projection(model, x, named, views, head, batch_size):
+    """J(x) V (n x l, float64) restricted to the parameters ``named``: one vmapped forward-mode jvp per
+    micro-batch (one jvp per direction where an operation has no batching rule)."""
+    from torch.func import functional_call, jvp, vmap
+
+    wrapper = _Logits(model, head)
+    primals = {f"model.{n}": p.detach() for n, p in named}
+    stacked = {f"model.{n}": views[id(p)] for n, p in named}
+    l = next(iter(stacked.values())).shape[0]
+    out = torch.zeros(x.shape[0], l, dtype=torch.float64)
+    for lo in range(0, x.shape[0], batch_size):
+        xb = x[lo:lo + batch_size]
+
+        def y(prm, xb=xb):
+            return torch.logsumexp(functional_call(wrapper, prm, (xb,)), dim=1)
+
+        def tangent_out(t, y=y):
+            return jvp(y, (primals,), (t,))[1]
+
+        try:  # all l directions in one vmapped jvp (the primal is computed once)
+            out[lo:lo + xb.shape[0]] = vmap(tangent_out)(stacked).T.double().cpu()
+        except RuntimeError:  # an operation without a batching rule: one jvp per direction
+            for j in range(l):
+                out[lo:lo + xb.shape[0], j] = tangent_out({k: t[j] for k, t in stacked.items()}).double().cpu()
+    return out
+
+
+def project_gradients(model, x, v: torch.Tensor, head, named, batch_size: int = 128) -> torch.Tensor:
+    """phi = J(x) V (N x l, float64): phi[n, j] = <grad_theta logsumexp(z(x_n)), v_j>, theta = ``named``.
+
+    Per micro-batch ONE forward with the layers recorded and ONE backward of sum_n logsumexp(z_n) to the
+    recorded outputs (cotangent softmax(z) at the logits; in eval mode the samples do not interact, so row n
+    of each output gradient g is sample n's own); then each record's share of phi from its input a and g
+    (:func:`project_record`); no full per-sample gradient is formed. Parameters the records do not cover
+    (the engine's coverage check, :func:`uvood.scores.engine.uncovered_params`: tied weights, weights used
+    outside their module's forward) are projected by forward-mode jvp (:func:`_jvp_projection`)."""
+    from .engine import record_forward, uncovered_params
+
+    selected = {id(p): p for _, p in named}
+    views = param_views(named, v)
+    modules = [m for m in model.modules() if any(id(p) in selected for p in m.parameters(recurse=False))]
+    if x.is_inference():
+        x = x.clone()
+    out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
+    skip = None
+    for lo in range(0, x.shape[0], batch_size):
+        xb = x[lo:lo + batch_size]
+        with torch.enable_grad():
+            _, logits, records = record_forward(model, xb, head, modules)
+            if skip is None:  # first micro-batch: the coverage check
+                skip = uncovered_params(logits, records, selected)
+            grads = torch.autograd.grad(logits, [r.output for r in records], torch.softmax(logits.detach(), 1),
+                                        allow_unused=True) if records else []
+        with torch.no_grad():
+            acc = logits.new_zeros(xb.shape[0], v.shape[1])
+            for r, g in zip(records, grads):
+                own = {nm: views[id(p)] for nm, p in r.params.items() if id(p) in selected and id(p) not in skip}
+                if g is not None and own:
+                    acc += project_record(r, g, own)
+        out[lo:lo + xb.shape[0]] = acc.double().cpu()
+    if skip:
+        out += _jvp_projection(model, x, [(nm, p) for nm, p in named if id(p) in skip], views, head, batch_size)
+    return out
+
+
 class LowDimDeepScore(Score):
     """Low-dimensional gradients over every parameter (Wu et al., arXiv:2310.17163), higher = more ID:
 
@@ -460,36 +630,9 @@ class LowDimDeepScore(Score):
         return out
 
     def _j(self, model, x, v, head):
-        """J v (n x l, float64) for v (P x l): one forward-mode jvp per column and micro-batch."""
-        from torch.func import functional_call, jvp, vmap
-
-        named = self._params(model)
-        wrapper = _Logits(model, head)
-        primals = {f"model.{n}": p.detach() for n, p in named}
-        tangents = []
-        for j in range(v.shape[1]):
-            t, pos = {}, 0
-            for n, p in named:
-                t[f"model.{n}"] = v[pos:pos + p.numel(), j].reshape(p.shape).to(device=p.device, dtype=p.dtype)
-                pos += p.numel()
-            tangents.append(t)
-        stacked = {name: torch.stack([t[name] for t in tangents]) for name in primals}
-        out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
-        for lo in range(0, x.shape[0], self.batch_size):
-            xb = x[lo:lo + self.batch_size]
-
-            def y(prm, xb=xb):
-                return torch.logsumexp(functional_call(wrapper, prm, (xb,)), dim=1)
-
-            def tangent_out(t, y=y):
-                return jvp(y, (primals,), (t,))[1]
-
-            try:  # all l directions in one vmapped jvp (the primal is computed once)
-                out[lo:lo + xb.shape[0]] = vmap(tangent_out)(stacked).T.double().cpu()
-            except RuntimeError:  # an operation without a batching rule: one jvp per direction
-                for j, t in enumerate(tangents):
-                    out[lo:lo + xb.shape[0], j] = tangent_out(t).double().cpu()
-        return out
+        """J v (n x l, float64) for v (P x l): :func:`project_gradients` (one forward and backward per
+        micro-batch, the projection from the layer records)."""
+        return project_gradients(model, x, v, head, self._params(model), self.batch_size)
 
     def fit(self, model, x, y, head=None, seed=0):
         from ..model import eval_mode, find_head
