@@ -536,7 +536,7 @@ def _jvp_projection(model, x, named, views, head, batch_size):
             return torch.logsumexp(functional_call(wrapper, prm, (xb,)), dim=1)
 
         def tangent_out(t, y=y):
-            return jvp(y, (primals,), (t,))[1]
+            return jvp(y, (primals,), (t,))[1].detach()  # the other parameters are the model's own
 
         try:  # all l directions in one vmapped jvp (the primal is computed once)
             out[lo:lo + xb.shape[0]] = vmap(tangent_out)(stacked).T.double().cpu()
