@@ -287,7 +287,8 @@ def test_projection_from_records_matches_per_sample_gradients(C, tied, factor, m
     model = _mixed(C, tied)
     x = torch.randn(9, 4, 6, 6, dtype=torch.float64)
     named = [(n, p) for n, p in model.named_parameters()]
-    v = torch.randn(sum(p.numel() for _, p in named), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(sum(p.numel() for _, p in named), 5, dtype=torch.float64, generator=gen)
     _close(since.project_gradients(model, x, v, model.fc, named, batch_size=4), _per_sample_projection(model, x, v))
 
 
