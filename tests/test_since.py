@@ -56,7 +56,7 @@ def _close(a, b, rel=1e-6):
 
 @pytest.mark.parametrize("C", CLASSES)
 @pytest.mark.parametrize("variant", ["a", "z"])
-@pytest.mark.parametrize("target", ["predicted", "uniform"])
+@pytest.mark.parametrize("target", ["authors", "predicted", "uniform"])
 def test_gaia_one_backward_matches_per_sample_reference_on_cnn(C, variant, target):
     model, x, _ = _data("cnn", C)
     fast = get_score(f"gaia(variant={variant},target={target})").from_model(model, x)
@@ -70,18 +70,56 @@ def test_gaia_one_backward_matches_per_sample_reference_on_cnn(C, variant, targe
 
 
 @pytest.mark.parametrize("C", CLASSES)
+def test_gaia_defaults_are_the_authors_batch_procedure(C):
+    """The defaults against the authors' procedure written out on a batch (github.com/JGEthanChen/GAIA-OOD,
+    cal_method.py, hook.py): tensor hooks store the gradient at every BatchNorm output; GAIA-Z backpropagates the
+    sum of the max logits, averages the indicator grad != 0 over positions, concatenates the channels of all
+    layers, squares and averages them, and negates; GAIA-A backpropagates sum_k log softmax(z)_k to the last map F
+    before the pool (o = sqrt(mean_c |mean_t dL/dF_c|)), then the sum of the pooled features to the BatchNorm
+    outputs, and averages (|mean_t grad| / o)^2 over the channels. uvood takes o at the pooled h instead:
+    dL/dF = dL/dh / |positions|, so the authors' value is |positions| times uvood's (the same ranking)."""
+    model, x, _ = _data("cnn", C)
+    stored = {}
+
+    def hook(name):
+        def fwd(module, inputs, output):
+            output.register_hook(lambda g: stored.__setitem__(name, g.detach()))
+        return fwd
+
+    handles = [model.features[1].register_forward_hook(hook("bn")), model.features.register_forward_hook(hook("F"))]
+    pooled = []
+    handles.append(model.fc.register_forward_hook(lambda m, i, o: pooled.append(i[0])))
+    y = model(x)
+    y.max(dim=1).values.sum().backward(retain_graph=True)
+    zero = -((stored["bn"] != 0).double().mean(dim=(-1, -2)) ** 2).mean(1)
+    torch.log_softmax(y, dim=-1).sum().backward(retain_graph=True)
+    o = stored["F"].mean(dim=(-1, -2)).abs().mean(1).sqrt()[:, None]
+    pooled[0].sum().backward()
+    avg = -((stored["bn"].mean(dim=(-1, -2)).abs() / o) ** 2).mean(1)
+    for hd in handles:
+        hd.remove()
+    _close(get_score("gaia(variant=z)").from_model(model, x), zero)
+    positions = stored["F"][0, 0].numel()
+    _close(positions * get_score("gaia").from_model(model, x), avg)
+    assert get_score("gaia").spec == get_score("gaia(variant=a,layer=auto,target=authors,T=1)").spec
+
+
+@pytest.mark.parametrize("C", CLASSES)
 @pytest.mark.parametrize("variant", ["a", "z"])
 def test_gaia_on_an_mlp_uses_the_hidden_linear_outputs(C, variant):
     model, x, _ = _data("mlp", C)
-    _close(get_score(f"gaia(variant={variant})").from_model(model, x), reference_gaia(model, x, variant=variant))
+    for target in ("authors", "predicted"):
+        _close(get_score(f"gaia(variant={variant},target={target})").from_model(model, x),
+               reference_gaia(model, x, variant=variant, target=target))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("C", CLASSES)
 def test_gaia_at_the_head_is_its_closed_form_output_term(kind, C):
-    """GAIA-A of the head's input h = -||W^T dL/dz||_2: a pure V term (gaia_v, from features)."""
+    """GAIA-A of the head's input h: -1 / mean_d |W^T dL/dz| (authors) or -mean_d (W^T dL/dz)_d^2, a pure V term
+    (gaia_v, from features)."""
     model, x, x_id = _data(kind, C)
-    for target in ("predicted", "uniform"):
+    for target in ("authors", "predicted", "uniform"):
         ref = reference_gaia(model, x, layer="head", T=2.0, target=target)
         _close(get_score(f"gaia(layer=head,T=2,target={target})").from_model(model, x), ref)
         v = get_score(f"gaia_v(T=2,target={target})")

@@ -7,10 +7,11 @@ docs/gradient_scores.md, "Gradient methods since the paper"; the float64 per-sam
 references are in :mod:`uvood.scores.reference` (``reference_gaia``, ``reference_gradorth``,
 ``reference_lowdim``; the Fisher trace is ``reference_grad_score`` of its grad(...) axes).
 
-* ``gaia(variant=a|z, layer=auto)`` -- GAIA (Chen et al., NeurIPS 2023): gradients of the
-  loss -log p^(yhat) of the predicted class (or the KL to uniform, ``target=uniform``) w.r.t.
-  intermediate feature maps (deep only, needs the model).
-* ``gaia_v`` -- GAIA-A at the head's input: -||W^T (p - e_yhat)||_2 / T, a pure output term (U = 1).
+* ``gaia(variant=a|z, layer=auto, target=authors)`` -- GAIA (Chen et al., NeurIPS 2023), as the authors'
+  code (github.com/JGEthanChen/GAIA-OOD, ``cal_method.py``): gradients of the summed head input (A,
+  normalised by an output term) or of the max logit (Z) w.r.t. the normalisation layers' outputs
+  (deep only, needs the model); ``target=predicted|uniform``: the loss -log p^(yhat) or the KL to uniform.
+* ``gaia_v`` -- GAIA-A at the head's input: -1 / mean_d |[W^T (1 - C p)]_d| * T, a pure output term (U = 1).
 * ``gradorth(k=, energy=)`` -- GradOrth (Behpour et al., NeurIPS 2023), fitted on ID features;
   ``gradorth_u(k=, energy=) * gradorth_v`` is its U * V form (identical values at the head).
 * ``lowdim(k, bias, depth)`` -- low-dimensional gradients (Wu et al., 2023, arXiv:2310.17163):
@@ -62,15 +63,24 @@ def uniform_gap(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
 
 
 def loss_cotangent(logits: torch.Tensor, target: str, T: float = 1.0) -> torch.Tensor:
-    """dL/dz (N x C, float64) of GAIA's loss: ``predicted``: L = -log p^(yhat), yhat = argmax_k z_k,
-    dL/dz = (p - e_yhat)/T; ``uniform``: L = -(1/C) sum_k log p^(k), dL/dz = (p - u)/T."""
+    """dz-cotangent (N x C, float64) of the output GAIA differentiates: ``predicted``: L = -log p^(yhat),
+    yhat = argmax_k z_k, dL/dz = (p - e_yhat)/T; ``uniform``: L = -(1/C) sum_k log p^(k), dL/dz = (p - u)/T;
+    ``max_logit``: L = max_k z_k (the authors' GAIA-Z), dL/dz = e_yhat; ``logsoftmax_sum``: L = sum_k
+    log p^(k) (the authors' output term of GAIA-A), dL/dz = (1 - C p)/T."""
     if target == "uniform":
         return uniform_gap(logits, T) / T
-    p = softmax(logits, T)
-    return (p - torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(p.dtype)) / T
+    if target == "logsoftmax_sum":
+        return (1.0 - logits.shape[1] * softmax(logits, T)) / T
+    onehot = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(torch.float64)
+    if target == "max_logit":
+        return onehot
+    return (softmax(logits, T) - onehot) / T
 
 
 # ---------------------------------------------------------------- GAIA
+
+#: GAIA's feature maps with ``layer=auto``: the outputs of the normalisation layers (the authors' hooks)
+NORM_LAYERS = (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 
 
 def _spatial(t: torch.Tensor) -> bool:
@@ -81,15 +91,17 @@ def _spatial(t: torch.Tensor) -> bool:
 def gaia_layers(model: nn.Module, layer: str, head_module: nn.Module | None = None) -> tuple[list[nn.Module], bool]:
     """The modules whose outputs GAIA differentiates, and whether their outputs are spatial maps.
 
-    ``auto``: every convolution; in a model without one (an MLP), every ``nn.Linear`` but the head,
-    each hidden unit a channel with one position. ``NAME``: that module (names compared
-    case-insensitively, as the spec grammar lower-cases them); its output must be a spatial map.
-    ``head`` (the head's input h) is handled by the caller."""
+    ``auto``: every BatchNorm2d/3d and GroupNorm (the authors' hooks: ``get_bn_hooks``, and the normalisation
+    layers of ``get_beforehead_hooks``); in a model without one, every convolution; in a model without
+    convolutions (an MLP), every ``nn.Linear`` but the head, each hidden unit a channel with one position.
+    ``NAME``: that module (names compared case-insensitively, as the spec grammar lower-cases them); its
+    output must be a spatial map. ``head`` (the head's input h) is handled by the caller."""
     named = list(model.named_modules())
     if layer == "auto":
-        convs = [m for _, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-        if convs:
-            return convs, True
+        for kinds in (NORM_LAYERS, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            chosen = [m for _, m in named if isinstance(m, kinds)]
+            if chosen:
+                return chosen, True
         hidden = [m for _, m in named if isinstance(m, nn.Linear) and m is not head_module]
         if not hidden:
             raise UvoodError(f"GAIA needs intermediate feature maps, but {type(model).__name__} has no convolution "
@@ -100,7 +112,7 @@ def gaia_layers(model: nn.Module, layer: str, head_module: nn.Module | None = No
     if not chosen:
         names = [n for n, _ in named if n][:12]
         raise UvoodError(f"GAIA: the model has no layer named {layer!r}. Layers: {', '.join(names)}"
-                         f"{' ...' if len(named) > 13 else ''}; or layer=auto (every convolution), layer=head.")
+                         f"{' ...' if len(named) > 13 else ''}; or layer=auto (every normalisation layer), layer=head.")
     return chosen, True
 
 
@@ -135,20 +147,33 @@ def gaia_statistic(g: torch.Tensor, variant: str) -> torch.Tensor:
     return (flat != 0).to(torch.float64).mean(-1)
 
 
-def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = "auto", target: str = "predicted",
-         T: float = 1.0, head=None, batch_size: int = GAIA_BATCH_SIZE) -> torch.Tensor:
-    """GAIA score -||Lambda||_F (higher = more ID), one forward and ONE backward per micro-batch.
+def gaia_output_term(z: torch.Tensor, h: torch.Tensor, T: float) -> torch.Tensor:
+    """o^2 = mean_c |dL/dh_c| (n, float64), L = sum_k log p^(k)(z / T): GAIA-A's normaliser (the authors'
+    ``output_component`` squared), taken at the head's input h (the authors take the mean over positions of
+    the gradient at the last map F before the global average pool, which is dL/dh / |positions|: a constant
+    factor per model). One backward from the logits to h."""
+    (gh,) = torch.autograd.grad(z, h, loss_cotangent(z, "logsoftmax_sum", T).to(z.dtype), retain_graph=True)
+    return gh.detach().reshape(gh.shape[0], -1).to(torch.float64).abs().mean(1)
 
-    Lambda_{l,c} = gaia_statistic of dL/dA_l, channel c, for every chosen layer l, with the loss
-    L the loss of :func:`loss_cotangent` (``target``). In eval mode
-    the samples do not interact: the batch gradient of sum_n L_n w.r.t. A_l holds each sample's own
-    gradient in its row, so one backward (cotangent dL/dz at the logits) serves the batch.
+
+def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = "auto", target: str = "authors",
+         T: float = 1.0, head=None, batch_size: int = GAIA_BATCH_SIZE) -> torch.Tensor:
+    """GAIA score -mean_{l,c} Lambda_{l,c}^2 (higher = more ID), one forward and ONE backward per micro-batch
+    (two for GAIA-A with ``target=authors``: the output term, then the maps).
+
+    Lambda_{l,c} = gaia_statistic of the gradient of an output y w.r.t. the map A_l, channel c (the mean over
+    every channel of every chosen layer). ``target=authors`` (the authors' code, :class:`GaiaScore`):
+    GAIA-A: y = sum_d h_d (the head's input summed) and Lambda divided by the output term o
+    (:func:`gaia_output_term`); GAIA-Z: y = max_k z_k. ``predicted`` / ``uniform``: y = the loss of
+    :func:`loss_cotangent`, no division. In eval mode the samples do not interact: the batch gradient of
+    sum_n y_n w.r.t. A_l holds each sample's own gradient in its row, so one backward serves the batch.
     """
     from ..model import eval_mode, find_head, forward_head
     from .engine import check_independent
 
     if x.ndim == 0 or x.shape[0] == 0:
         raise UvoodError(f"x is empty (shape {tuple(x.shape)}): pass at least one sample.")
+    feature_sum = target == "authors" and variant == "a"
     with eval_mode(model):
         check_independent(model)
         head_module = find_head(model, x[:1], head)
@@ -156,61 +181,72 @@ def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = 
         out = []
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
-            tape = _Outputs(chosen, head_module if layer == "head" else None)
+            tape = _Outputs(chosen, head_module if layer == "head" or feature_sum else None)
             try:
                 with torch.enable_grad():
                     _, _, z = forward_head(model, xb, head_module)
             finally:
                 tape.remove()
-            maps = tape.out
+            maps = tape.out[:len(tape.out) - (feature_sum and layer != "head")]
+            h = tape.out[-1]  # the head's input (when kept): what GAIA-A differentiates, and where o is taken
             if layer not in ("auto", "head") and not any(_spatial(a) for a in maps):
                 raise UvoodError(f"GAIA: layer {layer!r} outputs shape {tuple(maps[0].shape)}, not a spatial "
                                  "feature map (N x channels x positions); name a convolutional layer, or use "
                                  "gaia(layer=head) for the head's input.")
-            if spatial:  # a convolution whose map has shrunk to one position is left out, as in the reference
+            if spatial:  # a map that has shrunk to one position is left out, as in the reference
                 maps = [a for a in maps if _spatial(a)]
-            v = loss_cotangent(z, target, T).to(z.dtype)
-            grads = torch.autograd.grad(z, maps, v, allow_unused=True)
+            with torch.enable_grad():
+                if feature_sum:
+                    o2 = gaia_output_term(z, h, T)
+                    grads = torch.autograd.grad(h, maps, torch.ones_like(h), allow_unused=True)
+                else:
+                    v = loss_cotangent(z, "max_logit" if target == "authors" else target, T).to(z.dtype)
+                    grads = torch.autograd.grad(z, maps, v, allow_unused=True)
             sq = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+            channels = 0
             for a, g in zip(maps, grads):
                 g = torch.zeros_like(a) if g is None else g
                 if not spatial:
                     g = g.reshape(g.shape[0], -1, 1)
                 sq += (gaia_statistic(g, variant) ** 2).sum(1)
-            out.append(-sq.sqrt())
+                channels += g.shape[1]
+            s = sq / max(channels, 1)
+            out.append(-(s / o2.clamp_min(torch.finfo(torch.float64).tiny) if feature_sum else s))
     return torch.cat(out)
 
 
 class GaiaScore(Score):
     """GAIA (Chen et al., "GAIA: Delving into Gradient-based Attribution Abnormality for
-    Out-of-distribution Detection", NeurIPS 2023), oriented higher = more ID:
+    Out-of-distribution Detection", NeurIPS 2023), oriented higher = more ID, as the authors' code
+    (github.com/JGEthanChen/GAIA-OOD, ``cal_method.py``: ``cal_grad_value`` and ``cal_zero``; ``hook.py``;
+    their ``cal_score`` negates the abnormality):
 
-        S(x) = -|| Lambda(x) ||_F,   Lambda_{l,c} = a statistic of dL/dA_{l,c}
+        S(x) = -(1 / |channels|) sum_{l,c} Lambda_{l,c}(x)^2
 
-    A_{l,c} channel c of the feature map of layer l, L = -log p^(yhat) the loss of the predicted
-    class yhat = argmax_k z_k (the class an attribution explains; dL/dz = (p - e_yhat)/T), or with
-    ``target=uniform`` GradNorm's KL to the uniform (dL/dz = (p - u)/T). ``variant=a`` (GAIA-A, channel-wise average
-    abnormality): Lambda_{l,c} = |mean over positions of dL/dA_{l,c}|; ``variant=z`` (GAIA-Z,
-    zero-deflation abnormality): Lambda_{l,c} = the share of positions where dL/dA_{l,c} != 0.
-    Both grow on OOD inputs (the paper's observation), hence the minus sign.
-    ``layer=auto``: the output of every convolution (in a model without convolutions, every hidden
-    ``nn.Linear`` output, each unit a channel with one position, so that A is |dL/dA| and Z the
-    indicator dL/dA != 0); ``layer=NAME``: one module (spatial output required); ``layer=head``:
-    the head's input h (each unit a channel with one position).
+    over every channel c of every chosen map A_l (``layer=auto``: the outputs of every BatchNorm2d/3d and
+    GroupNorm, the authors' hooks; without them every convolution; an MLP: every hidden ``nn.Linear``, each
+    unit a channel with one position; ``layer=NAME``: one module with a spatial output; ``layer=head``: the
+    head's input h).
 
-    Assumptions (the authors' code was not available here): the loss of the predicted class (the
-    attribution target; a constant factor would not change Z and scale A for every input alike);
-    layers are the convolution outputs; GAIA-A is not divided by an output-layer term. With
-    ``target=uniform`` the orientation stays as defined (-||Lambda||), although there a confident
-    input has the larger gradient (GradNorm's observation), so that variant tends to rank ID inputs
-    as OOD; it is kept for comparison, not flipped. Deep only (needs the
-    model; ``depth`` admits only ``deep``, so that the benchmark files it with the deep rows); at the
-    head GAIA-A has the closed form ``gaia_v``.
+    * GAIA-A (``variant=a``, channel-wise average abnormality, ``cal_grad_value``):
+      Lambda_{l,c} = |mean over positions of d(sum_d h_d)/dA_{l,c}| / o, the attribution gradient of the
+      head's input summed (their ``before_head_data``), normalised by the output term
+      o = sqrt(mean_d |dL/dh_d|), L = sum_k log p^(k)(z / T) (their ``output_component``, taken at the last map
+      before the global pool: a constant factor per model away from this, which does not change the ranking).
+    * GAIA-Z (``variant=z``, zero-deflation abnormality, ``cal_zero``): Lambda_{l,c} = the share of positions
+      where d(max_k z_k)/dA_{l,c} != 0.
+
+    ``target=predicted`` / ``target=uniform`` (uvood's earlier choices, kept for comparison): the gradient
+    of L = -log p^(yhat) (dL/dz = (p - e_yhat)/T) or of GradNorm's KL to the uniform ((p - u)/T) instead,
+    with no normalisation. Deep only (needs the model; ``depth`` admits only ``deep``, so that the
+    benchmark files it with the deep rows). At the head GAIA-A has the closed form ``gaia_v``. Where the
+    authors' layer set is architecture-specific (GAIA-A: the normalisation layers of the last two stages of
+    a ResNet; all of them for WRN-40-2 and VGG), uvood takes every normalisation layer.
     """
 
     needs_model = True
 
-    def __init__(self, variant="a", layer="auto", target="predicted", T=1.0, depth="deep"):
+    def __init__(self, variant="a", layer="auto", target="authors", T=1.0, depth="deep"):
         self.variant, self.layer, self.T = variant, str(layer), _check_T(T, "gaia")
         self.target = target
         self.batch_size = GAIA_BATCH_SIZE
@@ -223,17 +259,18 @@ class GaiaScore(Score):
 class GaiaHeadScore(FittedScore):
     """GAIA-A at the head's input, closed form (a pure output term; U = 1), higher = more ID:
 
-        S(x) = -|| W^T (p - e_yhat) ||_2 / T          (target=uniform: -|| W^T (p - u) ||_2 / T)
+        target=authors:  S(x) = -1 / mean_d |[W^T (1 - C p)]_d / T|       (d(sum h)/dh = 1, so Lambda = 1 / o)
+        target=predicted / uniform:  S(x) = -mean_d [W^T (p - e_yhat)]_d^2 / T^2   (or p - u)
 
-    dL/dh = W^T dL/dz, one position per unit of h, so Lambda_c = |[W^T dL/dz]_c|.
-    "Fitting" only stores the head's weight W (C x D). Equals ``gaia(layer=head)``.
+    dL/dh = W^T dL/dz, one position per unit of h. "Fitting" only stores the head's weight W (C x D).
+    Equals ``gaia(layer=head)`` with the same target.
     """
 
     needs_head = True
     _keys = ("weight",)
     method = "gaia_v"
 
-    def __init__(self, target="predicted", T=1.0):
+    def __init__(self, target="authors", T=1.0):
         self.T, self.target = _check_T(T, "gaia_v"), target
         super().__init__()
 
@@ -241,7 +278,10 @@ class GaiaHeadScore(FittedScore):
         self.weight = weight.clone()
 
     def _score(self, h, logits):
-        return -(loss_cotangent(logits, self.target, self.T) @ self.weight).norm(dim=1)
+        if self.target == "authors":
+            o2 = (loss_cotangent(logits, "logsoftmax_sum", self.T) @ self.weight).abs().mean(1)
+            return -1.0 / o2.clamp_min(torch.finfo(torch.float64).tiny)
+        return -((loss_cotangent(logits, self.target, self.T) @ self.weight) ** 2).mean(1)
 
 
 # ---------------------------------------------------------------- GradOrth
@@ -740,12 +780,13 @@ class FisherVScore(Score):
 
 VARIANTS = ("a", "z")
 
-TARGETS = ("predicted", "uniform")
+TARGETS = ("authors", "predicted", "uniform")
 
-register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "target": "predicted", "T": 1.0, "depth": "deep"},
-         kind="gradient", choices={"variant": VARIANTS, "target": TARGETS, "depth": ("deep",)}, doc=GaiaScore.__doc__)
-register("gaia_v", GaiaHeadScore, params={"target": "predicted", "T": 1.0}, kind="output", choices={"target": TARGETS},
-         doc=GaiaHeadScore.__doc__)
+register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "target": "authors", "T": 1.0, "depth": "deep"},
+         kind="gradient", choices={"variant": VARIANTS, "target": TARGETS, "depth": ("deep",)}, doc=GaiaScore.__doc__,
+         version=2)
+register("gaia_v", GaiaHeadScore, params={"target": "authors", "T": 1.0}, kind="output", choices={"target": TARGETS},
+         doc=GaiaHeadScore.__doc__, version=2)
 register("gradorth", GradOrthScore, params={"k": None, "energy": 0.97, "T": 1.0, "depth": "shallow"},
          kind="gradient", choices={"depth": ("shallow",)}, doc=GradOrthScore.__doc__)
 register("gradorth_u", GradOrthU, params={"k": None, "energy": 0.97}, kind="encoding", doc=GradOrthU.__doc__)
