@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -144,14 +145,56 @@ def func_lowdim_deep(model, x, score, chunk=16):
     return torch.cat(outs)
 
 
+def calibrate(repeats: int, l_values=(10, 20), n: int = 64) -> None:
+    """The conv cost model's factor (uvood.scores.since.CONV_KERNEL_FACTOR), measured per conv layer of the CNN:
+    the time per multiply-add of the materialising path (the engine's per-sample weight-gradient kernel, then one
+    matmul onto the l directions) over that of the stacked convolution (input * l stacked filters, dotted with g).
+    The stacked path is chosen where l T < factor (T + l)."""
+    from uvood.scores import since
+    from uvood.scores.engine import record_forward
+
+    torch.manual_seed(0)
+    model, x = cnn().eval(), torch.rand(n, 3, 32, 32)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    head = find_head(model, x[:1])
+    with torch.enable_grad():
+        _, logits, records = record_forward(model, x, head, convs)
+        grads = torch.autograd.grad(logits, [r.output for r in records], torch.softmax(logits.detach(), 1))
+    print("| conv (Cout, Cin, k, k) | T | l | kernel+matmul ms | stacked ms | kernel MACs / stacked MACs | factor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    factors = []
+    for r, g in zip(records, grads):
+        g = g.detach()
+        w = r.module.weight
+        T, d, cout = g[0, 0].numel(), w[0].numel(), w.shape[0]
+        for l in l_values:
+            vs = {"weight": torch.randn(l, *w.shape)}
+            paths = [(lambda xx, r=r, g=g, vs=vs: since._project_materialised(r, g, vs), x),
+                     (lambda xx, r=r, g=g, vs=vs: since._project_conv_stacked(r.module, r.inputs[0], g, vs["weight"]),
+                      x)]
+            (rate_k, rate_s), _ = race(paths, repeats, clock=time.process_time)
+            kernel, stacked = cout * d * T + l * cout * d, l * cout * d * T
+            f = (n / rate_k / kernel) / (n / rate_s / stacked)
+            factors.append(f)
+            print(f"| {tuple(w.shape)} | {T} | {l} | {1e3 * n / rate_k:.1f} | {1e3 * n / rate_s:.1f} | "
+                  f"{kernel / stacked:.3f} | {f:.2f} |")
+    factors.sort()
+    print(f"\nfactor (per multiply-add, kernel path / stacked path): median {factors[len(factors) // 2]:.2f}, "
+          f"range {factors[0]:.2f}-{factors[-1]:.2f}; uvood uses CONV_KERNEL_FACTOR = {since.CONV_KERNEL_FACTOR}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke test)")
     ap.add_argument("--write", type=Path, default=None, help="append the table to this markdown file")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    ap.add_argument("--calibrate", action="store_true", help="measure the conv cost model's factor and stop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.calibrate:
+        calibrate(args.repeats)
+        return
     torch.manual_seed(0)
     s = 4 if args.quick else 1
     models = {"MLP": (mlp().eval(), torch.rand(512 // s, 1, 28, 28), 64 // s),
@@ -213,6 +256,15 @@ def main() -> None:
         for m, meth, t in targets)]
     lines += ["", "Shallow forms vs a forward pass (cost / forward cost): " + "; ".join(
         f"{m} {meth}: {cost[(m, meth)] / fwd[m]:.2f}" for m, meth in cost if "shallow" in meth)]
+    # a shallow form needs at least the forward pass that gives (h, z): its ratio to the authors' way is at most
+    # (time of the authors' way) / (time of one forward) = forward samples/s / authors' samples/s
+    slow = {(m, meth): rate for m, meth, path, rate, r, _ in rows if r == 1.0}
+    fw_rate = {m: rate for m, meth, _, rate, _, _ in rows if meth == "one batched forward"}
+    lines += ["", "Floor of the shallow forms (one forward pass): the largest ratio to the authors' way a path that "
+              "runs the forward can reach = forward samples/s / authors' samples/s: " + "; ".join(
+                  f"{m} {meth}: {fw_rate[m] / slow[(m, meth)]:.1f}x (measured {ratio[(m, meth)]:.1f}x = "
+                  f"{ratio[(m, meth)] * slow[(m, meth)] / fw_rate[m]:.0%} of the floor's)"
+                  for m, meth in ratio if "shallow" in meth)]
     text = "\n".join(lines)
     print(text)
     if args.write:

@@ -330,6 +330,22 @@ def test_projection_from_records_matches_per_sample_gradients(C, tied, factor, m
     _close(since.project_gradients(model, x, v, model.fc, named, batch_size=4), _per_sample_projection(model, x, v))
 
 
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_backprojection_from_records_matches_per_sample_gradients(C, tied):
+    """J^T W (the fit's other product) from one forward and backward equals sum_n w_nj (per-sample gradient of
+    sample n), per-sample backward passes, on every rule, the tied weight by autograd backward."""
+    from uvood.scores import since
+    from uvood.scores.reference import _head_grads
+
+    model = _mixed(C, tied)
+    x = torch.randn(9, 4, 6, 6, dtype=torch.float64)
+    named = list(model.named_parameters())
+    w = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    g, _ = _head_grads(model, x, lambda z: torch.logsumexp(z, dim=1)[0], "fc", torch.float64, False, True)
+    _close(since.backproject_gradients(model, x, w, model.fc, named, batch_size=4), g.T @ w)
+
+
 def test_projection_uses_the_jvp_only_for_uncovered_parameters(monkeypatch):
     """On a model the records cover, no jvp is run; with a tied weight only that weight goes to the jvp."""
     from uvood.scores import since

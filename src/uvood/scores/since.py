@@ -17,7 +17,8 @@ references are in :mod:`uvood.scores.reference` (``reference_gaia``, ``reference
 * ``lowdim(k, bias, depth)`` -- low-dimensional gradients (Wu et al., 2023, arXiv:2310.17163):
   the gradient of logsumexp(z) projected onto the top-k principal directions of the ID gradients,
   scored by a Mahalanobis distance there; shallow: the head, fitted on ID features (closed form);
-  deep: every parameter, by jvp / vjp products (randomized SVD), no per-sample gradient formed.
+  deep: every parameter, products J V and J^T W from the layer records (randomized SVD), no per-sample
+  gradient of the whole model formed.
 * ``fisher(depth, T, bias)`` -- the trace of the Fisher information of p(y|x) at x, shallow and
   deep; ``sqnorm * fisher_v`` is its U * V form (exact at the head).
 """
@@ -586,41 +587,158 @@ def _jvp_projection(model, x, named, views, head, batch_size):
     return out
 
 
-def project_gradients(model, x, v: torch.Tensor, head, named, batch_size: int = 128) -> torch.Tensor:
-    """phi = J(x) V (N x l, float64): phi[n, j] = <grad_theta logsumexp(z(x_n)), v_j>, theta = ``named``.
-
-    Per micro-batch ONE forward with the layers recorded and ONE backward of sum_n logsumexp(z_n) to the
-    recorded outputs (cotangent softmax(z) at the logits; in eval mode the samples do not interact, so row n
-    of each output gradient g is sample n's own); then each record's share of phi from its input a and g
-    (:func:`project_record`); no full per-sample gradient is formed. Parameters the records do not cover
-    (the engine's coverage check, :func:`uvood.scores.engine.uncovered_params`: tied weights, weights used
-    outside their module's forward) are projected by forward-mode jvp (:func:`_jvp_projection`)."""
+def _record_passes(model, x, named, head, batch_size, plan: dict):
+    """Per micro-batch: (lo, [(record, output gradient, {name: parameter} it covers)]), from ONE forward with
+    the layers recorded and ONE backward of sum_n logsumexp(z_n) to the recorded outputs (cotangent softmax(z)
+    at the logits; in eval mode the samples do not interact, so row n of each output gradient is sample n's
+    own). The coverage check (:func:`uvood.scores.engine.uncovered_params`) runs on the first micro-batch;
+    ``plan["skip"]``: the ids of the parameters it finds uncovered."""
     from .engine import record_forward, uncovered_params
 
     selected = {id(p): p for _, p in named}
-    views = param_views(named, v)
     modules = [m for m in model.modules() if any(id(p) in selected for p in m.parameters(recurse=False))]
     if x.is_inference():
         x = x.clone()
-    out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
-    skip = None
     for lo in range(0, x.shape[0], batch_size):
-        xb = x[lo:lo + batch_size]
         with torch.enable_grad():
-            _, logits, records = record_forward(model, xb, head, modules)
-            if skip is None:  # first micro-batch: the coverage check
-                skip = uncovered_params(logits, records, selected)
+            _, logits, records = record_forward(model, x[lo:lo + batch_size], head, modules)
+            if "skip" not in plan:
+                plan["skip"] = uncovered_params(logits, records, selected)
+            skip = plan["skip"]
             grads = torch.autograd.grad(logits, [r.output for r in records], torch.softmax(logits.detach(), 1),
                                         allow_unused=True) if records else []
+        items = []
+        for r, g in zip(records, grads):
+            own = {nm: p for nm, p in r.params.items() if id(p) in selected and id(p) not in skip}
+            if g is not None and own:
+                items.append((r, g.detach(), own))
+        yield lo, items
+
+
+def project_gradients(model, x, v: torch.Tensor, head, named, batch_size: int = 128) -> torch.Tensor:
+    """phi = J(x) V (N x l, float64): phi[n, j] = <grad_theta logsumexp(z(x_n)), v_j>, theta = ``named``.
+
+    Per micro-batch one forward and one backward (:func:`_record_passes`), then each record's share of phi
+    from its input a and output gradient g (:func:`project_record`); no full per-sample gradient is formed.
+    Parameters the records do not cover (tied weights, weights used outside their module's forward) are
+    projected by forward-mode jvp (:func:`_jvp_projection`)."""
+    views = param_views(named, v)
+    out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
+    plan: dict = {}
+    for lo, items in _record_passes(model, x, named, head, batch_size, plan):
         with torch.no_grad():
-            acc = logits.new_zeros(xb.shape[0], v.shape[1])
-            for r, g in zip(records, grads):
-                own = {nm: views[id(p)] for nm, p in r.params.items() if id(p) in selected and id(p) not in skip}
-                if g is not None and own:
-                    acc += project_record(r, g, own)
-        out[lo:lo + xb.shape[0]] = acc.double().cpu()
-    if skip:
-        out += _jvp_projection(model, x, [(nm, p) for nm, p in named if id(p) in skip], views, head, batch_size)
+            acc = None
+            for r, g, own in items:
+                part = project_record(r, g, {nm: views[id(p)] for nm, p in own.items()})
+                acc = part if acc is None else acc + part
+            if acc is not None:
+                out[lo:lo + acc.shape[0]] = acc.double().cpu()
+    if plan.get("skip"):
+        out += _jvp_projection(model, x, [(nm, p) for nm, p in named if id(p) in plan["skip"]], views, head,
+                               batch_size)
+    return out
+
+
+def _vjp_linear(a, g, w, names):
+    """{name: l x shape}: sum_n w_nj g_n a_n^T (summed over positions) and sum_n w_nj g_n, y = a W^T + b."""
+    n, l = a.shape[0], w.shape[1]
+    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    wr = w.repeat_interleave(a2.shape[0] // n, dim=0)
+    out = {}
+    if "weight" in names:
+        cout = g2.shape[1]
+        acc = g2.new_zeros(l * cout, a2.shape[1])
+        step = max(1, CHUNK_ELEMENTS // (l * cout))
+        for lo in range(0, a2.shape[0], step):
+            gw = (wr[lo:lo + step, :, None] * g2[lo:lo + step, None, :]).reshape(-1, l * cout)
+            acc += gw.T @ a2[lo:lo + step]
+        out["weight"] = acc.view(l, cout, a2.shape[1])
+    if "bias" in names:
+        out["bias"] = wr.T @ g2
+    return out
+
+
+def _vjp_conv_weight(module, a, g, w):
+    """l x weight shape: sum_n w_nj (per-sample weight gradient of sample n), from ONE call of the convolution's
+    weight-gradient kernel per chunk of samples, the l weighted copies of g stacked along the output channels
+    (group-major; the gradient w.r.t. l stacked copies of the filters holds each column's sum)."""
+    from .engine import ConvRule
+
+    a, padding = ConvRule._padded(module, a)
+    shape, G, l = module.weight.shape, module.groups, w.shape[1]
+    n, cout, spatial = g.shape[0], g.shape[1], g.shape[2:]
+    proxy = module.weight.detach().repeat(l, *([1] * (len(shape) - 1)))  # l*Cout x Cin/G x kernel (shape only)
+    acc = None
+    step = max(1, CHUNK_ELEMENTS // (l * g[0].numel()))
+    for lo in range(0, n, step):
+        gg = w[lo:lo + step, :, None, None, None] * g[lo:lo + step].reshape(-1, 1, G, cout // G, math.prod(spatial))
+        gg = gg.transpose(1, 2).reshape(gg.shape[0], G * l * (cout // G), *spatial)
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            gg, a[lo:lo + step], proxy, None, list(module.stride), padding, list(module.dilation), False,
+            [0] * len(spatial), G, [False, True, False])
+        acc = gw if acc is None else acc + gw
+    return acc.view(G, l, cout // G, *shape[1:]).transpose(0, 1).reshape(l, *shape)
+
+
+def vjp_record(r, g: torch.Tensor, w: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """{name: l x param shape}: sum_n w_nj (per-sample gradient of sample n) for each column j of w (n x l), from
+    the record's input and output gradient g: linear layers by one (l Cout x rows) @ (rows x Din) product,
+    convolutions by one stacked kernel call per chunk, biases from g, anything else by materialised per-sample
+    gradients (``grad_sample``) contracted with w."""
+    from .engine import ConvRule, LinearRule
+
+    if isinstance(r.rule, LinearRule):
+        return _vjp_linear(r.inputs[0], g, w, names)
+    out = {}
+    if isinstance(r.rule, ConvRule):
+        if "weight" in names:
+            out["weight"] = _vjp_conv_weight(r.module, r.inputs[0], g, w)
+        if "bias" in names:
+            out["bias"] = w.T @ g.reshape(g.shape[0], g.shape[1], -1).sum(-1)
+        return out
+    n = g.shape[0]
+    per_sample = sum(getattr(r.module, nm).numel() for nm in names) + r.rule.sample_elements(r.module, r.inputs,
+                                                                                               names)
+    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        gs = r.rule.grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs, g[None, lo:hi], list(names))
+        for nm in names:
+            part = torch.tensordot(w[lo:hi].T, gs[nm][0], dims=1)
+            out[nm] = part if nm not in out else out[nm] + part
+    return out
+
+
+def backproject_gradients(model, x, w: torch.Tensor, head, named, batch_size: int = 128) -> torch.Tensor:
+    """J^T W (P x l, float64) for W (N x l): column j = sum_n w_nj grad_theta logsumexp(z(x_n)), theta = ``named``
+    (rows in its order). Per micro-batch one forward and one backward (:func:`_record_passes`), then each
+    record's share (:func:`vjp_record`); the parameters the records do not cover by one autograd backward of
+    sum_n w_nj y_n per column."""
+    from ..model import forward_head
+
+    offsets, pos = {}, 0
+    for _, p in named:
+        offsets[id(p)] = pos
+        pos += p.numel()
+    out = torch.zeros(pos, w.shape[1], dtype=torch.float64)
+    plan: dict = {}
+    for lo, items in _record_passes(model, x, named, head, batch_size, plan):
+        with torch.no_grad():
+            for r, g, own in items:
+                wb = w[lo:lo + g.shape[0]].to(device=g.device, dtype=g.dtype)
+                for nm, part in vjp_record(r, g, wb, list(own)).items():
+                    p = own[nm]
+                    out[offsets[id(p)]:offsets[id(p)] + p.numel()] += part.reshape(w.shape[1], -1).T.double().cpu()
+    rest = [p for _, p in named if id(p) in plan.get("skip", ())]
+    for lo in range(0, x.shape[0] if rest else 0, batch_size):
+        with torch.enable_grad():
+            y = torch.logsumexp(forward_head(model, x[lo:lo + batch_size], head)[2], dim=1)
+            for j in range(w.shape[1]):
+                grads = torch.autograd.grad(y, rest, w[lo:lo + len(y), j].to(y.dtype),
+                                            retain_graph=j < w.shape[1] - 1, allow_unused=True)
+                for p, g in zip(rest, grads):
+                    if g is not None:
+                        out[offsets[id(p)]:offsets[id(p)] + p.numel(), j] += g.reshape(-1).double().cpu()
     return out
 
 
@@ -631,14 +749,13 @@ class LowDimDeepScore(Score):
 
     v_1..v_k: the top-k right singular vectors of the ID Jacobian J (n x P, row i = the gradient of
     logsumexp(z(x_i)) w.r.t. all parameters with requires_grad), found as the authors do, by a randomized
-    truncated SVD that touches J only through products: J^T w (one backward of sum_i w_i y_i per
-    column) and J v (one forward-mode ``torch.func.jvp`` per column). Rows of J are never formed;
-    memory is P x (k + oversample). Scoring: phi(x) = J(x) V, k jvps per batch (exact per sample: the
-    samples do not interact in eval mode). mu, P = pinv(Sigma) of phi on the fit samples. The
-    subspace is exact when k + ``oversample`` >= the rank of J (at most the number of fit samples),
-    else the randomized estimate with ``iters`` power iterations (seeded). At most
-    ``LOWDIM_DEEP_FIT_MAX`` = 512 ID samples (seeded subset) span the subspace: on the paper's CNN
-    (c = 32) on CPU the fit then takes minutes.
+    truncated SVD that touches J only through products J^T W (:func:`backproject_gradients`) and J V
+    (:func:`project_gradients`), each from ONE forward and ONE backward per micro-batch with the layers
+    recorded (exact per sample: the samples do not interact in eval mode). Rows of J are never formed;
+    memory is P x (k + oversample). Scoring: phi(x) = J(x) V, the same projection. mu, P = pinv(Sigma) of
+    phi on the fit samples. The subspace is exact when k + ``oversample`` >= the rank of J (at most the
+    number of fit samples), else the randomized estimate with ``iters`` power iterations (seeded). At most
+    ``LOWDIM_DEEP_FIT_MAX`` = 512 ID samples (seeded subset) span the subspace.
     """
 
     needs_model = True
@@ -654,20 +771,9 @@ class LowDimDeepScore(Score):
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def _jt(self, model, x, w, head):
-        """J^T w (P x l, float64) for w (n x l): one forward per micro-batch, l backward passes."""
-        from ..model import forward_head
-
-        named = self._params(model)
-        out = torch.zeros(sum(p.numel() for _, p in named), w.shape[1], dtype=torch.float64)
-        for lo in range(0, x.shape[0], self.batch_size):
-            with torch.enable_grad():
-                y = torch.logsumexp(forward_head(model, x[lo:lo + self.batch_size], head)[2], dim=1)
-                for j in range(w.shape[1]):
-                    grads = torch.autograd.grad(y, [p for _, p in named], w[lo:lo + len(y), j].to(y.dtype),
-                                                retain_graph=j < w.shape[1] - 1, allow_unused=True)
-                    out[:, j] += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double().cpu()
-                                            for (_, p), g in zip(named, grads)])
-        return out
+        """J^T w (P x l, float64) for w (n x l): :func:`backproject_gradients` (one forward and backward per
+        micro-batch, the weighted sums of per-sample gradients from the layer records)."""
+        return backproject_gradients(model, x, w, head, self._params(model), self.batch_size)
 
     def _j(self, model, x, v, head):
         """J v (n x l, float64) for v (P x l): :func:`project_gradients` (one forward and backward per
