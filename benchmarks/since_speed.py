@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/since_speed.py [--quick] [--repeats 3] [--threads 1]
         [--write benchmarks/RESULTS.md]
+    OMP_NUM_THREADS=1 python benchmarks/since_speed.py --calibrate   # the conv cost model's factor, per layer
 
 Models: the MLP and the CNN of benchmarks/gradient_scores.py (random weights, eval mode, float32).
 For each method, in ONE run (interleaved rounds, best of ``--repeats``):
@@ -11,12 +12,15 @@ For each method, in ONE run (interleaved rounds, best of ``--repeats``):
 * the authors' way: GAIA, GradOrth and the Fisher trace one sample at a time (forward, ``backward()``,
   statistics of ``.grad``; the Fisher trace needs one backward per label); low-dim: ``torch.func``
   ``vmap(grad)`` per-sample gradients (head, or every parameter), materialised, projected onto the
-  basis (deep low-dim's fast path is k forward-mode jvps per batch);
+  basis (deep low-dim's fast path: one forward and one backward per batch, the projection from the layer
+  records, uvood.scores.since.project_gradients);
 * the cost of one batched forward + backward of the same model on the same batch (and of one forward):
   each fast path is also reported as a multiple of it.
 
 Targets: >= 10x the authors' way on the MLP, >= 1.5x on the CNN, shallow forms at about the cost of a
-forward pass. Values of the two paths are compared (max relative difference, float32).
+forward pass. Values of the two paths are compared (max relative difference, float32). A shallow form runs
+one forward pass, so its ratio to the authors' way is at most (forward samples/s) / (authors' samples/s):
+the output prints that floor beside each shallow ratio.
 """
 
 from __future__ import annotations
