@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python benchmarks/since_speed.py --calibrate   # the conv cost model's factor, per layer
 
 Models: the MLP and the CNN of benchmarks/gradient_scores.py (random weights, eval mode, float32).
-For each method, in ONE run (interleaved rounds, best of ``--repeats``):
+For each method, in ONE run (interleaved rounds, best of ``--repeats``, CPU time of the process):
 
 * fast path: the uvood score (GAIA: one batched forward and ONE backward to the feature maps; Fisher
   deep: the engine; GradOrth, low-dim, Fisher shallow: the head closed forms from one forward);
@@ -252,7 +252,7 @@ def main() -> None:
         for _, _, sc, slow, how in methods:  # per-sample loops and vmap on the first n_loop samples
             paths += [(lambda xx, sc=sc, m=model: sc.from_model(m, xx), x),
                       (slow, x if how.startswith("authors' batched") else x[:n_loop])]
-        rates, values = race(paths, args.repeats)
+        rates, values = race(paths, args.repeats, clock=time.process_time)
         fb, fw = rates[0], rates[1]
         rows.append((name, "one batched forward + backward", "", fb, float("nan"), 1.0))
         rows.append((name, "one batched forward", "", fw, float("nan"), fb / fw))
@@ -266,8 +266,9 @@ def main() -> None:
             rows.append((name, f"{label} ({depth})", "uvood fast path", fast, fast / slow, fb / fast))
     info = machine_info()
     lines = [f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']}, {info['threads']} thread(s), "
-             f"Python {info['python']}; best of {args.repeats} runs{' (--quick)' if args.quick else ''}; the machine "
-             "is shared, so absolute numbers are noisy; ratios compare paths measured in the same run.", "",
+             f"Python {info['python']}; best of {args.repeats} runs{' (--quick)' if args.quick else ''}, CPU time of "
+             "this process (time.process_time: with one thread the wall time on an idle machine, far less disturbed "
+             "by other jobs on a shared one); ratios compare paths measured in the same run.", "",
              "| model | method | path | samples/s | x authors' way | cost in batched forward+backward |",
              "|---|---|---|---:|---:|---:|"]
     for name, method, path, rate, ratio, cost in rows:
