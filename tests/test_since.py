@@ -255,7 +255,7 @@ def test_since_section_from_a_mini_run(tmp_path, data_dir):
     assert "**GradOrth** (`gradorth` vs `gradorth_u*gradorth_v`): yes: the U·V form matches the full method " \
            "within its CI on every pair (2 of 2 pairs inside" in text
     assert "**Fisher trace** (`fisher` vs `sqnorm*fisher_v`): yes" in text
-    assert "**Low-dimensional gradients** (`lowdim`): no U·V form" in text
+    assert "**Low-dimensional gradients** (`lowdim(depth=deep)`): no U·V form" in text  # the deep row, preferred
     assert "**GAIA-A** (`gaia` vs `gaia_v`):" in text
 
 
