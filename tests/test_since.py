@@ -332,11 +332,15 @@ def test_projection_from_records_matches_per_sample_gradients(C, tied, factor, m
 
 @pytest.mark.parametrize("C", CLASSES)
 @pytest.mark.parametrize("tied", [False, True])
-def test_backprojection_from_records_matches_per_sample_gradients(C, tied):
+@pytest.mark.parametrize("factor", [0.0, 1e9])
+def test_backprojection_from_records_matches_per_sample_gradients(C, tied, factor, monkeypatch):
     """J^T W (the fit's other product) from one forward and backward equals sum_n w_nj (per-sample gradient of
-    sample n), per-sample backward passes, on every rule, the tied weight by autograd backward."""
+    sample n), per-sample backward passes, on every rule, the tied weight by autograd backward, with the
+    convolutions' stacked kernel and their materialised per-sample gradients (forced by the cost model's factor)."""
     from uvood.scores import since
     from uvood.scores.reference import _head_grads
+
+    monkeypatch.setattr(since, "CONV_KERNEL_FACTOR", factor)
 
     model = _mixed(C, tied)
     x = torch.randn(9, 4, 6, 6, dtype=torch.float64)

@@ -688,14 +688,16 @@ def _vjp_conv_weight(module, a, g, w):
 def vjp_record(r, g: torch.Tensor, w: torch.Tensor, names) -> dict[str, torch.Tensor]:
     """{name: l x param shape}: sum_n w_nj (per-sample gradient of sample n) for each column j of w (n x l), from
     the record's input and output gradient g: linear layers by one (l Cout x rows) @ (rows x Din) product,
-    convolutions by one stacked kernel call per chunk, biases from g, anything else by materialised per-sample
-    gradients (``grad_sample``) contracted with w."""
+    convolutions by one stacked kernel call per chunk where the cost model :func:`conv_stacked_cheaper` says so
+    (its l-fold kernel against the per-sample kernel plus a contraction: the same arithmetic as the projection's),
+    biases from g, anything else by materialised per-sample gradients (``grad_sample``) contracted with w."""
     from .engine import ConvRule, LinearRule
 
     if isinstance(r.rule, LinearRule):
         return _vjp_linear(r.inputs[0], g, w, names)
     out = {}
-    if isinstance(r.rule, ConvRule):
+    if isinstance(r.rule, ConvRule) and (
+            "weight" not in names or conv_stacked_cheaper(r.module, g, w.shape[1])):  # else materialised, below
         if "weight" in names:
             out["weight"] = _vjp_conv_weight(r.module, r.inputs[0], g, w)
         if "bias" in names:
