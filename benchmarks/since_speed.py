@@ -2,27 +2,33 @@
 
     OMP_NUM_THREADS=1 python benchmarks/since_speed.py [--quick] [--repeats 3] [--threads 1]
         [--write benchmarks/RESULTS.md]
+    OMP_NUM_THREADS=1 python benchmarks/since_speed.py --calibrate   # the conv cost model's factor, per layer
 
 Models: the MLP and the CNN of benchmarks/gradient_scores.py (random weights, eval mode, float32).
-For each method, in ONE run (interleaved rounds, best of ``--repeats``):
+For each method, in ONE run (interleaved rounds, best of ``--repeats``, CPU time of the process):
 
 * fast path: the uvood score (GAIA: one batched forward and ONE backward to the feature maps; Fisher
   deep: the engine; GradOrth, low-dim, Fisher shallow: the head closed forms from one forward);
-* the authors' way: GAIA, GradOrth and the Fisher trace one sample at a time (forward, ``backward()``,
-  statistics of ``.grad``; the Fisher trace needs one backward per label); low-dim: ``torch.func``
+* the authors' way: GAIA as their code does it, one batched backward per batch of 128 with tensor hooks
+  (their code never loops over samples); GradOrth and the Fisher trace one sample at a time (forward,
+  ``backward()``, statistics of ``.grad``; the Fisher trace needs one backward per label); low-dim: ``torch.func``
   ``vmap(grad)`` per-sample gradients (head, or every parameter), materialised, projected onto the
-  basis (deep low-dim's fast path is k forward-mode jvps per batch);
+  basis (deep low-dim's fast path: one forward and one backward per batch, the projection from the layer
+  records, uvood.scores.since.project_gradients);
 * the cost of one batched forward + backward of the same model on the same batch (and of one forward):
   each fast path is also reported as a multiple of it.
 
 Targets: >= 10x the authors' way on the MLP, >= 1.5x on the CNN, shallow forms at about the cost of a
-forward pass. Values of the two paths are compared (max relative difference, float32).
+forward pass. Values of the two paths are compared (max relative difference, float32). A shallow form runs
+one forward pass, so its ratio to the authors' way is at most (forward samples/s) / (authors' samples/s):
+the output prints that floor beside each shallow ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,34 +51,56 @@ def forward(model, x):
         model(x)
 
 
-def loop_gaia(model, x, variant):
-    """GAIA one sample at a time: forward with the convolution (or hidden linear) outputs retained,
-    backward of -log p^(yhat), channel statistics of the retained gradients."""
-    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv1d))]
-    head = find_head(model, x[:1])
-    layers = convs or [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
-    out = []
-    for n in range(x.shape[0]):
-        kept = []
-        def keep(m, i, o, kept=kept):
-            o.retain_grad()
-            kept.append(o)
+class _GradHooks:
+    """Tensor hooks storing the gradient at the outputs of ``layers`` (keys 0, 1, ...) and at the head's input ("h",
+    kept last), as the authors' ``Grad_all_hook`` does."""
 
-        handles = [m.register_forward_hook(keep) for m in layers]
-        z = model(x[n:n + 1])
-        for h in handles:
+    def __init__(self, layers, head):
+        self.grads, self.kept = {}, []
+        self.handles = [m.register_forward_hook(self._out) for m in layers]
+        self.handles.append(head.register_forward_hook(lambda m, i, o: self._store(i[0], "h")))
+
+    def _out(self, module, inputs, output):
+        self._store(output, len(self.kept))
+
+    def _store(self, t, key):
+        t.register_hook(lambda g: self.grads.__setitem__(key, g.detach()))
+        self.kept.append(t)
+
+    def remove(self):
+        for h in self.handles:
             h.remove()
-        model.zero_grad()
-        (-torch.log_softmax(z, dim=1)[0, int(z.argmax())]).backward()
-        sq = 0.0
-        for a in kept:
-            g = a.grad.reshape(1, a.shape[1], -1)
-            if convs and g.shape[2] < 2:
-                continue
-            stat = g.mean(-1).abs() if variant == "a" else (g != 0).float().mean(-1)
-            sq += float((stat.double() ** 2).sum())
-        out.append(-sq ** 0.5)
-    return torch.tensor(out, dtype=torch.float64)
+
+
+def authors_gaia(model, x, variant, batch=128):
+    """GAIA the authors' way (github.com/JGEthanChen/GAIA-OOD, cal_method.py, hook.py): per batch of 128 (their
+    default), one forward with tensor hooks storing the gradient at every BatchNorm output (an MLP: the hidden
+    linear outputs, uvood's extension), then GAIA-Z: ONE backward of the summed max logits, the share of non-zero
+    gradients per channel, squared, averaged over the channels, negated; GAIA-A: one backward of
+    sum_k log softmax(z)_k (the output term o^2 = mean |dL/dh|, taken at the head's input h as uvood does) and
+    one of the summed h, then -mean_c (|mean over positions of the gradient|^2 / o^2)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    head = find_head(model, x[:1])
+    layers = norms or [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    out = []
+    for lo in range(0, x.shape[0], batch):
+        hooks = _GradHooks(layers, head)
+        z = model(x[lo:lo + batch])
+        hooks.remove()
+        grads, kept = hooks.grads, hooks.kept
+        maps = range(len(kept) - 1)
+        if variant == "z":
+            z.max(dim=1).values.sum().backward()
+            stat = torch.cat([(grads[k] != 0).float().reshape(z.shape[0], grads[k].shape[1], -1).mean(-1)
+                              for k in maps], dim=1)
+            out.append(-(stat.double() ** 2).mean(1))
+            continue
+        torch.log_softmax(z, dim=1).sum().backward(retain_graph=True)
+        o2 = grads["h"].abs().mean(1).double()
+        kept[-1].sum().backward()
+        stat = torch.cat([grads[k].reshape(z.shape[0], grads[k].shape[1], -1).mean(-1).abs() for k in maps], dim=1)
+        out.append(-(stat.double() ** 2).mean(1) / o2)
+    return torch.cat(out)
 
 
 def loop_gradorth(model, x, basis):
@@ -144,14 +172,56 @@ def func_lowdim_deep(model, x, score, chunk=16):
     return torch.cat(outs)
 
 
+def calibrate(repeats: int, l_values=(10, 20), n: int = 64) -> None:
+    """The conv cost model's factor (uvood.scores.since.CONV_KERNEL_FACTOR), measured per conv layer of the CNN:
+    the time per multiply-add of the materialising path (the engine's per-sample weight-gradient kernel, then one
+    matmul onto the l directions) over that of the stacked convolution (input * l stacked filters, dotted with g).
+    The stacked path is chosen where l T < factor (T + l)."""
+    from uvood.scores import since
+    from uvood.scores.engine import record_forward
+
+    torch.manual_seed(0)
+    model, x = cnn().eval(), torch.rand(n, 3, 32, 32)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    head = find_head(model, x[:1])
+    with torch.enable_grad():
+        _, logits, records = record_forward(model, x, head, convs)
+        grads = torch.autograd.grad(logits, [r.output for r in records], torch.softmax(logits.detach(), 1))
+    print("| conv (Cout, Cin, k, k) | T | l | kernel+matmul ms | stacked ms | kernel MACs / stacked MACs | factor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    factors = []
+    for r, g in zip(records, grads):
+        g = g.detach()
+        w = r.module.weight
+        T, d, cout = g[0, 0].numel(), w[0].numel(), w.shape[0]
+        for l in l_values:
+            vs = {"weight": torch.randn(l, *w.shape)}
+            paths = [(lambda xx, r=r, g=g, vs=vs: since._project_materialised(r, g, vs), x),
+                     (lambda xx, r=r, g=g, vs=vs: since._project_conv_stacked(r.module, r.inputs[0], g, vs["weight"]),
+                      x)]
+            (rate_k, rate_s), _ = race(paths, repeats, clock=time.process_time)
+            kernel, stacked = cout * d * T + l * cout * d, l * cout * d * T
+            f = (n / rate_k / kernel) / (n / rate_s / stacked)
+            factors.append(f)
+            print(f"| {tuple(w.shape)} | {T} | {l} | {1e3 * n / rate_k:.1f} | {1e3 * n / rate_s:.1f} | "
+                  f"{kernel / stacked:.3f} | {f:.2f} |")
+    factors.sort()
+    print(f"\nfactor (per multiply-add, kernel path / stacked path): median {factors[len(factors) // 2]:.2f}, "
+          f"range {factors[0]:.2f}-{factors[-1]:.2f}; uvood uses CONV_KERNEL_FACTOR = {since.CONV_KERNEL_FACTOR}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke test)")
     ap.add_argument("--write", type=Path, default=None, help="append the table to this markdown file")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    ap.add_argument("--calibrate", action="store_true", help="measure the conv cost model's factor and stop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.calibrate:
+        calibrate(args.repeats)
+        return
     torch.manual_seed(0)
     s = 4 if args.quick else 1
     models = {"MLP": (mlp().eval(), torch.rand(512 // s, 1, 28, 28), 64 // s),
@@ -163,9 +233,10 @@ def main() -> None:
         for sc in (gradorth, lowdim, lowdim_deep):
             sc.fit(model, x_fit, None)
         methods = [
-            ("GAIA-A", "deep", get_score("gaia"), lambda xx, m=model: loop_gaia(m, xx, "a"), "per-sample loop"),
-            ("GAIA-Z", "deep", get_score("gaia(variant=z)"), lambda xx, m=model: loop_gaia(m, xx, "z"),
-             "per-sample loop"),
+            ("GAIA-A", "deep", get_score("gaia"), lambda xx, m=model: authors_gaia(m, xx, "a"),
+             "authors' batched backward"),
+            ("GAIA-Z", "deep", get_score("gaia(variant=z)"), lambda xx, m=model: authors_gaia(m, xx, "z"),
+             "authors' batched backward"),
             ("Fisher trace", "deep", get_score("fisher(depth=deep)"), lambda xx, m=model: loop_fisher(m, xx, True),
              "per-sample loop, one backward per label"),
             ("Low-dim gradients", "deep", lowdim_deep, lambda xx, m=model, sc=lowdim_deep: func_lowdim_deep(m, xx, sc),
@@ -178,23 +249,26 @@ def main() -> None:
              "per-sample loop, one backward per label"),
         ]
         paths = [(lambda xx, m=model: forward_backward(m, xx), x), (lambda xx, m=model: forward(m, xx), x)]
-        for _, _, sc, slow, _ in methods:
-            paths += [(lambda xx, sc=sc, m=model: sc.from_model(m, xx), x), (slow, x[:n_loop])]
-        rates, values = race(paths, args.repeats)
+        for _, _, sc, slow, how in methods:  # per-sample loops and vmap on the first n_loop samples
+            paths += [(lambda xx, sc=sc, m=model: sc.from_model(m, xx), x),
+                      (slow, x if how.startswith("authors' batched") else x[:n_loop])]
+        rates, values = race(paths, args.repeats, clock=time.process_time)
         fb, fw = rates[0], rates[1]
         rows.append((name, "one batched forward + backward", "", fb, float("nan"), 1.0))
         rows.append((name, "one batched forward", "", fw, float("nan"), fb / fw))
         for j, (label, depth, _, _, how) in enumerate(methods):
             fast, slow = rates[2 + 2 * j], rates[3 + 2 * j]
-            v_fast, v_slow = values[2 + 2 * j][:n_loop], values[3 + 2 * j]
+            v_slow = values[3 + 2 * j]
+            v_fast = values[2 + 2 * j][:len(v_slow)]
             checks.append((name, f"{label} {depth}", float(((v_fast - v_slow).abs() / v_slow.abs().clamp_min(1e-30))
                                                            .max())))
             rows.append((name, f"{label} ({depth})", how, slow, 1.0, fb / slow))
             rows.append((name, f"{label} ({depth})", "uvood fast path", fast, fast / slow, fb / fast))
     info = machine_info()
     lines = [f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']}, {info['threads']} thread(s), "
-             f"Python {info['python']}; best of {args.repeats} runs{' (--quick)' if args.quick else ''}; the machine "
-             "is shared, so absolute numbers are noisy; ratios compare paths measured in the same run.", "",
+             f"Python {info['python']}; best of {args.repeats} runs{' (--quick)' if args.quick else ''}, CPU time of "
+             "this process (time.process_time: with one thread the wall time on an idle machine, far less disturbed "
+             "by other jobs on a shared one); ratios compare paths measured in the same run.", "",
              "| model | method | path | samples/s | x authors' way | cost in batched forward+backward |",
              "|---|---|---|---:|---:|---:|"]
     for name, method, path, rate, ratio, cost in rows:
@@ -213,6 +287,15 @@ def main() -> None:
         for m, meth, t in targets)]
     lines += ["", "Shallow forms vs a forward pass (cost / forward cost): " + "; ".join(
         f"{m} {meth}: {cost[(m, meth)] / fwd[m]:.2f}" for m, meth in cost if "shallow" in meth)]
+    # a shallow form needs at least the forward pass that gives (h, z): its ratio to the authors' way is at most
+    # (time of the authors' way) / (time of one forward) = forward samples/s / authors' samples/s
+    slow = {(m, meth): rate for m, meth, path, rate, r, _ in rows if r == 1.0}
+    fw_rate = {m: rate for m, meth, _, rate, _, _ in rows if meth == "one batched forward"}
+    lines += ["", "Floor of the shallow forms (one forward pass): the largest ratio to the authors' way a path that "
+              "runs the forward can reach = forward samples/s / authors' samples/s: " + "; ".join(
+                  f"{m} {meth}: {fw_rate[m] / slow[(m, meth)]:.1f}x (measured {ratio[(m, meth)]:.1f}x = "
+                  f"{ratio[(m, meth)] * slow[(m, meth)] / fw_rate[m]:.0%} of the floor's)"
+                  for m, meth in ratio if "shallow" in meth)]
     text = "\n".join(lines)
     print(text)
     if args.write:

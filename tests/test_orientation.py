@@ -31,7 +31,8 @@ IDENTICALLY_ZERO = {
 #: on mnist-mlp (measured 2026-11-30; docs/gradient_scores.md, "Gradient methods since the paper"). Their definitions
 #: are kept, not flipped; the tests assert AUROC < 0.5 for them, so that a change of their values is noticed.
 REVERSED_HERE = {
-    "gaia(variant=z)", "gaia(variant=z,target=uniform)", "gaia(target=uniform)", "gaia_v(target=uniform)",
+    "gaia", "gaia(variant=z)", "gaia(variant=z,target=predicted)", "gaia(variant=z,target=uniform)",
+    "gaia(target=uniform)", "gaia_v(target=uniform)",
     "lowdim", "lowdim(bias=true)", "lowdim(depth=deep)",
 }
 

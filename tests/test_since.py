@@ -56,7 +56,7 @@ def _close(a, b, rel=1e-6):
 
 @pytest.mark.parametrize("C", CLASSES)
 @pytest.mark.parametrize("variant", ["a", "z"])
-@pytest.mark.parametrize("target", ["predicted", "uniform"])
+@pytest.mark.parametrize("target", ["authors", "predicted", "uniform"])
 def test_gaia_one_backward_matches_per_sample_reference_on_cnn(C, variant, target):
     model, x, _ = _data("cnn", C)
     fast = get_score(f"gaia(variant={variant},target={target})").from_model(model, x)
@@ -70,18 +70,56 @@ def test_gaia_one_backward_matches_per_sample_reference_on_cnn(C, variant, targe
 
 
 @pytest.mark.parametrize("C", CLASSES)
+def test_gaia_defaults_are_the_authors_batch_procedure(C):
+    """The defaults against the authors' procedure written out on a batch (github.com/JGEthanChen/GAIA-OOD,
+    cal_method.py, hook.py): tensor hooks store the gradient at every BatchNorm output; GAIA-Z backpropagates the
+    sum of the max logits, averages the indicator grad != 0 over positions, concatenates the channels of all
+    layers, squares and averages them, and negates; GAIA-A backpropagates sum_k log softmax(z)_k to the last map F
+    before the pool (o = sqrt(mean_c |mean_t dL/dF_c|)), then the sum of the pooled features to the BatchNorm
+    outputs, and averages (|mean_t grad| / o)^2 over the channels. uvood takes o at the pooled h instead:
+    dL/dF = dL/dh / |positions|, so the authors' value is |positions| times uvood's (the same ranking)."""
+    model, x, _ = _data("cnn", C)
+    stored = {}
+
+    def hook(name):
+        def fwd(module, inputs, output):
+            output.register_hook(lambda g: stored.__setitem__(name, g.detach()))
+        return fwd
+
+    handles = [model.features[1].register_forward_hook(hook("bn")), model.features.register_forward_hook(hook("F"))]
+    pooled = []
+    handles.append(model.fc.register_forward_hook(lambda m, i, o: pooled.append(i[0])))
+    y = model(x)
+    y.max(dim=1).values.sum().backward(retain_graph=True)
+    zero = -((stored["bn"] != 0).double().mean(dim=(-1, -2)) ** 2).mean(1)
+    torch.log_softmax(y, dim=-1).sum().backward(retain_graph=True)
+    o = stored["F"].mean(dim=(-1, -2)).abs().mean(1).sqrt()[:, None]
+    pooled[0].sum().backward()
+    avg = -((stored["bn"].mean(dim=(-1, -2)).abs() / o) ** 2).mean(1)
+    for hd in handles:
+        hd.remove()
+    _close(get_score("gaia(variant=z)").from_model(model, x), zero)
+    positions = stored["F"][0, 0].numel()
+    _close(positions * get_score("gaia").from_model(model, x), avg)
+    assert get_score("gaia").spec == get_score("gaia(variant=a,layer=auto,target=authors,T=1)").spec
+
+
+@pytest.mark.parametrize("C", CLASSES)
 @pytest.mark.parametrize("variant", ["a", "z"])
 def test_gaia_on_an_mlp_uses_the_hidden_linear_outputs(C, variant):
     model, x, _ = _data("mlp", C)
-    _close(get_score(f"gaia(variant={variant})").from_model(model, x), reference_gaia(model, x, variant=variant))
+    for target in ("authors", "predicted"):
+        _close(get_score(f"gaia(variant={variant},target={target})").from_model(model, x),
+               reference_gaia(model, x, variant=variant, target=target))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("C", CLASSES)
 def test_gaia_at_the_head_is_its_closed_form_output_term(kind, C):
-    """GAIA-A of the head's input h = -||W^T dL/dz||_2: a pure V term (gaia_v, from features)."""
+    """GAIA-A of the head's input h: -1 / mean_d |W^T dL/dz| (authors) or -mean_d (W^T dL/dz)_d^2, a pure V term
+    (gaia_v, from features)."""
     model, x, x_id = _data(kind, C)
-    for target in ("predicted", "uniform"):
+    for target in ("authors", "predicted", "uniform"):
         ref = reference_gaia(model, x, layer="head", T=2.0, target=target)
         _close(get_score(f"gaia(layer=head,T=2,target={target})").from_model(model, x), ref)
         v = get_score(f"gaia_v(T=2,target={target})")
@@ -217,5 +255,121 @@ def test_since_section_from_a_mini_run(tmp_path, data_dir):
     assert "**GradOrth** (`gradorth` vs `gradorth_u*gradorth_v`): yes: the U·V form matches the full method " \
            "within its CI on every pair (2 of 2 pairs inside" in text
     assert "**Fisher trace** (`fisher` vs `sqnorm*fisher_v`): yes" in text
-    assert "**Low-dimensional gradients** (`lowdim`): no U·V form" in text
+    assert "**Low-dimensional gradients** (`lowdim(depth=deep)`): no U·V form" in text  # the deep row, preferred
     assert "**GAIA-A** (`gaia` vs `gaia_v`):" in text
+
+
+class _Mixed(nn.Module):
+    """Every projection rule at once: a grouped convolution with reflect padding, an affine BatchNorm, a late
+    convolution with few positions (the stacked path), a linear layer on a 3-D input (positions), a module
+    without a rule (torch.func), and (tied=True) a weight also read outside its own forward (uncovered)."""
+
+    def __init__(self, C, tied=False):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect")
+        self.bn = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 5, 3, stride=2)
+        self.seq = nn.Linear(5, 7)
+        self.scale = _Scale(7)
+        self.sq = nn.Linear(7, 7)
+        self.fc = nn.Linear(7, C)
+        self.tied = tied
+
+    def forward(self, x):
+        t = self.c2(torch.relu(self.bn(self.c1(x))))  # n x 5 x 2 x 2
+        t = torch.tanh(self.seq(t.flatten(2).transpose(1, 2)))  # n x 4 positions x 7
+        h = self.scale(t.mean(1))
+        u = self.sq(h)
+        if self.tied:  # sq.weight read again outside sq's own forward: not covered by its records
+            u = u + 0.5 * nn.functional.linear(torch.tanh(h), self.sq.weight)
+        return self.fc(torch.relu(u))
+
+
+class _Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def _mixed(C, tied=False):
+    torch.manual_seed(C)
+    m = _Mixed(C, tied)
+    m.bn.running_mean.uniform_(-0.5, 0.5)
+    m.bn.running_var.uniform_(0.5, 2.0)
+    m.bn.weight.data.uniform_(0.5, 1.5)
+    m.bn.bias.data.uniform_(-0.3, 0.3)
+    return m.double().eval()
+
+
+def _per_sample_projection(model, x, v):
+    """J(x) V the textbook way: per sample, backward of logsumexp(z) over every parameter, flattened, @ V."""
+    from uvood.scores.reference import _head_grads
+
+    g, _ = _head_grads(model, x, lambda z: torch.logsumexp(z, dim=1)[0], "fc", torch.float64, False, True)
+    return g @ v
+
+
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("factor", [0.0, 1e9])
+def test_projection_from_records_matches_per_sample_gradients(C, tied, factor, monkeypatch):
+    """phi = J(x) V from one forward and backward agrees with per-sample backward passes on every rule: a grouped
+    reflect-padded conv, BatchNorm, a 3-D linear input, a module without a rule, a tied weight (the jvp
+    fallback for sq.weight), with the convolutions' projection forced both ways by the cost model's factor."""
+    from uvood.scores import since
+
+    monkeypatch.setattr(since, "CONV_KERNEL_FACTOR", factor)
+    model = _mixed(C, tied)
+    x = torch.randn(9, 4, 6, 6, dtype=torch.float64)
+    named = [(n, p) for n, p in model.named_parameters()]
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(sum(p.numel() for _, p in named), 5, dtype=torch.float64, generator=gen)
+    _close(since.project_gradients(model, x, v, model.fc, named, batch_size=4), _per_sample_projection(model, x, v))
+
+
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("factor", [0.0, 1e9])
+def test_backprojection_from_records_matches_per_sample_gradients(C, tied, factor, monkeypatch):
+    """J^T W (the fit's other product) from one forward and backward equals sum_n w_nj (per-sample gradient of
+    sample n), per-sample backward passes, on every rule, the tied weight by autograd backward, with the
+    convolutions' stacked kernel and their materialised per-sample gradients (forced by the cost model's factor)."""
+    from uvood.scores import since
+    from uvood.scores.reference import _head_grads
+
+    monkeypatch.setattr(since, "CONV_KERNEL_FACTOR", factor)
+
+    model = _mixed(C, tied)
+    x = torch.randn(9, 4, 6, 6, dtype=torch.float64)
+    named = list(model.named_parameters())
+    w = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    g, _ = _head_grads(model, x, lambda z: torch.logsumexp(z, dim=1)[0], "fc", torch.float64, False, True)
+    _close(since.backproject_gradients(model, x, w, model.fc, named, batch_size=4), g.T @ w)
+
+
+def test_projection_uses_the_jvp_only_for_uncovered_parameters(monkeypatch):
+    """On a model the records cover, no jvp is run; with a tied weight only that weight goes to the jvp."""
+    from uvood.scores import since
+
+    seen = []
+    real = since._jvp_projection
+    monkeypatch.setattr(since, "_jvp_projection", lambda m, x, named, *a: seen.append([n for n, _ in named])
+                        or real(m, x, named, *a))
+    for tied in (False, True):
+        model = _mixed(10, tied)
+        named = list(model.named_parameters())
+        v = torch.randn(sum(p.numel() for _, p in named), 3, dtype=torch.float64)
+        since.project_gradients(model, torch.randn(5, 4, 6, 6, dtype=torch.float64), v, model.fc, named)
+    assert seen == [["sq.weight"]]
+
+
+def test_conv_cost_model_stacks_only_layers_with_few_positions():
+    from uvood.scores.since import CONV_KERNEL_FACTOR, conv_stacked_cheaper
+
+    conv = nn.Conv2d(3, 4, 3)
+    assert conv_stacked_cheaper(conv, torch.zeros(1, 4, 2, 2), 10)
+    assert not conv_stacked_cheaper(conv, torch.zeros(1, 4, 16, 16), 10)
+    assert CONV_KERNEL_FACTOR > 0

@@ -21,8 +21,8 @@ from .tables import md_cell
 COMPARISONS = [
     ("GAIA-A", ("gaia",), "gaia_v", None),
     ("GAIA-Z", ("gaia(variant=z)",), None,
-     "at the head every unit of W^T (p - e_yhat) is non-zero for almost every input, so its zero share is 1: "
-     "the head form is a constant"),
+     "at the head the gradient of the max logit is the head's row W_yhat, whose zero share is a property of the "
+     "weights (0 for almost every head): the head form is a constant"),
     ("GradOrth", ("gradorth",), "gradorth_u*gradorth_v", None),
     ("Low-dimensional gradients", ("lowdim(depth=deep)", "lowdim"), None,
      "its features p^T M_j h are bilinear forms with matrices M_j of rank > 1, not a product U(h) V(p)"),

@@ -1070,7 +1070,10 @@ def _output_grads(logits: torch.Tensor, outs: list[torch.Tensor], vk: torch.Tens
     return [None if b is None else b.transpose(0, 1) for b in bufs]
 
 
-def _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan):
+def record_forward(model, xb, head, modules) -> tuple[nn.Module, torch.Tensor, list[_Record]]:
+    """One forward of the micro-batch ``xb`` with every call of ``modules`` recorded (:class:`_Tape`; again in
+    safe mode, recording clones, when an in-place operation changed a record). Returns (head module, logits,
+    the records whose output requires grad)."""
     for safe in (False, True):
         tape = _Tape(modules, safe)
         try:
@@ -1081,6 +1084,11 @@ def _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan):
             break
     else:  # pragma: no cover - safe mode records clones, which nothing else can modify
         raise UvoodError("A recorded activation was modified in place during the forward pass.")
+    return head_module, logits, [r for r in tape.records if r.output.requires_grad]
+
+
+def _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan):
+    head_module, logits, records = record_forward(model, xb, head, modules)
     n = logits.shape[0]
     z64 = logits.detach().to(torch.float64)
     vs = []
@@ -1089,7 +1097,6 @@ def _micro_batch(model, xb, groups, head, modules, selected, max_rows, plan):
         if v.ndim != 3 or v.shape[1:] != z64.shape:
             raise UvoodError(f"cotangents must return K x n x C = K x {n} x {z64.shape[1]}, got {tuple(v.shape)}.")
         vs.append(v.to(logits.dtype))
-    records = [r for r in tape.records if r.output.requires_grad]
     uncovered = _plan_coverage(model, logits, records, selected, head_module, plan)
     whole = None
     if uncovered:

@@ -187,49 +187,68 @@ def _kl_uniform_loss(logits, T):
     return -torch.log_softmax(logits / T, dim=1)[0].mean()
 
 
-def reference_gaia(model, x, *, variant="a", layer="auto", target="predicted", T=1.0, head=None,
+def reference_gaia(model, x, *, variant="a", layer="auto", target="authors", T=1.0, head=None,
                    dtype=torch.float64) -> torch.Tensor:
-    """GAIA, textbook style: per sample, retain the gradient of every chosen feature map, backward the
-    loss (-log p^(yhat) of the predicted class, or the KL to uniform), then Lambda_{l,c} = |mean over
-    positions| (a) or share of non-zeros (z), and S = -sqrt(sum_{l,c} Lambda_{l,c}^2) with explicit loops
-    over channels."""
+    """GAIA, textbook style, per sample with explicit loops over channels: retain the gradient of every
+    chosen feature map (``auto``: BatchNorm2d/3d and GroupNorm outputs, else convolutions, else hidden
+    linear layers), call ``backward()`` on the output y, take Lambda_{l,c} = |mean over positions| (a) or
+    the share of non-zeros (z), and S = -mean_{l,c} Lambda_{l,c}^2.
+
+    ``target=authors`` follows the authors' code (github.com/JGEthanChen/GAIA-OOD, ``cal_method.py``):
+    GAIA-Z: y = max_k z_k; GAIA-A: y = sum_d h_d (the head's input), Lambda divided by
+    o = sqrt(mean_d |dL/dh_d|) from a first backward of L = sum_k log softmax(z / T)_k. ``predicted``:
+    y = -log p^(yhat); ``uniform``: y = the KL to the uniform."""
     m, hm = float_copy(model, x, head, dtype)
     flat = layer == "head"
     if layer == "auto":
-        chosen = [mod for mod in m.modules() if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        chosen = []
+        for kinds in ((nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm), (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            chosen = chosen or [mod for mod in m.modules() if isinstance(mod, kinds)]
         if not chosen:  # an MLP: the hidden linear layers' outputs, one position per unit
             chosen, flat = [mod for mod in m.modules() if isinstance(mod, nn.Linear) and mod is not hm], True
     elif layer == "head":
         chosen = []
     else:
         chosen = [mod for name, mod in m.named_modules() if name.lower() == layer.lower()]
+    feature_sum = target == "authors" and variant == "a"
     out = []
     for n in range(x.shape[0]):
-        kept = []
+        kept, head_in = [], []
 
         def keep_out(mod, inp, o, kept=kept):
             o.retain_grad()
             kept.append(o)
             return o.clone()  # later in-place ops (ReLU(inplace=True)) act on the copy
 
-        def keep_in(mod, inp, o, kept=kept):
+        def keep_in(mod, inp, o, head_in=head_in):
             inp[0].retain_grad()
-            kept.append(inp[0])
+            head_in.append(inp[0])
 
-        handles = [mod.register_forward_hook(keep_out) for mod in chosen]
-        if layer == "head":
-            handles.append(hm.register_forward_hook(keep_in))
+        handles = [mod.register_forward_hook(keep_out) for mod in chosen] + [hm.register_forward_hook(keep_in)]
         m.zero_grad()
         _, logits = forward_features(m, x[n:n + 1].to(dtype), hm)
         for hd in handles:
             hd.remove()
-        if target == "uniform":
+        h = head_in[0]
+        if layer == "head":
+            kept = [h]
+        scale = 1.0
+        if feature_sum:
+            torch.log_softmax(logits / T, dim=1)[0].sum().backward(retain_graph=True)
+            o2 = sum(abs(float(v)) for v in h.grad.reshape(-1)) / h.numel()
+            scale = 1.0 / o2
+            for t in kept:
+                t.grad = None
+            h.sum().backward()
+        elif target == "authors":
+            logits[0].max().backward()
+        elif target == "uniform":
             _kl_uniform_loss(logits, T).backward()
         else:
             (-torch.log_softmax(logits / T, dim=1)[0, int(logits[0].argmax())]).backward()
-        total = 0.0
+        total, channels = 0.0, 0
         for a in kept:
-            g = a.grad[0]
+            g = torch.zeros_like(a[0]) if a.grad is None else a.grad[0]
             if flat:
                 g = g.reshape(-1, 1)
             elif g.ndim < 2 or g[0].numel() < 2:
@@ -238,7 +257,8 @@ def reference_gaia(model, x, *, variant="a", layer="auto", target="predicted", T
                 gc = g[c].reshape(-1)
                 stat = abs(float(gc.sum()) / gc.numel()) if variant == "a" else float((gc != 0).sum()) / gc.numel()
                 total += stat * stat
-        out.append(-total ** 0.5)
+                channels += 1
+        out.append(-scale * total / max(channels, 1))
     return torch.tensor(out, dtype=torch.float64)
 
 

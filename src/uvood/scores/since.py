@@ -7,16 +7,18 @@ docs/gradient_scores.md, "Gradient methods since the paper"; the float64 per-sam
 references are in :mod:`uvood.scores.reference` (``reference_gaia``, ``reference_gradorth``,
 ``reference_lowdim``; the Fisher trace is ``reference_grad_score`` of its grad(...) axes).
 
-* ``gaia(variant=a|z, layer=auto)`` -- GAIA (Chen et al., NeurIPS 2023): gradients of the
-  loss -log p^(yhat) of the predicted class (or the KL to uniform, ``target=uniform``) w.r.t.
-  intermediate feature maps (deep only, needs the model).
-* ``gaia_v`` -- GAIA-A at the head's input: -||W^T (p - e_yhat)||_2 / T, a pure output term (U = 1).
+* ``gaia(variant=a|z, layer=auto, target=authors)`` -- GAIA (Chen et al., NeurIPS 2023), as the authors'
+  code (github.com/JGEthanChen/GAIA-OOD, ``cal_method.py``): gradients of the summed head input (A,
+  normalised by an output term) or of the max logit (Z) w.r.t. the normalisation layers' outputs
+  (deep only, needs the model); ``target=predicted|uniform``: the loss -log p^(yhat) or the KL to uniform.
+* ``gaia_v`` -- GAIA-A at the head's input: -1 / mean_d |[W^T (1 - C p)]_d| * T, a pure output term (U = 1).
 * ``gradorth(k=, energy=)`` -- GradOrth (Behpour et al., NeurIPS 2023), fitted on ID features;
   ``gradorth_u(k=, energy=) * gradorth_v`` is its U * V form (identical values at the head).
 * ``lowdim(k, bias, depth)`` -- low-dimensional gradients (Wu et al., 2023, arXiv:2310.17163):
   the gradient of logsumexp(z) projected onto the top-k principal directions of the ID gradients,
   scored by a Mahalanobis distance there; shallow: the head, fitted on ID features (closed form);
-  deep: every parameter, by jvp / vjp products (randomized SVD), no per-sample gradient formed.
+  deep: every parameter, products J V and J^T W from the layer records (randomized SVD), no per-sample
+  gradient of the whole model formed.
 * ``fisher(depth, T, bias)`` -- the trace of the Fisher information of p(y|x) at x, shallow and
   deep; ``sqnorm * fisher_v`` is its U * V form (exact at the head).
 """
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UvoodError
+from .engine import CHUNK_ELEMENTS, _slice
 from .fitted import FittedScore, pinv_psd
 from .gradient import BOOLS, DEPTHS, GradScore
 from .output import softmax
@@ -40,8 +43,13 @@ GAIA_BATCH_SIZE = 128
 #: at most this many ID samples span the low-dimensional gradient subspace (an n x n Gram matrix)
 LOWDIM_FIT_MAX = 4096
 
-#: at most this many ID samples for the deep subspace (each costs 2 (k + 10) backward and jvp passes)
+#: at most this many ID samples span the deep subspace
 LOWDIM_DEEP_FIT_MAX = 512
+
+#: deep low-dim's micro-batch: at most this many samples, and at most this many bytes of recorded forward and
+#: backward (larger micro-batches make the projections' matrix products more efficient: 20 % on the MLP)
+LOWDIM_DEEP_BATCH = 512
+LOWDIM_DEEP_MEMORY = 2**30
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -61,15 +69,24 @@ def uniform_gap(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
 
 
 def loss_cotangent(logits: torch.Tensor, target: str, T: float = 1.0) -> torch.Tensor:
-    """dL/dz (N x C, float64) of GAIA's loss: ``predicted``: L = -log p^(yhat), yhat = argmax_k z_k,
-    dL/dz = (p - e_yhat)/T; ``uniform``: L = -(1/C) sum_k log p^(k), dL/dz = (p - u)/T."""
+    """dz-cotangent (N x C, float64) of the output GAIA differentiates: ``predicted``: L = -log p^(yhat),
+    yhat = argmax_k z_k, dL/dz = (p - e_yhat)/T; ``uniform``: L = -(1/C) sum_k log p^(k), dL/dz = (p - u)/T;
+    ``max_logit``: L = max_k z_k (the authors' GAIA-Z), dL/dz = e_yhat; ``logsoftmax_sum``: L = sum_k
+    log p^(k) (the authors' output term of GAIA-A), dL/dz = (1 - C p)/T."""
     if target == "uniform":
         return uniform_gap(logits, T) / T
-    p = softmax(logits, T)
-    return (p - torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(p.dtype)) / T
+    if target == "logsoftmax_sum":
+        return (1.0 - logits.shape[1] * softmax(logits, T)) / T
+    onehot = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(torch.float64)
+    if target == "max_logit":
+        return onehot
+    return (softmax(logits, T) - onehot) / T
 
 
 # ---------------------------------------------------------------- GAIA
+
+#: GAIA's feature maps with ``layer=auto``: the outputs of the normalisation layers (the authors' hooks)
+NORM_LAYERS = (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 
 
 def _spatial(t: torch.Tensor) -> bool:
@@ -80,15 +97,17 @@ def _spatial(t: torch.Tensor) -> bool:
 def gaia_layers(model: nn.Module, layer: str, head_module: nn.Module | None = None) -> tuple[list[nn.Module], bool]:
     """The modules whose outputs GAIA differentiates, and whether their outputs are spatial maps.
 
-    ``auto``: every convolution; in a model without one (an MLP), every ``nn.Linear`` but the head,
-    each hidden unit a channel with one position. ``NAME``: that module (names compared
-    case-insensitively, as the spec grammar lower-cases them); its output must be a spatial map.
-    ``head`` (the head's input h) is handled by the caller."""
+    ``auto``: every BatchNorm2d/3d and GroupNorm (the authors' hooks: ``get_bn_hooks``, and the normalisation
+    layers of ``get_beforehead_hooks``); in a model without one, every convolution; in a model without
+    convolutions (an MLP), every ``nn.Linear`` but the head, each hidden unit a channel with one position.
+    ``NAME``: that module (names compared case-insensitively, as the spec grammar lower-cases them); its
+    output must be a spatial map. ``head`` (the head's input h) is handled by the caller."""
     named = list(model.named_modules())
     if layer == "auto":
-        convs = [m for _, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-        if convs:
-            return convs, True
+        for kinds in (NORM_LAYERS, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            chosen = [m for _, m in named if isinstance(m, kinds)]
+            if chosen:
+                return chosen, True
         hidden = [m for _, m in named if isinstance(m, nn.Linear) and m is not head_module]
         if not hidden:
             raise UvoodError(f"GAIA needs intermediate feature maps, but {type(model).__name__} has no convolution "
@@ -99,7 +118,7 @@ def gaia_layers(model: nn.Module, layer: str, head_module: nn.Module | None = No
     if not chosen:
         names = [n for n, _ in named if n][:12]
         raise UvoodError(f"GAIA: the model has no layer named {layer!r}. Layers: {', '.join(names)}"
-                         f"{' ...' if len(named) > 13 else ''}; or layer=auto (every convolution), layer=head.")
+                         f"{' ...' if len(named) > 13 else ''}; or layer=auto (every normalisation layer), layer=head.")
     return chosen, True
 
 
@@ -134,20 +153,33 @@ def gaia_statistic(g: torch.Tensor, variant: str) -> torch.Tensor:
     return (flat != 0).to(torch.float64).mean(-1)
 
 
-def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = "auto", target: str = "predicted",
-         T: float = 1.0, head=None, batch_size: int = GAIA_BATCH_SIZE) -> torch.Tensor:
-    """GAIA score -||Lambda||_F (higher = more ID), one forward and ONE backward per micro-batch.
+def gaia_output_term(z: torch.Tensor, h: torch.Tensor, T: float) -> torch.Tensor:
+    """o^2 = mean_c |dL/dh_c| (n, float64), L = sum_k log p^(k)(z / T): GAIA-A's normaliser (the authors'
+    ``output_component`` squared), taken at the head's input h (the authors take the mean over positions of
+    the gradient at the last map F before the global average pool, which is dL/dh / |positions|: a constant
+    factor per model). One backward from the logits to h."""
+    (gh,) = torch.autograd.grad(z, h, loss_cotangent(z, "logsoftmax_sum", T).to(z.dtype), retain_graph=True)
+    return gh.detach().reshape(gh.shape[0], -1).to(torch.float64).abs().mean(1)
 
-    Lambda_{l,c} = gaia_statistic of dL/dA_l, channel c, for every chosen layer l, with the loss
-    L the loss of :func:`loss_cotangent` (``target``). In eval mode
-    the samples do not interact: the batch gradient of sum_n L_n w.r.t. A_l holds each sample's own
-    gradient in its row, so one backward (cotangent dL/dz at the logits) serves the batch.
+
+def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = "auto", target: str = "authors",
+         T: float = 1.0, head=None, batch_size: int = GAIA_BATCH_SIZE) -> torch.Tensor:
+    """GAIA score -mean_{l,c} Lambda_{l,c}^2 (higher = more ID), one forward and ONE backward per micro-batch
+    (two for GAIA-A with ``target=authors``: the output term, then the maps).
+
+    Lambda_{l,c} = gaia_statistic of the gradient of an output y w.r.t. the map A_l, channel c (the mean over
+    every channel of every chosen layer). ``target=authors`` (the authors' code, :class:`GaiaScore`):
+    GAIA-A: y = sum_d h_d (the head's input summed) and Lambda divided by the output term o
+    (:func:`gaia_output_term`); GAIA-Z: y = max_k z_k. ``predicted`` / ``uniform``: y = the loss of
+    :func:`loss_cotangent`, no division. In eval mode the samples do not interact: the batch gradient of
+    sum_n y_n w.r.t. A_l holds each sample's own gradient in its row, so one backward serves the batch.
     """
     from ..model import eval_mode, find_head, forward_head
     from .engine import check_independent
 
     if x.ndim == 0 or x.shape[0] == 0:
         raise UvoodError(f"x is empty (shape {tuple(x.shape)}): pass at least one sample.")
+    feature_sum = target == "authors" and variant == "a"
     with eval_mode(model):
         check_independent(model)
         head_module = find_head(model, x[:1], head)
@@ -155,61 +187,72 @@ def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = 
         out = []
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
-            tape = _Outputs(chosen, head_module if layer == "head" else None)
+            tape = _Outputs(chosen, head_module if layer == "head" or feature_sum else None)
             try:
                 with torch.enable_grad():
                     _, _, z = forward_head(model, xb, head_module)
             finally:
                 tape.remove()
-            maps = tape.out
+            maps = tape.out[:len(tape.out) - (feature_sum and layer != "head")]
+            h = tape.out[-1]  # the head's input (when kept): what GAIA-A differentiates, and where o is taken
             if layer not in ("auto", "head") and not any(_spatial(a) for a in maps):
                 raise UvoodError(f"GAIA: layer {layer!r} outputs shape {tuple(maps[0].shape)}, not a spatial "
                                  "feature map (N x channels x positions); name a convolutional layer, or use "
                                  "gaia(layer=head) for the head's input.")
-            if spatial:  # a convolution whose map has shrunk to one position is left out, as in the reference
+            if spatial:  # a map that has shrunk to one position is left out, as in the reference
                 maps = [a for a in maps if _spatial(a)]
-            v = loss_cotangent(z, target, T).to(z.dtype)
-            grads = torch.autograd.grad(z, maps, v, allow_unused=True)
+            with torch.enable_grad():
+                if feature_sum:
+                    o2 = gaia_output_term(z, h, T)
+                    grads = torch.autograd.grad(h, maps, torch.ones_like(h), allow_unused=True)
+                else:
+                    v = loss_cotangent(z, "max_logit" if target == "authors" else target, T).to(z.dtype)
+                    grads = torch.autograd.grad(z, maps, v, allow_unused=True)
             sq = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+            channels = 0
             for a, g in zip(maps, grads):
                 g = torch.zeros_like(a) if g is None else g
                 if not spatial:
                     g = g.reshape(g.shape[0], -1, 1)
                 sq += (gaia_statistic(g, variant) ** 2).sum(1)
-            out.append(-sq.sqrt())
+                channels += g.shape[1]
+            s = sq / max(channels, 1)
+            out.append(-(s / o2.clamp_min(torch.finfo(torch.float64).tiny) if feature_sum else s))
     return torch.cat(out)
 
 
 class GaiaScore(Score):
     """GAIA (Chen et al., "GAIA: Delving into Gradient-based Attribution Abnormality for
-    Out-of-distribution Detection", NeurIPS 2023), oriented higher = more ID:
+    Out-of-distribution Detection", NeurIPS 2023), oriented higher = more ID, as the authors' code
+    (github.com/JGEthanChen/GAIA-OOD, ``cal_method.py``: ``cal_grad_value`` and ``cal_zero``; ``hook.py``;
+    their ``cal_score`` negates the abnormality):
 
-        S(x) = -|| Lambda(x) ||_F,   Lambda_{l,c} = a statistic of dL/dA_{l,c}
+        S(x) = -(1 / |channels|) sum_{l,c} Lambda_{l,c}(x)^2
 
-    A_{l,c} channel c of the feature map of layer l, L = -log p^(yhat) the loss of the predicted
-    class yhat = argmax_k z_k (the class an attribution explains; dL/dz = (p - e_yhat)/T), or with
-    ``target=uniform`` GradNorm's KL to the uniform (dL/dz = (p - u)/T). ``variant=a`` (GAIA-A, channel-wise average
-    abnormality): Lambda_{l,c} = |mean over positions of dL/dA_{l,c}|; ``variant=z`` (GAIA-Z,
-    zero-deflation abnormality): Lambda_{l,c} = the share of positions where dL/dA_{l,c} != 0.
-    Both grow on OOD inputs (the paper's observation), hence the minus sign.
-    ``layer=auto``: the output of every convolution (in a model without convolutions, every hidden
-    ``nn.Linear`` output, each unit a channel with one position, so that A is |dL/dA| and Z the
-    indicator dL/dA != 0); ``layer=NAME``: one module (spatial output required); ``layer=head``:
-    the head's input h (each unit a channel with one position).
+    over every channel c of every chosen map A_l (``layer=auto``: the outputs of every BatchNorm2d/3d and
+    GroupNorm, the authors' hooks; without them every convolution; an MLP: every hidden ``nn.Linear``, each
+    unit a channel with one position; ``layer=NAME``: one module with a spatial output; ``layer=head``: the
+    head's input h).
 
-    Assumptions (the authors' code was not available here): the loss of the predicted class (the
-    attribution target; a constant factor would not change Z and scale A for every input alike);
-    layers are the convolution outputs; GAIA-A is not divided by an output-layer term. With
-    ``target=uniform`` the orientation stays as defined (-||Lambda||), although there a confident
-    input has the larger gradient (GradNorm's observation), so that variant tends to rank ID inputs
-    as OOD; it is kept for comparison, not flipped. Deep only (needs the
-    model; ``depth`` admits only ``deep``, so that the benchmark files it with the deep rows); at the
-    head GAIA-A has the closed form ``gaia_v``.
+    * GAIA-A (``variant=a``, channel-wise average abnormality, ``cal_grad_value``):
+      Lambda_{l,c} = |mean over positions of d(sum_d h_d)/dA_{l,c}| / o, the attribution gradient of the
+      head's input summed (their ``before_head_data``), normalised by the output term
+      o = sqrt(mean_d |dL/dh_d|), L = sum_k log p^(k)(z / T) (their ``output_component``, taken at the last map
+      before the global pool: a constant factor per model away from this, which does not change the ranking).
+    * GAIA-Z (``variant=z``, zero-deflation abnormality, ``cal_zero``): Lambda_{l,c} = the share of positions
+      where d(max_k z_k)/dA_{l,c} != 0.
+
+    ``target=predicted`` / ``target=uniform`` (uvood's earlier choices, kept for comparison): the gradient
+    of L = -log p^(yhat) (dL/dz = (p - e_yhat)/T) or of GradNorm's KL to the uniform ((p - u)/T) instead,
+    with no normalisation. Deep only (needs the model; ``depth`` admits only ``deep``, so that the
+    benchmark files it with the deep rows). At the head GAIA-A has the closed form ``gaia_v``. Where the
+    authors' layer set is architecture-specific (GAIA-A: the normalisation layers of the last two stages of
+    a ResNet; all of them for WRN-40-2 and VGG), uvood takes every normalisation layer.
     """
 
     needs_model = True
 
-    def __init__(self, variant="a", layer="auto", target="predicted", T=1.0, depth="deep"):
+    def __init__(self, variant="a", layer="auto", target="authors", T=1.0, depth="deep"):
         self.variant, self.layer, self.T = variant, str(layer), _check_T(T, "gaia")
         self.target = target
         self.batch_size = GAIA_BATCH_SIZE
@@ -222,17 +265,18 @@ class GaiaScore(Score):
 class GaiaHeadScore(FittedScore):
     """GAIA-A at the head's input, closed form (a pure output term; U = 1), higher = more ID:
 
-        S(x) = -|| W^T (p - e_yhat) ||_2 / T          (target=uniform: -|| W^T (p - u) ||_2 / T)
+        target=authors:  S(x) = -1 / mean_d |[W^T (1 - C p)]_d / T|       (d(sum h)/dh = 1, so Lambda = 1 / o)
+        target=predicted / uniform:  S(x) = -mean_d [W^T (p - e_yhat)]_d^2 / T^2   (or p - u)
 
-    dL/dh = W^T dL/dz, one position per unit of h, so Lambda_c = |[W^T dL/dz]_c|.
-    "Fitting" only stores the head's weight W (C x D). Equals ``gaia(layer=head)``.
+    dL/dh = W^T dL/dz, one position per unit of h. "Fitting" only stores the head's weight W (C x D).
+    Equals ``gaia(layer=head)`` with the same target.
     """
 
     needs_head = True
     _keys = ("weight",)
     method = "gaia_v"
 
-    def __init__(self, target="predicted", T=1.0):
+    def __init__(self, target="authors", T=1.0):
         self.T, self.target = _check_T(T, "gaia_v"), target
         super().__init__()
 
@@ -240,7 +284,10 @@ class GaiaHeadScore(FittedScore):
         self.weight = weight.clone()
 
     def _score(self, h, logits):
-        return -(loss_cotangent(logits, self.target, self.T) @ self.weight).norm(dim=1)
+        if self.target == "authors":
+            o2 = (loss_cotangent(logits, "logsoftmax_sum", self.T) @ self.weight).abs().mean(1)
+            return -1.0 / o2.clamp_min(torch.finfo(torch.float64).tiny)
+        return -((loss_cotangent(logits, self.target, self.T) @ self.weight) ** 2).mean(1)
 
 
 # ---------------------------------------------------------------- GradOrth
@@ -414,6 +461,294 @@ class _Logits(nn.Module):
         return forward_head(self.model, x, self._head[0])[2]
 
 
+# ---------------------------------------------------------------- projections J(x) V from the layer records
+
+#: cost of one multiply-add of the per-sample convolution weight-gradient kernel (plus its projection) relative
+#: to one of a batched convolution, for the cost model of :func:`conv_stacked_cheaper`; measured on CPU with
+#: ``python benchmarks/since_speed.py --calibrate`` (one thread)
+CONV_KERNEL_FACTOR = 3.0
+
+
+def param_views(named, v: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{id(p): l x *p.shape}: the rows of ``v`` (P x l, parameters in the order of ``named``) of each
+    parameter, as l tensors of its shape, in its dtype and device."""
+    out, pos = {}, 0
+    for _, p in named:
+        out[id(p)] = v[pos:pos + p.numel()].T.reshape(-1, *p.shape).to(device=p.device, dtype=p.dtype)
+        pos += p.numel()
+    return out
+
+
+def _project_linear(module, a, g, vs):
+    """n x l: sum over positions of g^T V_j a (weight) + g . b_j (bias), y = a W^T + b.
+
+    <g a^T, V_j> = g^T V_j a needs no per-sample gradient: one (rows x Din) @ (Din x l Cout) product (or the
+    transposed order when Cout < Din: the smaller intermediate), then a batched dot product."""
+    n = a.shape[0]
+    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    l = next(iter(vs.values())).shape[0]
+    phi = g2.new_zeros(g2.shape[0], l)
+    w = vs.get("weight")
+    if w is not None:
+        cout, din = w.shape[1:]
+        step = max(1, CHUNK_ELEMENTS // (l * min(cout, din)))
+        if din <= cout:  # (g V_j) . a
+            m, left, right, width = w.transpose(0, 1).reshape(cout, l * din), g2, a2, din
+        else:  # (V_j a) . g
+            m, left, right, width = w.reshape(l * cout, din).T, a2, g2, cout
+        for lo in range(0, left.shape[0], step):
+            t = (left[lo:lo + step] @ m).view(-1, l, width)
+            phi[lo:lo + step] += torch.bmm(t, right[lo:lo + step, :, None])[..., 0]
+    if "bias" in vs:
+        phi += g2 @ vs["bias"].T
+    return phi.view(n, -1, l).sum(1)
+
+
+def conv_stacked_cheaper(module, g, l: int) -> bool:
+    """Cost model of a convolution's projection onto l directions, per sample, with T output positions,
+    d = Cin/groups * kernel elements: materialising the per-sample weight gradient (the engine's kernel,
+    Cout d T multiply-adds) and projecting it (l Cout d) against the layer input convolved with the l
+    stacked filters (l Cout d T, one batched convolution). Stacked when l T < CONV_KERNEL_FACTOR (T + l),
+    i.e. on late layers with few output positions."""
+    T = math.prod(g.shape[2:])
+    return l * T < CONV_KERNEL_FACTOR * (T + l)
+
+
+def _project_conv_stacked(module, a, g, w):
+    """n x l: sum_t <g_t, (a * V_j)_t>, the layer input convolved with the l filters V_j (stacked along the
+    output channels, group-major so that each group sees its own input channels), dotted with g."""
+    l, cout = w.shape[:2]
+    G = module.groups
+    ws = w.reshape(l, G, cout // G, *w.shape[2:]).transpose(0, 1).reshape(G * l * (cout // G), *w.shape[2:])
+    n, T = g.shape[0], math.prod(g.shape[2:])
+    phi = g.new_empty(n, l)
+    step = max(1, CHUNK_ELEMENTS // (l * cout * T))
+    for lo in range(0, n, step):
+        y = module._conv_forward(a[lo:lo + step], ws, None).reshape(-1, G, l, cout // G, T)
+        gg = g[lo:lo + step].reshape(-1, G, 1, cout // G, T)
+        phi[lo:lo + step] = (y * gg).sum((1, 3, 4))
+    return phi
+
+
+def _project_materialised(r, g, vs):
+    """n x l from the per-sample gradients of the record's rule (``grad_sample``: the convolution's per-sample
+    kernel, BatchNorm's closed form, torch.func for other modules), formed in chunks of samples and projected
+    with one (m x P_layer) @ (P_layer x l) product per parameter."""
+    n = g.shape[0]
+    names = list(vs)
+    per_sample = sum(vs[nm][0].numel() for nm in names) + r.rule.sample_elements(r.module, r.inputs, names)
+    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    l = vs[names[0]].shape[0]
+    phi = g.new_zeros(n, l)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        gs = r.rule.grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs, g[None, lo:hi], names)
+        for nm in names:
+            phi[lo:hi] += gs[nm][0].reshape(hi - lo, -1) @ vs[nm].reshape(l, -1).T
+    return phi
+
+
+def project_record(r, g: torch.Tensor, vs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """n x l: phi_j = <per-sample gradient of the record's parameters ``vs`` (name -> l x shape), V_j>, from
+    its input and its output gradient g (n x output shape), by the cheapest exact rule: linear layers by
+    g^T V_j a, convolutions by the cost model :func:`conv_stacked_cheaper`, their bias from g directly,
+    anything else by materialised per-sample gradients (:func:`_project_materialised`)."""
+    from .engine import ConvRule, LinearRule
+
+    if isinstance(r.rule, LinearRule):
+        return _project_linear(r.module, r.inputs[0], g, vs)
+    if isinstance(r.rule, ConvRule) and "weight" in vs and conv_stacked_cheaper(r.module, g, vs["weight"].shape[0]):
+        phi = _project_conv_stacked(r.module, r.inputs[0], g, vs["weight"])
+        if "bias" in vs:
+            phi += g.reshape(g.shape[0], g.shape[1], -1).sum(-1) @ vs["bias"].T
+        return phi
+    return _project_materialised(r, g, vs)
+
+
+def _jvp_projection(model, x, named, views, head, batch_size):
+    """J(x) V (n x l, float64) restricted to the parameters ``named``: one vmapped forward-mode jvp per
+    micro-batch (one jvp per direction where an operation has no batching rule)."""
+    from torch.func import functional_call, jvp, vmap
+
+    wrapper = _Logits(model, head)
+    primals = {f"model.{n}": p.detach() for n, p in named}
+    stacked = {f"model.{n}": views[id(p)] for n, p in named}
+    l = next(iter(stacked.values())).shape[0]
+    out = torch.zeros(x.shape[0], l, dtype=torch.float64)
+    for lo in range(0, x.shape[0], batch_size):
+        xb = x[lo:lo + batch_size]
+
+        def y(prm, xb=xb):
+            return torch.logsumexp(functional_call(wrapper, prm, (xb,)), dim=1)
+
+        def tangent_out(t, y=y):
+            return jvp(y, (primals,), (t,))[1].detach()  # the other parameters are the model's own
+
+        try:  # all l directions in one vmapped jvp (the primal is computed once)
+            out[lo:lo + xb.shape[0]] = vmap(tangent_out)(stacked).T.double().cpu()
+        except RuntimeError:  # an operation without a batching rule: one jvp per direction
+            for j in range(l):
+                out[lo:lo + xb.shape[0], j] = tangent_out({k: t[j] for k, t in stacked.items()}).double().cpu()
+    return out
+
+
+def _record_passes(model, x, named, head, batch_size, plan: dict):
+    """Per micro-batch: (lo, [(record, output gradient, {name: parameter} it covers)]), from ONE forward with
+    the layers recorded and ONE backward of sum_n logsumexp(z_n) to the recorded outputs (cotangent softmax(z)
+    at the logits; in eval mode the samples do not interact, so row n of each output gradient is sample n's
+    own). The coverage check (:func:`uvood.scores.engine.uncovered_params`) runs on the first micro-batch;
+    ``plan["skip"]``: the ids of the parameters it finds uncovered."""
+    from .engine import record_forward, uncovered_params
+
+    selected = {id(p): p for _, p in named}
+    modules = [m for m in model.modules() if any(id(p) in selected for p in m.parameters(recurse=False))]
+    if x.is_inference():
+        x = x.clone()
+    for lo in range(0, x.shape[0], batch_size):
+        with torch.enable_grad():
+            _, logits, records = record_forward(model, x[lo:lo + batch_size], head, modules)
+            if "skip" not in plan:
+                plan["skip"] = uncovered_params(logits, records, selected)
+            skip = plan["skip"]
+            grads = torch.autograd.grad(logits, [r.output for r in records], torch.softmax(logits.detach(), 1),
+                                        allow_unused=True) if records else []
+        items = []
+        for r, g in zip(records, grads):
+            own = {nm: p for nm, p in r.params.items() if id(p) in selected and id(p) not in skip}
+            if g is not None and own:
+                items.append((r, g.detach(), own))
+        yield lo, items
+
+
+def project_gradients(model, x, v: torch.Tensor, head, named, batch_size: int = 128) -> torch.Tensor:
+    """phi = J(x) V (N x l, float64): phi[n, j] = <grad_theta logsumexp(z(x_n)), v_j>, theta = ``named``.
+
+    Per micro-batch one forward and one backward (:func:`_record_passes`), then each record's share of phi
+    from its input a and output gradient g (:func:`project_record`); no full per-sample gradient is formed.
+    Parameters the records do not cover (tied weights, weights used outside their module's forward) are
+    projected by forward-mode jvp (:func:`_jvp_projection`)."""
+    views = param_views(named, v)
+    out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
+    plan: dict = {}
+    for lo, items in _record_passes(model, x, named, head, batch_size, plan):
+        with torch.no_grad():
+            acc = None
+            for r, g, own in items:
+                part = project_record(r, g, {nm: views[id(p)] for nm, p in own.items()})
+                acc = part if acc is None else acc + part
+            if acc is not None:
+                out[lo:lo + acc.shape[0]] = acc.double().cpu()
+    if plan.get("skip"):
+        out += _jvp_projection(model, x, [(nm, p) for nm, p in named if id(p) in plan["skip"]], views, head,
+                               batch_size)
+    return out
+
+
+def _vjp_linear(a, g, w, names):
+    """{name: l x shape}: sum_n w_nj g_n a_n^T (summed over positions) and sum_n w_nj g_n, y = a W^T + b."""
+    n, l = a.shape[0], w.shape[1]
+    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    wr = w.repeat_interleave(a2.shape[0] // n, dim=0)
+    out = {}
+    if "weight" in names:
+        cout = g2.shape[1]
+        acc = g2.new_zeros(l * cout, a2.shape[1])
+        step = max(1, CHUNK_ELEMENTS // (l * cout))
+        for lo in range(0, a2.shape[0], step):
+            gw = (wr[lo:lo + step, :, None] * g2[lo:lo + step, None, :]).reshape(-1, l * cout)
+            acc += gw.T @ a2[lo:lo + step]
+        out["weight"] = acc.view(l, cout, a2.shape[1])
+    if "bias" in names:
+        out["bias"] = wr.T @ g2
+    return out
+
+
+def _vjp_conv_weight(module, a, g, w):
+    """l x weight shape: sum_n w_nj (per-sample weight gradient of sample n), from ONE call of the convolution's
+    weight-gradient kernel per chunk of samples, the l weighted copies of g stacked along the output channels
+    (group-major; the gradient w.r.t. l stacked copies of the filters holds each column's sum)."""
+    from .engine import ConvRule
+
+    a, padding = ConvRule._padded(module, a)
+    shape, G, l = module.weight.shape, module.groups, w.shape[1]
+    n, cout, spatial = g.shape[0], g.shape[1], g.shape[2:]
+    proxy = module.weight.detach().repeat(l, *([1] * (len(shape) - 1)))  # l*Cout x Cin/G x kernel (shape only)
+    acc = None
+    step = max(1, CHUNK_ELEMENTS // (l * g[0].numel()))
+    for lo in range(0, n, step):
+        gg = w[lo:lo + step, :, None, None, None] * g[lo:lo + step].reshape(-1, 1, G, cout // G, math.prod(spatial))
+        gg = gg.transpose(1, 2).reshape(gg.shape[0], G * l * (cout // G), *spatial)
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            gg, a[lo:lo + step], proxy, None, list(module.stride), padding, list(module.dilation), False,
+            [0] * len(spatial), G, [False, True, False])
+        acc = gw if acc is None else acc + gw
+    return acc.view(G, l, cout // G, *shape[1:]).transpose(0, 1).reshape(l, *shape)
+
+
+def vjp_record(r, g: torch.Tensor, w: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """{name: l x param shape}: sum_n w_nj (per-sample gradient of sample n) for each column j of w (n x l), from
+    the record's input and output gradient g: linear layers by one (l Cout x rows) @ (rows x Din) product,
+    convolutions by one stacked kernel call per chunk where the cost model :func:`conv_stacked_cheaper` says so
+    (its l-fold kernel against the per-sample kernel plus a contraction: the same arithmetic as the projection's),
+    biases from g, anything else by materialised per-sample gradients (``grad_sample``) contracted with w."""
+    from .engine import ConvRule, LinearRule
+
+    if isinstance(r.rule, LinearRule):
+        return _vjp_linear(r.inputs[0], g, w, names)
+    out = {}
+    if isinstance(r.rule, ConvRule) and (
+            "weight" not in names or conv_stacked_cheaper(r.module, g, w.shape[1])):  # else materialised, below
+        if "weight" in names:
+            out["weight"] = _vjp_conv_weight(r.module, r.inputs[0], g, w)
+        if "bias" in names:
+            out["bias"] = w.T @ g.reshape(g.shape[0], g.shape[1], -1).sum(-1)
+        return out
+    n = g.shape[0]
+    per_sample = sum(getattr(r.module, nm).numel() for nm in names) + r.rule.sample_elements(r.module, r.inputs,
+                                                                                               names)
+    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        gs = r.rule.grad_sample(r.module, _slice(r.inputs, lo, hi, n), r.kwargs, g[None, lo:hi], list(names))
+        for nm in names:
+            part = torch.tensordot(w[lo:hi].T, gs[nm][0], dims=1)
+            out[nm] = part if nm not in out else out[nm] + part
+    return out
+
+
+def backproject_gradients(model, x, w: torch.Tensor, head, named, batch_size: int = 128) -> torch.Tensor:
+    """J^T W (P x l, float64) for W (N x l): column j = sum_n w_nj grad_theta logsumexp(z(x_n)), theta = ``named``
+    (rows in its order). Per micro-batch one forward and one backward (:func:`_record_passes`), then each
+    record's share (:func:`vjp_record`); the parameters the records do not cover by one autograd backward of
+    sum_n w_nj y_n per column."""
+    from ..model import forward_head
+
+    offsets, pos = {}, 0
+    for _, p in named:
+        offsets[id(p)] = pos
+        pos += p.numel()
+    out = torch.zeros(pos, w.shape[1], dtype=torch.float64)
+    plan: dict = {}
+    for lo, items in _record_passes(model, x, named, head, batch_size, plan):
+        with torch.no_grad():
+            for r, g, own in items:
+                wb = w[lo:lo + g.shape[0]].to(device=g.device, dtype=g.dtype)
+                for nm, part in vjp_record(r, g, wb, list(own)).items():
+                    p = own[nm]
+                    out[offsets[id(p)]:offsets[id(p)] + p.numel()] += part.reshape(w.shape[1], -1).T.double().cpu()
+    rest = [p for _, p in named if id(p) in plan.get("skip", ())]
+    for lo in range(0, x.shape[0] if rest else 0, batch_size):
+        with torch.enable_grad():
+            y = torch.logsumexp(forward_head(model, x[lo:lo + batch_size], head)[2], dim=1)
+            for j in range(w.shape[1]):
+                grads = torch.autograd.grad(y, rest, w[lo:lo + len(y), j].to(y.dtype),
+                                            retain_graph=j < w.shape[1] - 1, allow_unused=True)
+                for p, g in zip(rest, grads):
+                    if g is not None:
+                        out[offsets[id(p)]:offsets[id(p)] + p.numel(), j] += g.reshape(-1).double().cpu()
+    return out
+
+
 class LowDimDeepScore(Score):
     """Low-dimensional gradients over every parameter (Wu et al., arXiv:2310.17163), higher = more ID:
 
@@ -421,14 +756,13 @@ class LowDimDeepScore(Score):
 
     v_1..v_k: the top-k right singular vectors of the ID Jacobian J (n x P, row i = the gradient of
     logsumexp(z(x_i)) w.r.t. all parameters with requires_grad), found as the authors do, by a randomized
-    truncated SVD that touches J only through products: J^T w (one backward of sum_i w_i y_i per
-    column) and J v (one forward-mode ``torch.func.jvp`` per column). Rows of J are never formed;
-    memory is P x (k + oversample). Scoring: phi(x) = J(x) V, k jvps per batch (exact per sample: the
-    samples do not interact in eval mode). mu, P = pinv(Sigma) of phi on the fit samples. The
-    subspace is exact when k + ``oversample`` >= the rank of J (at most the number of fit samples),
-    else the randomized estimate with ``iters`` power iterations (seeded). At most
-    ``LOWDIM_DEEP_FIT_MAX`` = 512 ID samples (seeded subset) span the subspace: on the paper's CNN
-    (c = 32) on CPU the fit then takes minutes.
+    truncated SVD that touches J only through products J^T W (:func:`backproject_gradients`) and J V
+    (:func:`project_gradients`), each from ONE forward and ONE backward per micro-batch with the layers
+    recorded (exact per sample: the samples do not interact in eval mode). Rows of J are never formed;
+    memory is P x (k + oversample). Scoring: phi(x) = J(x) V, the same projection. mu, P = pinv(Sigma) of
+    phi on the fit samples. The subspace is exact when k + ``oversample`` >= the rank of J (at most the
+    number of fit samples), else the randomized estimate with ``iters`` power iterations (seeded). At most
+    ``LOWDIM_DEEP_FIT_MAX`` = 512 ID samples (seeded subset) span the subspace.
     """
 
     needs_model = True
@@ -437,59 +771,35 @@ class LowDimDeepScore(Score):
     def __init__(self, k=10, oversample=10, iters=1):
         self.k, self.oversample, self.iters = k, int(oversample), int(iters)
         self.basis = self.mu = self.precision = None
-        self.batch_size = 128
+        self.batch_size = None  # None: planned from LOWDIM_DEEP_MEMORY (:meth:`_micro_batch`)
 
     @staticmethod
     def _params(model):
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def _jt(self, model, x, w, head):
-        """J^T w (P x l, float64) for w (n x l): one forward per micro-batch, l backward passes."""
-        from ..model import forward_head
-
-        named = self._params(model)
-        out = torch.zeros(sum(p.numel() for _, p in named), w.shape[1], dtype=torch.float64)
-        for lo in range(0, x.shape[0], self.batch_size):
-            with torch.enable_grad():
-                y = torch.logsumexp(forward_head(model, x[lo:lo + self.batch_size], head)[2], dim=1)
-                for j in range(w.shape[1]):
-                    grads = torch.autograd.grad(y, [p for _, p in named], w[lo:lo + len(y), j].to(y.dtype),
-                                                retain_graph=j < w.shape[1] - 1, allow_unused=True)
-                    out[:, j] += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double().cpu()
-                                            for (_, p), g in zip(named, grads)])
-        return out
+        """J^T w (P x l, float64) for w (n x l): :func:`backproject_gradients` (one forward and backward per
+        micro-batch, the weighted sums of per-sample gradients from the layer records)."""
+        return backproject_gradients(model, x, w, head, self._params(model), self._micro_batch(model, x, head))
 
     def _j(self, model, x, v, head):
-        """J v (n x l, float64) for v (P x l): one forward-mode jvp per column and micro-batch."""
-        from torch.func import functional_call, jvp, vmap
+        """J v (n x l, float64) for v (P x l): :func:`project_gradients` (one forward and backward per
+        micro-batch, the projection from the layer records)."""
+        return project_gradients(model, x, v, head, self._params(model), self._micro_batch(model, x, head))
 
-        named = self._params(model)
-        wrapper = _Logits(model, head)
-        primals = {f"model.{n}": p.detach() for n, p in named}
-        tangents = []
-        for j in range(v.shape[1]):
-            t, pos = {}, 0
-            for n, p in named:
-                t[f"model.{n}"] = v[pos:pos + p.numel(), j].reshape(p.shape).to(device=p.device, dtype=p.dtype)
-                pos += p.numel()
-            tangents.append(t)
-        stacked = {name: torch.stack([t[name] for t in tangents]) for name in primals}
-        out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
-        for lo in range(0, x.shape[0], self.batch_size):
-            xb = x[lo:lo + self.batch_size]
+    def _micro_batch(self, model, x, head) -> int:
+        """``batch_size`` if set, else the most samples (at most ``LOWDIM_DEEP_BATCH``) whose recorded forward and
+        backward fit ``LOWDIM_DEEP_MEMORY`` bytes, measured on a probe of 2 samples
+        (:func:`uvood.scores.engine.plan_micro_batch`, one cotangent row)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        from .engine import Reduction, RowGroup, plan_micro_batch
 
-            def y(prm, xb=xb):
-                return torch.logsumexp(functional_call(wrapper, prm, (xb,)), dim=1)
-
-            def tangent_out(t, y=y):
-                return jvp(y, (primals,), (t,))[1]
-
-            try:  # all l directions in one vmapped jvp (the primal is computed once)
-                out[lo:lo + xb.shape[0]] = vmap(tangent_out)(stacked).T.double().cpu()
-            except RuntimeError:  # an operation without a batching rule: one jvp per direction
-                for j, t in enumerate(tangents):
-                    out[lo:lo + xb.shape[0], j] = tangent_out(t).double().cpu()
-        return out
+        ids = {id(p) for _, p in self._params(model)}
+        modules = [m for m in model.modules() if any(id(p) in ids for p in m.parameters(recurse=False))]
+        group = RowGroup(lambda z: torch.softmax(z, 1)[None], (Reduction("l2sq"),))
+        with torch.enable_grad():
+            return plan_micro_batch(model, x, [group], head, modules, LOWDIM_DEEP_BATCH, LOWDIM_DEEP_MEMORY)[0]
 
     def fit(self, model, x, y, head=None, seed=0):
         from ..model import eval_mode, find_head
@@ -597,12 +907,13 @@ class FisherVScore(Score):
 
 VARIANTS = ("a", "z")
 
-TARGETS = ("predicted", "uniform")
+TARGETS = ("authors", "predicted", "uniform")
 
-register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "target": "predicted", "T": 1.0, "depth": "deep"},
-         kind="gradient", choices={"variant": VARIANTS, "target": TARGETS, "depth": ("deep",)}, doc=GaiaScore.__doc__)
-register("gaia_v", GaiaHeadScore, params={"target": "predicted", "T": 1.0}, kind="output", choices={"target": TARGETS},
-         doc=GaiaHeadScore.__doc__)
+register("gaia", GaiaScore, params={"variant": "a", "layer": "auto", "target": "authors", "T": 1.0, "depth": "deep"},
+         kind="gradient", choices={"variant": VARIANTS, "target": TARGETS, "depth": ("deep",)}, doc=GaiaScore.__doc__,
+         version=2)
+register("gaia_v", GaiaHeadScore, params={"target": "authors", "T": 1.0}, kind="output", choices={"target": TARGETS},
+         doc=GaiaHeadScore.__doc__, version=2)
 register("gradorth", GradOrthScore, params={"k": None, "energy": 0.97, "T": 1.0, "depth": "shallow"},
          kind="gradient", choices={"depth": ("shallow",)}, doc=GradOrthScore.__doc__)
 register("gradorth_u", GradOrthU, params={"k": None, "energy": 0.97}, kind="encoding", doc=GradOrthU.__doc__)
