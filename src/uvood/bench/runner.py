@@ -444,16 +444,18 @@ def _feature_fits(spec: BenchSpec, id_name: str, model, model_name: str, fp: str
     return {sc: FitOnFeatures(sc, key, features, head) for sc in todo}
 
 
-#: ID training images a model score (e.g. deep BatchGrad's anchors) is fitted on, evenly spaced
+#: ID training images a model score (deep BatchGrad's anchors, deep low-dim's subspace) is fitted on, evenly
+#: spaced; ``--quick`` fits on the spec's ``quick_n`` (the deep low-dim fit costs a few passes per image)
 MODEL_FIT_N = 2000
 
 
-def _fit_model_score(sc, model, model_name: str, fp: str, ds: dict, in_shape, data_dir, cache: Path) -> None:
-    """Fit ``sc`` (a score that needs the model and ID training data) on ``MODEL_FIT_N`` images of the ID set's
+def _fit_model_score(sc, model, model_name: str, fp: str, ds: dict, in_shape, data_dir, cache: Path,
+                     limit: int = MODEL_FIT_N) -> None:
+    """Fit ``sc`` (a score that needs the model and ID training data) on ``limit`` images of the ID set's
     training split. The fitted state is cached (keyed by the model's fingerprint, the training data's identity,
     the score's spec and version and the seed), so a rerun neither decodes the training images nor fits again."""
     split = ds.get("train_split", "train")
-    ident = uvdata.datasets.identity(ds["dataset"], split, data_dir=data_dir, limit=MODEL_FIT_N)
+    ident = uvdata.datasets.identity(ds["dataset"], split, data_dir=data_dir, limit=limit)
     what = [fp, ident, list(in_shape), sc.spec, sc.version_tag, "seed=0"]
     key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
     path = cache / f"fit-{_slug(f'{model_name}__{sc.spec}__{ident}')}.npz"
@@ -462,7 +464,7 @@ def _fit_model_score(sc, model, model_name: str, fp: str, ds: dict, in_shape, da
         sc.load_state({k: torch.from_numpy(v) for k, v in state.items()})
         return
     with claim(path):
-        train = uvdata.load(ds["dataset"], split, data_dir=data_dir, limit=MODEL_FIT_N)
+        train = uvdata.load(ds["dataset"], split, data_dir=data_dir, limit=limit)
         xt = transforms.to_model_format(train.x, channels=in_shape[0], size=in_shape[1])
         sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
         save_verified(path, key, {k: v.detach().cpu().numpy() for k, v in sc.state().items()})
@@ -532,7 +534,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                 if "dataset" not in ds:
                     raise UvoodError(f"{sc.spec} needs labelled ID training data; {id_name} has no named data set.")
                 t = time.time()
-                _fit_model_score(sc, model, model_name, fp, ds, in_shape, data_dir, cache)
+                _fit_model_score(sc, model, model_name, fp, ds, in_shape, data_dir, cache,
+                                 limit=min(spec.quick_n, MODEL_FIT_N) if quick else MODEL_FIT_N)
                 key = f"{model_name}/{id_name}/fits of model scores"
                 timings[key] = round(timings.get(key, 0.0) + time.time() - t, 2)
         from_features = [score_objs[full] for _, full, _ in rows_spec if not score_objs[full].needs_model]
