@@ -146,18 +146,23 @@ def speed(args, lines, results):
     return results
 
 
-def ghost_factor(args, lines):
-    """Seconds per cost-model multiply-add of the ghost norm and of the per-sample kernel, per CNN conv."""
+def conv_records(batch):
+    """The benchmark CNN's convolutions (seeded) and each one's (input, output) on ``batch`` random images."""
     torch.manual_seed(0)
     model = cnn().eval()
-    x = torch.rand(args.batch, 3, 32, 32)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     acts = {}
     hooks = [m.register_forward_hook(lambda m, i, o: acts.__setitem__(m, (i[0].detach(), o.detach()))) for m in convs]
     with torch.no_grad():
-        model(x)
+        model(torch.rand(batch, 3, 32, 32))
     for h in hooks:
         h.remove()
+    return convs, acts
+
+
+def ghost_factor(args, lines):
+    """Seconds per cost-model multiply-add of the ghost norm and of the per-sample kernel, per CNN conv."""
+    convs, acts = conv_records(args.batch)
     K = 10
     rows = []
     for m in convs[2:]:  # the first two (T = 1024) are far on the kernel's side
@@ -194,16 +199,7 @@ def block_table(args, lines):
     """Per CNN convolution and K (1: GradNorm, 10: ExGrad's labels): l1 of the per-sample weight gradients by the
     convolution's per-sample kernel (unblocked) and by cache-sized blocks (:meth:`ConvRule.reduce_blocked`), and
     the path the rule takes (BLOCK_ELEMENTS)."""
-    torch.manual_seed(0)
-    model = cnn().eval()
-    x = torch.rand(args.batch, 3, 32, 32)
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    acts = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: acts.__setitem__(m, (i[0].detach(), o.detach()))) for m in convs]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    convs, acts = conv_records(args.batch)
     rows = []
     for K in (1, 10):
         for m in convs:
