@@ -58,6 +58,8 @@ def run(task: str, cache_dir: str | None) -> dict[str, np.ndarray]:
         return {"h": f.h.numpy(), "logits": f.logits.numpy(), "computed": np.array(sum(calls))}
     if task == "bench":  # a tiny spec's deep rows: the fused deep pass and a product with a deep factor
         return bench(cache_dir)
+    if task == "fscores":  # a feature-score cache that rank 0 has whole and rank 1 lacks (a file written between
+        return fscores(cache_dir, rank)  # the ranks' lookups): both must fit, extracting together, or neither
     if task == "scores":  # features, shallow and deep gradient scores, BatchGrad and a fitted score in one run
         f = uvood.extract(model, (x, y), batch_size=8, progress=False)
         out = {"h": f.h.numpy(), "logits": f.logits.numpy(), "y": f.y.numpy()}
@@ -112,6 +114,38 @@ def bench(cache_dir: str) -> dict[str, np.ndarray]:
     out["auroc"] = np.array([r["auroc"] for r in result.rows])
     out["deep_images"] = np.array(seen[0])
     return out
+
+
+def fscores(cache_dir: str, rank: int) -> dict[str, np.ndarray]:
+    """``runner._feature_scores`` of a fitted score whose fit extracts the training features (a collective), where
+    rank 0 finds every value cached and rank 1 finds none (each reads its own file, as after a file appeared
+    between two lookups). ``fit_images``: the images this rank pushed through the model for the fit."""
+    from pathlib import Path
+
+    from uvood.bench import runner
+    from uvood.cache import save_verified
+    from uvood.scores.fitted import head_weights
+
+    model = make_model()
+    x, y = make_data()
+    f = uvood.extract(model, (x, y), batch_size=8, progress=False)
+    score = uvood.get_score("mahalanobis")
+    pushed = []
+
+    def training_features():
+        hook = model[0].register_forward_hook(lambda m, i, o: pushed.append(o.shape[0]))
+        try:
+            return uvood.extract(model, (x, y), batch_size=8, progress=False, cache_dir=cache_dir, data_id="train")
+        finally:
+            hook.remove()
+
+    fit = runner.FitOnFeatures(score, "toy-training-features", training_features,
+                               lambda: head_weights(model, x[:1]))
+    path = Path(cache_dir) / f"fscores-rank{rank}.npz"
+    if rank == 0:
+        save_verified(path, "k", {runner._score_key(score, fit): np.zeros(len(x))})
+    values = runner._feature_scores([score], f, "k", path, {score: fit})
+    return {"values": values[runner._score_key(score, fit)], "fit_images": np.array(sum(pushed))}
 
 
 def errors() -> dict[str, np.ndarray]:

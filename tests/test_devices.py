@@ -31,6 +31,15 @@ def test_every_model_command_takes_device_and_checks_it_first(command, capsys):
     assert devices.default_device() == torch.device("cpu")
 
 
+def test_a_commands_device_does_not_outlive_the_command(tmp_path, monkeypatch, capsys):
+    """``main([..., "--device", "cpu"])`` sets the default device for that command only: a program that calls
+    ``main`` and then loads models keeps its own default (here a sentinel device), on success and on error."""
+    monkeypatch.setattr(devices, "_DEFAULT", [torch.device("meta")])
+    assert main(["score", "--model", "mnist-mlp", "--data", str(tmp_path / "missing.npz"), "--device", "cpu"]) == 2
+    assert "missing.npz" in capsys.readouterr().err
+    assert devices.default_device() == torch.device("meta")
+
+
 def test_zoo_models_load_onto_the_requested_device():
     model = uvood.zoo.load("mnist-mlp", device="cpu")
     assert devices.model_device(model) == torch.device("cpu")

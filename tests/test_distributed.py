@@ -142,6 +142,16 @@ def test_torchrun_uvood_score_writes_the_csv_of_one_process(tmp_path):
         np.testing.assert_allclose([float(v) for v in fb[4:]], [float(v) for v in fa[4:]], rtol=1e-6, atol=0)
 
 
+def test_a_feature_score_cached_on_one_rank_only_is_fitted_by_every_rank_together(tmp_path):
+    """Rank 0 finds the fitted score's value cached, rank 1 does not: both fit it (the fit extracts the training
+    features, a collective), so neither hangs nor fails, and both hold the same fitted values."""
+    assert launch("fscores", tmp_path, tmp_path) == [0, 0]
+    runs = [result(tmp_path, "fscores", r) for r in (0, 1)]
+    np.testing.assert_array_equal(runs[0]["values"], runs[1]["values"])
+    assert np.abs(runs[0]["values"]).min() > 0  # fitted values, not rank 0's cached placeholder zeros
+    assert int(runs[0]["fit_images"]) + int(runs[1]["fit_images"]) == 60  # the extraction was shared
+
+
 def test_torchrun_bench_shards_the_deep_passes_and_equals_one_process(tmp_path, data_dir):
     """Two gloo ranks run a tiny spec's deep rows (the fused deep pass, per-label norms, a product with a deep
     factor): every score equals one process's, and each rank pushed only its share of the images through the

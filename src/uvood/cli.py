@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import devices, distributed, precision
 
+    before = devices.default_device()
     try:
         precision.use(getattr(args, "precision", None))
         device = distributed.local_device(getattr(args, "device", None))
@@ -282,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
         finally:
             distributed.close()
-            precision.use(None)  # back to float32 for whatever runs next in this process
+            precision.use(None)  # back to float32 and the device before, for whatever runs next in this process
+            devices.restore(before)
     except UvoodError as e:
         return _fail(str(e))
     except OSError as e:  # a file or folder the command reads or writes, a network error

@@ -48,6 +48,11 @@ def use(name: str | torch.device | None) -> torch.device:
     return _DEFAULT[0]
 
 
+def restore(device: torch.device) -> None:
+    """Put back a default device that :func:`default_device` returned before (the CLI does, after a command)."""
+    _DEFAULT[0] = device
+
+
 def default_device() -> torch.device:
     return _DEFAULT[0]
 

@@ -193,10 +193,13 @@ def _feature_scores(scores: list, f, key: str, path: Path, fits: dict | None = N
     fits = fits or {}
     keyed = {_score_key(sc, fits.get(sc)): sc for sc in scores}
     cached = load_verified(path, key, "Score cache") or {}
-    if any(k not in cached for k in keyed):
+    if _agreed({k for k in keyed if k not in cached}, "the feature-score cache lookup"):
         with claim(path):
             cached = load_verified(path, key, "Score cache") or {}  # another run may have added some meanwhile
-            missing = [k for k in keyed if k not in cached]
+            # under torchrun every rank computes the keys missing on any rank, in one order: a fit may extract the
+            # training features, which all ranks must do together (a collective), even on a rank that had them
+            agreed = _agreed({k for k in keyed if k not in cached}, "the feature-score cache lookup")
+            missing = [k for k in keyed if k in agreed]
             for k in missing:
                 if keyed[k] in fits:
                     try:
