@@ -283,16 +283,19 @@ def _shares_label_norms(score) -> bool:
     return isinstance(score, GradScore) and score.depth == "deep" and score.agg == "mean_of_norm"
 
 
-def _deep_entry(fp: str, inputs: Inputs, model_name: str, cache: Path, score) -> tuple[str, Path, tuple]:
+def _deep_entry(fp: str, inputs: Inputs, model_name: str, cache: Path, score, digest: str | None = None
+                ) -> tuple[str, Path, tuple]:
     """(cache key, cache path, what) of one score that needs the model: a deep ``mean_of_norm`` row reads the
-    per-label norms at its T (``what = ("label", T)``), every other one its own entry (``("score", spec)``)."""
+    per-label norms at its T (``what = ("label", T)``), every other one its own entry (``("score", spec)``).
+    ``digest``: the score's :func:`_fit_state_digest` when the caller has it (hashing a deep low-dim subspace
+    costs tens of ms, so a run hashes each fitted state once per model, not once per data set)."""
     if _shares_label_norms(score):
         key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "label-norms", score.T,
                                          LABEL_NORMS_VERSION]).encode()).hexdigest()
         return key, cache / f"labelnorms-{_slug(f'{model_name}__{inputs.identity}__T={score.T}')}.npz", \
             ("label", score.T)
     key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, score.spec, score.version_tag,
-                                     _fit_state_digest(score)]).encode()).hexdigest()
+                                     digest or _fit_state_digest(score)]).encode()).hexdigest()
     return key, cache / f"scores-{_slug(model_name + '__' + inputs.identity + '__' + score.spec)}.npz", \
         ("score", score.spec)
 
@@ -302,7 +305,7 @@ def _what(what: tuple) -> str:
 
 
 def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, cache: Path, progress: bool,
-                 max_memory: int | None = None) -> dict[str, np.ndarray]:
+                 max_memory: int | None = None, digests: dict | None = None) -> dict[str, np.ndarray]:
     """The values of every score that needs the model (``{full spec: score}``) on ``inputs``.
 
     Cache entries stay per score (:func:`_deep_entry`: a bumped score version recomputes that score, the
@@ -311,7 +314,8 @@ def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, 
     every deep row, BatchGrad included; the predicted-label norm-of-mean rows from their closed form 0).
     The missing entries are claimed together, in sorted order (two runs never wait on each other in a cycle).
     """
-    entries = {full: _deep_entry(fp, inputs, model_name, cache, sc) for full, sc in scores.items()}
+    digests = digests or {}
+    entries = {full: _deep_entry(fp, inputs, model_name, cache, sc, digests.get(full)) for full, sc in scores.items()}
     by_path = {path: (key, what) for key, path, what in entries.values()}
     found = {path: load_verified(path, key, _what(w)) for path, (key, w) in by_path.items()}
     missing = _agreed({p for p, v in found.items() if v is None}, "the deep-score cache lookup")
@@ -542,6 +546,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                 key = f"{model_name}/{id_name}/fits of model scores"
                 timings[key] = round(timings.get(key, 0.0) + time.time() - t, 2)
         from_features = [score_objs[full] for _, full, _ in rows_spec if not score_objs[full].needs_model]
+        digests = None
         for ds_name, (f, inputs) in feats.items():
             fkey = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "feature-scores",
                                               FEATURES_VERSION, *precision.key(precision.parse(None))]).encode())
@@ -563,7 +568,9 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             if deep:
                 x = inputs.subset(len(f), deep_n) if deep_n and deep_n < len(f) else inputs
                 t = time.time()
-                values = _deep_scores(deep, model, model_name, fp, x, cache, progress, max_memory)
+                if digests is None:  # once per model: the fits above do not change while its data sets are scored
+                    digests = {full: _fit_state_digest(sc) for full, sc in deep.items()}
+                values = _deep_scores(deep, model, model_name, fp, x, cache, progress, max_memory, digests)
                 timings[f"{model_name}/{ds_name}/fused deep pass"] = round(time.time() - t, 2)
                 for full, s in values.items():
                     all_scores[(id_name, ds_name, full)] = s
