@@ -386,3 +386,26 @@ def test_time_breakdown_counts_the_training_split_features_once(tmp_path, data_d
     assert t["mnist-mlp/MNIST/scores from features"] < 0.6
     parts = sum(v for k, v in t.items() if k.count("/") == 2) + t["metrics and bootstrap intervals"]
     assert parts <= t["total"] + 0.05
+
+
+def test_bootstrap_intervals_on_threads_equal_one_thread_and_sklearn():
+    """The run's metrics of many pairs, computed on a thread pool, equal one thread's exactly (each pair's resamples
+    are seeded alone) and the AUROC equals scikit-learn's."""
+    from sklearn.metrics import roc_auc_score
+
+    from uvood.bench.runner import _evaluate_missing
+
+    rng = np.random.default_rng(3)
+    todo = {f"pair{i}": (rng.normal(size=300), rng.normal(size=200) - 0.1 * i) for i in range(5)}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _evaluate_missing(todo, n_boot=50)
+        torch.set_num_threads(2)
+        pooled = _evaluate_missing(todo, n_boot=50)
+    finally:
+        torch.set_num_threads(threads)
+    assert pooled == one and list(pooled) == list(todo)
+    for d, (a, b) in todo.items():
+        want = roc_auc_score(np.r_[np.ones(a.size), np.zeros(b.size)], np.r_[a, b])
+        assert abs(one[d]["auroc"] - want) < 1e-12 and one[d]["ci_low"] <= one[d]["auroc"] <= one[d]["ci_high"]
