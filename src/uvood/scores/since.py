@@ -123,10 +123,19 @@ def gaia_layers(model: nn.Module, layer: str, head_module: nn.Module | None = No
 
 
 class _Outputs:
-    """Forward hooks that keep the chosen modules' outputs (or the head's input) of one forward."""
+    """Forward hooks that keep the chosen modules' outputs (or the head's input) of one forward.
 
-    def __init__(self, modules: list[nn.Module], head_input: nn.Module | None = None):
+    A kept output must be the module's own output when the backward reaches it. The model goes on with the
+    very tensor (no copy) unless an operation after the module changes it in place (``ReLU(inplace=True)``,
+    ResNet's ``out += identity``), which :meth:`modified` detects from the tensor's version counter after the
+    forward; for those modules (``copy``: their ids) the caller runs the forward again and the model goes on
+    with a copy, so that the kept map keeps its gradient w.r.t. the module's own output."""
+
+    def __init__(self, modules: list[nn.Module], head_input: nn.Module | None = None, copy: frozenset = frozenset()):
         self.out: list[torch.Tensor] = []
+        self.owners: list[nn.Module] = []
+        self.versions: list[int] = []
+        self.copy = copy
         self.handles = [m.register_forward_hook(self._keep) for m in modules]
         if head_input is not None:
             self.handles.append(head_input.register_forward_hook(lambda m, i, o: self.out.append(i[0])))
@@ -136,8 +145,13 @@ class _Outputs:
             raise UvoodError(f"GAIA: the layer {type(module).__name__} returns {type(output).__name__}, not a "
                              "tensor feature map; name another layer.")
         self.out.append(output)
-        return output.clone()  # the model goes on with a copy: an in-place op after it (ReLU(inplace=True))
-        # cannot change the kept map, whose gradient is then the one w.r.t. the module's own output
+        self.owners.append(module)
+        self.versions.append(output._version)
+        return output.clone() if id(module) in self.copy else None
+
+    def modified(self) -> set[int]:
+        """ids of the modules whose kept output was changed in place after the module (version counter)."""
+        return {id(m) for m, t, v in zip(self.owners, self.out, self.versions) if t._version != v}
 
     def remove(self):
         for h in self.handles:
@@ -150,7 +164,11 @@ def gaia_statistic(g: torch.Tensor, variant: str) -> torch.Tensor:
     flat = g.detach().reshape(g.shape[0], g.shape[1], -1)
     if variant == "a":
         return flat.to(torch.float64).mean(-1).abs()
-    return (flat != 0).to(torch.float64).mean(-1)
+    if flat.shape[-1] >= 2**24:  # float32 counts are exact below 2^24
+        return torch.count_nonzero(flat, dim=-1).to(torch.float64) / flat.shape[-1]
+    nonzero = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    torch.ne(flat, 0, out=nonzero)  # 0/1 written as float32 directly: count_nonzero would copy a bool map to int64
+    return nonzero.sum(-1).to(torch.float64) / flat.shape[-1]
 
 
 def gaia_output_term(z: torch.Tensor, h: torch.Tensor, T: float) -> torch.Tensor:
@@ -184,15 +202,20 @@ def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = 
         check_independent(model)
         head_module = find_head(model, x[:1], head)
         chosen, spatial = ([], False) if layer == "head" else gaia_layers(model, layer, head_module)
-        out = []
+        out, copy = [], frozenset()
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
-            tape = _Outputs(chosen, head_module if layer == "head" or feature_sum else None)
-            try:
-                with torch.enable_grad():
-                    _, _, z = forward_head(model, xb, head_module)
-            finally:
-                tape.remove()
+            while True:  # once; again with copies where a kept map was changed in place (_Outputs)
+                tape = _Outputs(chosen, head_module if layer == "head" or feature_sum else None, copy)
+                try:
+                    with torch.enable_grad():
+                        _, _, z = forward_head(model, xb, head_module)
+                finally:
+                    tape.remove()
+                changed = tape.modified() - copy
+                if not changed:
+                    break
+                copy = copy | changed
             maps = tape.out[:len(tape.out) - (feature_sum and layer != "head")]
             h = tape.out[-1]  # the head's input (when kept): what GAIA-A differentiates, and where o is taken
             if layer not in ("auto", "head") and not any(_spatial(a) for a in maps):
