@@ -555,13 +555,31 @@ def conv_stacked_cheaper(module, g, l: int) -> bool:
 
 
 def _project_conv_stacked(module, a, g, w):
-    """n x l: sum_t <g_t, (a * V_j)_t>, the layer input convolved with the l filters V_j (stacked along the
-    output channels, group-major so that each group sees its own input channels), dotted with g."""
+    """n x l: sum_t <g_t, (a * V_j)_t>, the layer input convolved with the l filters V_j, dotted with g.
+
+    2-D convolutions without groups: the input's patches (``F.unfold``, m T x d per chunk of m samples) times
+    the l filters as one matrix (d x l Cout): ONE large matrix product (a convolution with few output positions
+    runs far below a matrix product's speed: 2x on the benchmark CNN's last layer, T = 4), then per position a
+    dot product with g. Otherwise the l filters stacked along the output channels (group-major, so that each
+    group sees its own input channels) in one convolution."""
+    from .engine import ConvRule
+
     l, cout = w.shape[:2]
     G = module.groups
-    ws = w.reshape(l, G, cout // G, *w.shape[2:]).transpose(0, 1).reshape(G * l * (cout // G), *w.shape[2:])
     n, T = g.shape[0], math.prod(g.shape[2:])
     phi = g.new_empty(n, l)
+    if isinstance(module, nn.Conv2d) and G == 1:
+        a, padding = ConvRule._padded(module, a)
+        vm = w.reshape(l * cout, -1).T  # d x l Cout
+        step = max(1, CHUNK_ELEMENTS // (T * (l * cout + vm.shape[0])))
+        for lo in range(0, n, step):
+            u = nn.functional.unfold(a[lo:lo + step], module.kernel_size, module.dilation, padding, module.stride)
+            m = u.shape[0]
+            z = (u.transpose(1, 2).reshape(m * T, -1) @ vm).view(m * T, l, cout)
+            gt = g[lo:lo + step].reshape(m, cout, T).transpose(1, 2).reshape(m * T, cout, 1)
+            phi[lo:lo + step] = torch.bmm(z, gt).view(m, T, l).sum(1)
+        return phi
+    ws = w.reshape(l, G, cout // G, *w.shape[2:]).transpose(0, 1).reshape(G * l * (cout // G), *w.shape[2:])
     step = max(1, CHUNK_ELEMENTS // (l * cout * T))
     for lo in range(0, n, step):
         y = module._conv_forward(a[lo:lo + step], ws, None).reshape(-1, G, l, cout // G, T)
@@ -588,6 +606,31 @@ def _project_materialised(r, g, vs):
     return phi
 
 
+#: elements of the buffer that holds a few samples' convolution weight gradients between the kernel and their
+#: projection (:func:`_project_conv_kernel`): reused, so that it stays in cache (4 MiB of float32)
+PROJECT_BUFFER_ELEMENTS = 2**20
+
+
+def _project_conv_kernel(module, a, g, w):
+    """n x l: <per-sample weight gradient, V_j> for a convolution, the gradient of each sample from the engine's
+    weight-gradient kernel (:meth:`uvood.scores.engine.ConvRule._per_sample_weight_grads`, C_out d T multiply-adds)
+    written into a buffer of m samples (PROJECT_BUFFER_ELEMENTS, reused: no fresh m x P allocation per chunk),
+    then projected by one (l x P) @ (P x m) product (l C_out d per sample)."""
+    from .engine import ConvRule
+
+    n, l = g.shape[0], w.shape[0]
+    vf = w.reshape(l, -1)
+    step = max(1, min(n, PROJECT_BUFFER_ELEMENTS // vf.shape[1]))
+    buf = g.new_empty(step, vf.shape[1])
+    phi = g.new_empty(n, l)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        for i, gw in ConvRule._per_sample_weight_grads(module, a[lo:hi], g[None, lo:hi]):
+            buf[i] = gw.reshape(-1)  # one cotangent: the group-major order is the weight's own
+        phi[lo:hi] = (vf @ buf[:hi - lo].T).T
+    return phi
+
+
 def project_record(r, g: torch.Tensor, vs: dict[str, torch.Tensor]) -> torch.Tensor:
     """n x l: phi_j = <per-sample gradient of the record's parameters ``vs`` (name -> l x shape), V_j>, from
     its input and its output gradient g (n x output shape), by the cheapest exact rule: linear layers by
@@ -597,8 +640,11 @@ def project_record(r, g: torch.Tensor, vs: dict[str, torch.Tensor]) -> torch.Ten
 
     if isinstance(r.rule, LinearRule):
         return _project_linear(r.module, r.inputs[0], g, vs)
-    if isinstance(r.rule, ConvRule) and "weight" in vs and conv_stacked_cheaper(r.module, g, vs["weight"].shape[0]):
-        phi = _project_conv_stacked(r.module, r.inputs[0], g, vs["weight"])
+    if isinstance(r.rule, ConvRule) and "weight" in vs:
+        if conv_stacked_cheaper(r.module, g, vs["weight"].shape[0]):
+            phi = _project_conv_stacked(r.module, r.inputs[0], g, vs["weight"])
+        else:
+            phi = _project_conv_kernel(r.module, r.inputs[0], g, vs["weight"])
         if "bias" in vs:
             phi += g.reshape(g.shape[0], g.shape[1], -1).sum(-1) @ vs["bias"].T
         return phi
@@ -660,14 +706,14 @@ def _record_passes(model, x, named, head, batch_size, plan: dict):
         yield lo, items
 
 
-def project_gradients(model, x, v: torch.Tensor, head, named, batch_size: int = 128) -> torch.Tensor:
+def project_gradients(model, x, v: torch.Tensor, head, named, batch_size: int = 128, views=None) -> torch.Tensor:
     """phi = J(x) V (N x l, float64): phi[n, j] = <grad_theta logsumexp(z(x_n)), v_j>, theta = ``named``.
 
     Per micro-batch one forward and one backward (:func:`_record_passes`), then each record's share of phi
     from its input a and output gradient g (:func:`project_record`); no full per-sample gradient is formed.
     Parameters the records do not cover (tied weights, weights used outside their module's forward) are
-    projected by forward-mode jvp (:func:`_jvp_projection`)."""
-    views = param_views(named, v)
+    projected by forward-mode jvp (:func:`_jvp_projection`). ``views``: :func:`param_views` of v, if at hand."""
+    views = param_views(named, v) if views is None else views
     out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
     plan: dict = {}
     for lo, items in _record_passes(model, x, named, head, batch_size, plan):
@@ -810,7 +856,7 @@ class LowDimDeepScore(Score):
 
     def __init__(self, k=10, oversample=10, iters=1):
         self.k, self.oversample, self.iters = k, int(oversample), int(iters)
-        self.basis = self.mu = self.precision = None
+        self.basis = self.mu = self.precision = self._views = None
         self.batch_size = None  # None: planned from LOWDIM_DEEP_MEMORY (:meth:`_micro_batch`)
 
     @staticmethod
@@ -822,10 +868,18 @@ class LowDimDeepScore(Score):
         micro-batch, the weighted sums of per-sample gradients from the layer records)."""
         return backproject_gradients(model, x, w, head, self._params(model), self._micro_batch(model, x, head))
 
-    def _j(self, model, x, v, head):
+    def _j(self, model, x, v, head, views=None):
         """J v (n x l, float64) for v (P x l): :func:`project_gradients` (one forward and backward per
         micro-batch, the projection from the layer records)."""
-        return project_gradients(model, x, v, head, self._params(model), self._micro_batch(model, x, head))
+        return project_gradients(model, x, v, head, self._params(model), self._micro_batch(model, x, head), views)
+
+    def _basis_views(self, named):
+        """:func:`param_views` of the basis (l x each parameter's shape, in its dtype and device), kept between
+        calls: the scoring projection reads the same basis for every batch."""
+        key = tuple((tuple(p.shape), p.dtype, p.device) for _, p in named)
+        if self._views is None or self._views[0] != key:
+            self._views = (key, param_views(named, self.basis.T))
+        return self._views[1]
 
     def _micro_batch(self, model, x, head) -> int:
         """``batch_size`` if set, else the most samples (at most ``LOWDIM_DEEP_BATCH``) whose recorded forward and
@@ -865,7 +919,7 @@ class LowDimDeepScore(Score):
         if self.k > rank:
             raise UvoodError(f"lowdim: the projection rank k = {self.k} is larger than the fitted data allows: the "
                              f"{n} ID gradients span {rank} dimensions. Use k <= {rank}, or fit on more ID samples.")
-        self.basis = (q @ wt[:self.k].T).T.contiguous()
+        self.basis, self._views = (q @ wt[:self.k].T).T.contiguous(), None
         phi = b @ wt[:self.k].T
         self.mu = phi.mean(0)
         centred = phi - self.mu
@@ -884,7 +938,8 @@ class LowDimDeepScore(Score):
             if n_params != self.basis.shape[1]:
                 raise UvoodError(f"Score {self.spec!r} was fitted on a model with {self.basis.shape[1]} parameters, "
                                  f"but this one has {n_params}: fit it again.")
-            d = self._j(model, x, self.basis.T, find_head(model, x[:1], head)) - self.mu
+            named = self._params(model)
+            d = self._j(model, x, self.basis.T, find_head(model, x[:1], head), self._basis_views(named)) - self.mu
         return (-((d @ self.precision) * d).sum(1)).to(x.device)
 
     def state(self):
@@ -895,6 +950,7 @@ class LowDimDeepScore(Score):
             raise UvoodError(f"Score {self.spec!r} needs the fitted tensors ['basis', 'mu', 'precision']; the file "
                              f"holds {sorted(state)}. Fit the detector again.")
         self.basis, self.mu, self.precision = (state[k].to(torch.float64) for k in ("basis", "mu", "precision"))
+        self._views = None
 
 
 def _lowdim(k=10, bias=False, depth="shallow"):
