@@ -827,7 +827,7 @@ def backproject_gradients(model, x, w: torch.Tensor, head, named, batch_size: in
         with torch.enable_grad():
             y = torch.logsumexp(forward_head(model, x[lo:lo + batch_size], head)[2], dim=1)
             for j in range(w.shape[1]):
-                grads = torch.autograd.grad(y, rest, w[lo:lo + len(y), j].to(y.dtype),
+                grads = torch.autograd.grad(y, rest, w[lo:lo + len(y), j].to(device=y.device, dtype=y.dtype),
                                             retain_graph=j < w.shape[1] - 1, allow_unused=True)
                 for p, g in zip(rest, grads):
                     if g is not None:
@@ -908,7 +908,8 @@ class LowDimDeepScore(Score):
                 x, n = x[idx], LOWDIM_DEEP_FIT_MAX
             gen = torch.Generator().manual_seed(int(seed))
             l_cols = min(n, self.k + self.oversample)
-            big = self._jt(model, x, torch.randn(n, l_cols, generator=gen, dtype=torch.float64), head)
+            start = torch.randn(n, l_cols, generator=gen, dtype=torch.float64)  # on the CPU: the same on any device
+            big = self._jt(model, x, start.to(x.device), head)
             for _ in range(self.iters):
                 small = self._j(model, x, torch.linalg.qr(big).Q, head)
                 big = self._jt(model, x, torch.linalg.qr(small).Q, head)
