@@ -442,7 +442,8 @@ def test_conv_projections_match_per_sample_gradients_with_padding_modes(C, facto
     model = _Convs(C).double().eval()
     x = torch.randn(8, 3, 7, 7, dtype=torch.float64)
     named = list(model.named_parameters())
-    v = torch.randn(sum(p.numel() for _, p in named), 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(sum(p.numel() for _, p in named), 6, dtype=torch.float64, generator=gen)
     _close(since.project_gradients(model, x, v, model.fc, named, batch_size=8), _per_sample_projection(model, x, v))
 
 
