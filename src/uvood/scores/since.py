@@ -379,7 +379,9 @@ class GradOrthU(FittedScore):
         self.basis = vh[:k].T.contiguous()
 
     def _score(self, h, logits):
-        return (h @ self.basis).norm(dim=1)
+        if getattr(self, "_rows", (None,))[0] is not self.basis:  # S_k^T (k x D), contiguous: a faster product
+            self._rows = (self.basis, self.basis.T.contiguous())
+        return nn.functional.linear(h, self._rows[1]).norm(dim=1)
 
 
 class GradOrthV(Score):
@@ -479,7 +481,7 @@ class LowDimScore(FittedScore):
     def _project(self, hh, p):
         """phi_j = p^T M_j h~ for every j: one (n x D) @ (D x kC) product, then a sum over classes with p."""
         k, c, d = self.basis.shape
-        return ((hh @ self.basis.reshape(k * c, d).T).reshape(-1, k, c) * p[:, None, :]).sum(-1)
+        return (nn.functional.linear(hh, self.basis.reshape(k * c, d)).reshape(-1, k, c) * p[:, None, :]).sum(-1)
 
     def _score(self, h, logits):
         d = self._project(_augment(h, self.bias), softmax(logits)) - self.mu
