@@ -273,7 +273,8 @@ def main() -> None:
             rows.append((name, f"{label} ({depth})", "uvood fast path", fast, fast / slow, fb / fast))
     info = machine_info()
     lines = [f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']}, {info['threads']} thread(s), "
-             f"Python {info['python']}; best of {args.repeats} runs (MLP: {4 * args.repeats}){' (--quick)' if args.quick else ''}, CPU time of "
+             f"Python {info['python']}; best of {args.repeats} runs (MLP: {4 * args.repeats})"
+             f"{' (--quick)' if args.quick else ''}, CPU time of "
              "this process (time.process_time: with one thread the wall time on an idle machine, far less disturbed "
              "by other jobs on a shared one); ratios compare paths measured in the same run.", "",
              "| model | method | path | samples/s | x authors' way | cost in batched forward+backward |",
