@@ -63,6 +63,21 @@ def test_norm_matches_reference(p):
     np.testing.assert_allclose(got, _np_norm(h, p), rtol=1e-10)
 
 
+@pytest.mark.parametrize("p", [1, 2])
+def test_norm_of_float32_features_without_scaling_matches_reference_at_the_extremes(p):
+    """norm(1), norm(2) of float32 features sum |h| or h^2 in float64 directly (no max-scaling): equal to the
+    float64 reference, with the largest and the smallest float32 magnitudes and a row of zeros."""
+    h, z = _features()
+    h32 = np.concatenate([h.astype(np.float32), np.array([[3.4e38, -3.4e38] + [0.0] * (h.shape[1] - 2),
+                                                          [1e-45, 1e-38] + [0.0] * (h.shape[1] - 2),
+                                                          [0.0] * h.shape[1]], dtype=np.float32)])
+    z = np.concatenate([z, np.zeros((3, z.shape[1]))])
+    got = uvood.score_features(f"norm({p})", torch.tensor(h32), torch.tensor(z)).numpy()
+    ref = _np_norm(h32.astype(np.float64), p)
+    assert np.isfinite(got).all() and got[-1] == 0.0 and got[-2] > 0
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+
+
 def test_norm_is_safe_for_large_p_small_p_and_zero_rows():
     h = torch.tensor([[1e200, 1e200, 0.0], [0.0, 0.0, 0.0], [3.0, 4.0, 0.0]], dtype=torch.float64)
     z = torch.zeros(3, 2)

@@ -373,3 +373,111 @@ def test_conv_cost_model_stacks_only_layers_with_few_positions():
     assert conv_stacked_cheaper(conv, torch.zeros(1, 4, 2, 2), 10)
     assert not conv_stacked_cheaper(conv, torch.zeros(1, 4, 16, 16), 10)
     assert CONV_KERNEL_FACTOR > 0
+
+
+class _Residual(nn.Module):
+    """A ResNet-style block: the BatchNorm output is changed in place (``out += identity``) and an in-place ReLU
+    follows, so that a kept map must be copied where (and only where) the model changes it after its module."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, C)
+
+    def forward(self, x):
+        identity = torch.relu(self.bn1(self.c1(x)))
+        out = self.bn2(self.c2(identity))
+        out += identity
+        return self.fc(self.relu(out).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("variant", ["a", "z"])
+def test_gaia_keeps_maps_changed_in_place_over_several_micro_batches(C, variant, monkeypatch):
+    """GAIA keeps the chosen maps without copying them unless the model changes one in place after its module
+    (here bn2's output, by ``out += identity``): with a memory budget of one sample (7 micro-batches) the values
+    still equal the per-sample reference, which copies every map."""
+    from uvood.scores import since
+
+    torch.manual_seed(C)
+    model = _Residual(C)
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    model = model.double().eval()
+    x = torch.randn(7, 3, 6, 6, dtype=torch.float64)
+    monkeypatch.setattr(since, "GAIA_MEMORY", 1)
+    assert since.gaia_micro_batch(model, x, model.fc, since.GAIA_BATCH_SIZE) == 1
+    _close(get_score(f"gaia(variant={variant})").from_model(model, x), reference_gaia(model, x, variant=variant))
+
+
+class _Convs(nn.Module):
+    """Ungrouped convolutions with reflect padding, dilation and stride (the unfolded stacked projection)."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=2, dilation=2, padding_mode="reflect")
+        self.c2 = nn.Conv2d(4, 5, 3, stride=2)
+        self.fc = nn.Linear(5, C)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c2(torch.relu(self.c1(x)))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("factor", [0.0, 1e9])
+def test_conv_projections_match_per_sample_gradients_with_padding_modes(C, factor, monkeypatch):
+    """J(x) V on ungrouped convolutions (reflect padding with dilation, a strided one): the unfolded patches times
+    the stacked filters (factor 1e9) and the per-sample kernel through the reused buffer (factor 0, a buffer of 3
+    samples for 8), against per-sample backward passes."""
+    from uvood.scores import since
+
+    monkeypatch.setattr(since, "CONV_KERNEL_FACTOR", factor)
+    monkeypatch.setattr(since, "PROJECT_BUFFER_ELEMENTS", 3 * 4 * 3 * 9)
+    torch.manual_seed(C)
+    model = _Convs(C).double().eval()
+    x = torch.randn(8, 3, 7, 7, dtype=torch.float64)
+    named = list(model.named_parameters())
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(sum(p.numel() for _, p in named), 6, dtype=torch.float64, generator=gen)
+    _close(since.project_gradients(model, x, v, model.fc, named, batch_size=8), _per_sample_projection(model, x, v))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_deep_lowdim_draws_its_start_on_the_models_device(monkeypatch):
+    """The randomized SVD's start matrix (drawn on the CPU, seeded, so the same on any device) reaches J^T W on the
+    model's device (a meta model: no data, only devices)."""
+    from uvood.scores.since import LowDimDeepScore
+
+    seen = []
+
+    def record(self, model, x, w, head):
+        seen.append(w.device)
+        raise _Stop
+
+    monkeypatch.setattr(LowDimDeepScore, "_jt", record)
+    model = make_mlp(3).to("meta")
+    with pytest.raises(_Stop):
+        get_score("lowdim(depth=deep)").fit(model, torch.empty(20, 12, dtype=torch.float64, device="meta"), None,
+                                            head=model[4])
+    assert seen == [torch.device("meta")]
+
+
+def test_backprojection_of_uncovered_parameters_follows_the_models_device(monkeypatch):
+    """J^T W for a tied weight (one autograd backward per column) takes W's column on the model's device: on a
+    meta model the backward runs and only copying its (data-less) result out fails."""
+    from uvood.scores import since
+
+    monkeypatch.setattr(since, "vjp_record", lambda *a: {})
+    model = _mixed(3, tied=True).to("meta")
+    x = torch.empty(5, 4, 6, 6, dtype=torch.float64, device="meta")
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        since.backproject_gradients(model, x, torch.randn(5, 3, dtype=torch.float64), model.fc,
+                                    list(model.named_parameters()), 4)

@@ -37,8 +37,12 @@ from .gradient import BOOLS, DEPTHS, GradScore
 from .output import softmax
 from .registry import Score, register
 
-#: samples per forward/backward micro-batch of GAIA (memory bound; no effect on values)
+#: samples per forward/backward micro-batch of GAIA: at most GAIA_BATCH_SIZE, and at most as many as keep the
+#: activations autograd saves within GAIA_MEMORY bytes (about a last-level cache: on the benchmark's CNN, 1.1 MB
+#: per sample, micro-batches of 26 instead of 128 ran GAIA-Z 1.3-1.4x faster on one CPU thread; the authors' batched
+#: backward did not speed up with smaller batches). No effect on values.
 GAIA_BATCH_SIZE = 128
+GAIA_MEMORY = 2**25
 
 #: at most this many ID samples span the low-dimensional gradient subspace (an n x n Gram matrix)
 LOWDIM_FIT_MAX = 4096
@@ -123,10 +127,19 @@ def gaia_layers(model: nn.Module, layer: str, head_module: nn.Module | None = No
 
 
 class _Outputs:
-    """Forward hooks that keep the chosen modules' outputs (or the head's input) of one forward."""
+    """Forward hooks that keep the chosen modules' outputs (or the head's input) of one forward.
 
-    def __init__(self, modules: list[nn.Module], head_input: nn.Module | None = None):
+    A kept output must be the module's own output when the backward reaches it. The model goes on with the
+    very tensor (no copy) unless an operation after the module changes it in place (``ReLU(inplace=True)``,
+    ResNet's ``out += identity``), which :meth:`modified` detects from the tensor's version counter after the
+    forward; for those modules (``copy``: their ids) the caller runs the forward again and the model goes on
+    with a copy, so that the kept map keeps its gradient w.r.t. the module's own output."""
+
+    def __init__(self, modules: list[nn.Module], head_input: nn.Module | None = None, copy: frozenset = frozenset()):
         self.out: list[torch.Tensor] = []
+        self.owners: list[nn.Module] = []
+        self.versions: list[int] = []
+        self.copy = copy
         self.handles = [m.register_forward_hook(self._keep) for m in modules]
         if head_input is not None:
             self.handles.append(head_input.register_forward_hook(lambda m, i, o: self.out.append(i[0])))
@@ -136,8 +149,13 @@ class _Outputs:
             raise UvoodError(f"GAIA: the layer {type(module).__name__} returns {type(output).__name__}, not a "
                              "tensor feature map; name another layer.")
         self.out.append(output)
-        return output.clone()  # the model goes on with a copy: an in-place op after it (ReLU(inplace=True))
-        # cannot change the kept map, whose gradient is then the one w.r.t. the module's own output
+        self.owners.append(module)
+        self.versions.append(output._version)
+        return output.clone() if id(module) in self.copy else None
+
+    def modified(self) -> set[int]:
+        """ids of the modules whose kept output was changed in place after the module (version counter)."""
+        return {id(m) for m, t, v in zip(self.owners, self.out, self.versions) if t._version != v}
 
     def remove(self):
         for h in self.handles:
@@ -150,7 +168,11 @@ def gaia_statistic(g: torch.Tensor, variant: str) -> torch.Tensor:
     flat = g.detach().reshape(g.shape[0], g.shape[1], -1)
     if variant == "a":
         return flat.to(torch.float64).mean(-1).abs()
-    return (flat != 0).to(torch.float64).mean(-1)
+    if flat.shape[-1] >= 2**24:  # float32 counts are exact below 2^24
+        return torch.count_nonzero(flat, dim=-1).to(torch.float64) / flat.shape[-1]
+    nonzero = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    torch.ne(flat, 0, out=nonzero)  # 0/1 written as float32 directly: count_nonzero would copy a bool map to int64
+    return nonzero.sum(-1).to(torch.float64) / flat.shape[-1]
 
 
 def gaia_output_term(z: torch.Tensor, h: torch.Tensor, T: float) -> torch.Tensor:
@@ -160,6 +182,18 @@ def gaia_output_term(z: torch.Tensor, h: torch.Tensor, T: float) -> torch.Tensor
     factor per model). One backward from the logits to h."""
     (gh,) = torch.autograd.grad(z, h, loss_cotangent(z, "logsoftmax_sum", T).to(z.dtype), retain_graph=True)
     return gh.detach().reshape(gh.shape[0], -1).to(torch.float64).abs().mean(1)
+
+
+def gaia_micro_batch(model: nn.Module, x: torch.Tensor, head_module: nn.Module, batch_size: int) -> int:
+    """Samples per micro-batch: at most ``batch_size``, at most GAIA_MEMORY bytes of saved activations (measured
+    once per model and input shape on a probe of 2 samples, :func:`uvood.scores.engine._per_sample_bytes`), in
+    micro-batches of equal size."""
+    from .engine import _per_sample_bytes
+
+    with torch.enable_grad():
+        act = _per_sample_bytes(model, x, head_module, [])[0]
+    n = max(1, min(batch_size, x.shape[0], int(GAIA_MEMORY // max(act, 1.0))))
+    return math.ceil(x.shape[0] / math.ceil(x.shape[0] / n))
 
 
 def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = "auto", target: str = "authors",
@@ -184,15 +218,21 @@ def gaia(model: nn.Module, x: torch.Tensor, *, variant: str = "a", layer: str = 
         check_independent(model)
         head_module = find_head(model, x[:1], head)
         chosen, spatial = ([], False) if layer == "head" else gaia_layers(model, layer, head_module)
-        out = []
+        out, copy = [], frozenset()
+        batch_size = gaia_micro_batch(model, x, head_module, batch_size)
         for lo in range(0, x.shape[0], batch_size):
             xb = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
-            tape = _Outputs(chosen, head_module if layer == "head" or feature_sum else None)
-            try:
-                with torch.enable_grad():
-                    _, _, z = forward_head(model, xb, head_module)
-            finally:
-                tape.remove()
+            while True:  # once; again with copies where a kept map was changed in place (_Outputs)
+                tape = _Outputs(chosen, head_module if layer == "head" or feature_sum else None, copy)
+                try:
+                    with torch.enable_grad():
+                        _, _, z = forward_head(model, xb, head_module)
+                finally:
+                    tape.remove()
+                changed = tape.modified() - copy
+                if not changed:
+                    break
+                copy = copy | changed
             maps = tape.out[:len(tape.out) - (feature_sum and layer != "head")]
             h = tape.out[-1]  # the head's input (when kept): what GAIA-A differentiates, and where o is taken
             if layer not in ("auto", "head") and not any(_spatial(a) for a in maps):
@@ -339,7 +379,9 @@ class GradOrthU(FittedScore):
         self.basis = vh[:k].T.contiguous()
 
     def _score(self, h, logits):
-        return (h @ self.basis).norm(dim=1)
+        if getattr(self, "_rows", (None,))[0] is not self.basis:  # S_k^T (k x D), contiguous: a faster product
+            self._rows = (self.basis, self.basis.T.contiguous())
+        return nn.functional.linear(h, self._rows[1]).norm(dim=1)
 
 
 class GradOrthV(Score):
@@ -439,7 +481,7 @@ class LowDimScore(FittedScore):
     def _project(self, hh, p):
         """phi_j = p^T M_j h~ for every j: one (n x D) @ (D x kC) product, then a sum over classes with p."""
         k, c, d = self.basis.shape
-        return ((hh @ self.basis.reshape(k * c, d).T).reshape(-1, k, c) * p[:, None, :]).sum(-1)
+        return (nn.functional.linear(hh, self.basis.reshape(k * c, d)).reshape(-1, k, c) * p[:, None, :]).sum(-1)
 
     def _score(self, h, logits):
         d = self._project(_augment(h, self.bias), softmax(logits)) - self.mu
@@ -515,13 +557,31 @@ def conv_stacked_cheaper(module, g, l: int) -> bool:
 
 
 def _project_conv_stacked(module, a, g, w):
-    """n x l: sum_t <g_t, (a * V_j)_t>, the layer input convolved with the l filters V_j (stacked along the
-    output channels, group-major so that each group sees its own input channels), dotted with g."""
+    """n x l: sum_t <g_t, (a * V_j)_t>, the layer input convolved with the l filters V_j, dotted with g.
+
+    2-D convolutions without groups: the input's patches (``F.unfold``, m T x d per chunk of m samples) times
+    the l filters as one matrix (d x l Cout): ONE large matrix product (a convolution with few output positions
+    runs far below a matrix product's speed: 2x on the benchmark CNN's last layer, T = 4), then per position a
+    dot product with g. Otherwise the l filters stacked along the output channels (group-major, so that each
+    group sees its own input channels) in one convolution."""
+    from .engine import ConvRule
+
     l, cout = w.shape[:2]
     G = module.groups
-    ws = w.reshape(l, G, cout // G, *w.shape[2:]).transpose(0, 1).reshape(G * l * (cout // G), *w.shape[2:])
     n, T = g.shape[0], math.prod(g.shape[2:])
     phi = g.new_empty(n, l)
+    if isinstance(module, nn.Conv2d) and G == 1:
+        a, padding = ConvRule._padded(module, a)
+        vm = w.reshape(l * cout, -1).T  # d x l Cout
+        step = max(1, CHUNK_ELEMENTS // (T * (l * cout + vm.shape[0])))
+        for lo in range(0, n, step):
+            u = nn.functional.unfold(a[lo:lo + step], module.kernel_size, module.dilation, padding, module.stride)
+            m = u.shape[0]
+            z = (u.transpose(1, 2).reshape(m * T, -1) @ vm).view(m * T, l, cout)
+            gt = g[lo:lo + step].reshape(m, cout, T).transpose(1, 2).reshape(m * T, cout, 1)
+            phi[lo:lo + step] = torch.bmm(z, gt).view(m, T, l).sum(1)
+        return phi
+    ws = w.reshape(l, G, cout // G, *w.shape[2:]).transpose(0, 1).reshape(G * l * (cout // G), *w.shape[2:])
     step = max(1, CHUNK_ELEMENTS // (l * cout * T))
     for lo in range(0, n, step):
         y = module._conv_forward(a[lo:lo + step], ws, None).reshape(-1, G, l, cout // G, T)
@@ -548,6 +608,31 @@ def _project_materialised(r, g, vs):
     return phi
 
 
+#: elements of the buffer that holds a few samples' convolution weight gradients between the kernel and their
+#: projection (:func:`_project_conv_kernel`): reused, so that it stays in cache (4 MiB of float32)
+PROJECT_BUFFER_ELEMENTS = 2**20
+
+
+def _project_conv_kernel(module, a, g, w):
+    """n x l: <per-sample weight gradient, V_j> for a convolution, the gradient of each sample from the engine's
+    weight-gradient kernel (:meth:`uvood.scores.engine.ConvRule._per_sample_weight_grads`, C_out d T multiply-adds)
+    written into a buffer of m samples (PROJECT_BUFFER_ELEMENTS, reused: no fresh m x P allocation per chunk),
+    then projected by one (l x P) @ (P x m) product (l C_out d per sample)."""
+    from .engine import ConvRule
+
+    n, l = g.shape[0], w.shape[0]
+    vf = w.reshape(l, -1)
+    step = max(1, min(n, PROJECT_BUFFER_ELEMENTS // vf.shape[1]))
+    buf = g.new_empty(step, vf.shape[1])
+    phi = g.new_empty(n, l)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        for i, gw in ConvRule._per_sample_weight_grads(module, a[lo:hi], g[None, lo:hi]):
+            buf[i] = gw.reshape(-1)  # one cotangent: the group-major order is the weight's own
+        phi[lo:hi] = (vf @ buf[:hi - lo].T).T
+    return phi
+
+
 def project_record(r, g: torch.Tensor, vs: dict[str, torch.Tensor]) -> torch.Tensor:
     """n x l: phi_j = <per-sample gradient of the record's parameters ``vs`` (name -> l x shape), V_j>, from
     its input and its output gradient g (n x output shape), by the cheapest exact rule: linear layers by
@@ -557,8 +642,11 @@ def project_record(r, g: torch.Tensor, vs: dict[str, torch.Tensor]) -> torch.Ten
 
     if isinstance(r.rule, LinearRule):
         return _project_linear(r.module, r.inputs[0], g, vs)
-    if isinstance(r.rule, ConvRule) and "weight" in vs and conv_stacked_cheaper(r.module, g, vs["weight"].shape[0]):
-        phi = _project_conv_stacked(r.module, r.inputs[0], g, vs["weight"])
+    if isinstance(r.rule, ConvRule) and "weight" in vs:
+        if conv_stacked_cheaper(r.module, g, vs["weight"].shape[0]):
+            phi = _project_conv_stacked(r.module, r.inputs[0], g, vs["weight"])
+        else:
+            phi = _project_conv_kernel(r.module, r.inputs[0], g, vs["weight"])
         if "bias" in vs:
             phi += g.reshape(g.shape[0], g.shape[1], -1).sum(-1) @ vs["bias"].T
         return phi
@@ -620,14 +708,14 @@ def _record_passes(model, x, named, head, batch_size, plan: dict):
         yield lo, items
 
 
-def project_gradients(model, x, v: torch.Tensor, head, named, batch_size: int = 128) -> torch.Tensor:
+def project_gradients(model, x, v: torch.Tensor, head, named, batch_size: int = 128, views=None) -> torch.Tensor:
     """phi = J(x) V (N x l, float64): phi[n, j] = <grad_theta logsumexp(z(x_n)), v_j>, theta = ``named``.
 
     Per micro-batch one forward and one backward (:func:`_record_passes`), then each record's share of phi
     from its input a and output gradient g (:func:`project_record`); no full per-sample gradient is formed.
     Parameters the records do not cover (tied weights, weights used outside their module's forward) are
-    projected by forward-mode jvp (:func:`_jvp_projection`)."""
-    views = param_views(named, v)
+    projected by forward-mode jvp (:func:`_jvp_projection`). ``views``: :func:`param_views` of v, if at hand."""
+    views = param_views(named, v) if views is None else views
     out = torch.zeros(x.shape[0], v.shape[1], dtype=torch.float64)
     plan: dict = {}
     for lo, items in _record_passes(model, x, named, head, batch_size, plan):
@@ -741,7 +829,7 @@ def backproject_gradients(model, x, w: torch.Tensor, head, named, batch_size: in
         with torch.enable_grad():
             y = torch.logsumexp(forward_head(model, x[lo:lo + batch_size], head)[2], dim=1)
             for j in range(w.shape[1]):
-                grads = torch.autograd.grad(y, rest, w[lo:lo + len(y), j].to(y.dtype),
+                grads = torch.autograd.grad(y, rest, w[lo:lo + len(y), j].to(device=y.device, dtype=y.dtype),
                                             retain_graph=j < w.shape[1] - 1, allow_unused=True)
                 for p, g in zip(rest, grads):
                     if g is not None:
@@ -770,7 +858,7 @@ class LowDimDeepScore(Score):
 
     def __init__(self, k=10, oversample=10, iters=1):
         self.k, self.oversample, self.iters = k, int(oversample), int(iters)
-        self.basis = self.mu = self.precision = None
+        self.basis = self.mu = self.precision = self._views = None
         self.batch_size = None  # None: planned from LOWDIM_DEEP_MEMORY (:meth:`_micro_batch`)
 
     @staticmethod
@@ -782,10 +870,18 @@ class LowDimDeepScore(Score):
         micro-batch, the weighted sums of per-sample gradients from the layer records)."""
         return backproject_gradients(model, x, w, head, self._params(model), self._micro_batch(model, x, head))
 
-    def _j(self, model, x, v, head):
+    def _j(self, model, x, v, head, views=None):
         """J v (n x l, float64) for v (P x l): :func:`project_gradients` (one forward and backward per
         micro-batch, the projection from the layer records)."""
-        return project_gradients(model, x, v, head, self._params(model), self._micro_batch(model, x, head))
+        return project_gradients(model, x, v, head, self._params(model), self._micro_batch(model, x, head), views)
+
+    def _basis_views(self, named):
+        """:func:`param_views` of the basis (l x each parameter's shape, in its dtype and device), kept between
+        calls: the scoring projection reads the same basis for every batch."""
+        key = tuple((tuple(p.shape), p.dtype, p.device) for _, p in named)
+        if self._views is None or self._views[0] != key:
+            self._views = (key, param_views(named, self.basis.T))
+        return self._views[1]
 
     def _micro_batch(self, model, x, head) -> int:
         """``batch_size`` if set, else the most samples (at most ``LOWDIM_DEEP_BATCH``) whose recorded forward and
@@ -814,7 +910,8 @@ class LowDimDeepScore(Score):
                 x, n = x[idx], LOWDIM_DEEP_FIT_MAX
             gen = torch.Generator().manual_seed(int(seed))
             l_cols = min(n, self.k + self.oversample)
-            big = self._jt(model, x, torch.randn(n, l_cols, generator=gen, dtype=torch.float64), head)
+            start = torch.randn(n, l_cols, generator=gen, dtype=torch.float64)  # on the CPU: the same on any device
+            big = self._jt(model, x, start.to(x.device), head)
             for _ in range(self.iters):
                 small = self._j(model, x, torch.linalg.qr(big).Q, head)
                 big = self._jt(model, x, torch.linalg.qr(small).Q, head)
@@ -825,7 +922,7 @@ class LowDimDeepScore(Score):
         if self.k > rank:
             raise UvoodError(f"lowdim: the projection rank k = {self.k} is larger than the fitted data allows: the "
                              f"{n} ID gradients span {rank} dimensions. Use k <= {rank}, or fit on more ID samples.")
-        self.basis = (q @ wt[:self.k].T).T.contiguous()
+        self.basis, self._views = (q @ wt[:self.k].T).T.contiguous(), None
         phi = b @ wt[:self.k].T
         self.mu = phi.mean(0)
         centred = phi - self.mu
@@ -844,7 +941,8 @@ class LowDimDeepScore(Score):
             if n_params != self.basis.shape[1]:
                 raise UvoodError(f"Score {self.spec!r} was fitted on a model with {self.basis.shape[1]} parameters, "
                                  f"but this one has {n_params}: fit it again.")
-            d = self._j(model, x, self.basis.T, find_head(model, x[:1], head)) - self.mu
+            named = self._params(model)
+            d = self._j(model, x, self.basis.T, find_head(model, x[:1], head), self._basis_views(named)) - self.mu
         return (-((d @ self.precision) * d).sum(1)).to(x.device)
 
     def state(self):
@@ -855,6 +953,7 @@ class LowDimDeepScore(Score):
             raise UvoodError(f"Score {self.spec!r} needs the fitted tensors ['basis', 'mu', 'precision']; the file "
                              f"holds {sorted(state)}. Fit the detector again.")
         self.basis, self.mu, self.precision = (state[k].to(torch.float64) for k in ("basis", "mu", "precision"))
+        self._views = None
 
 
 def _lowdim(k=10, bias=False, depth="shallow"):
