@@ -78,6 +78,67 @@ def test_rule_matches_autograd(name, make_module, make_inputs):
             torch.testing.assert_close(value, engine.reduce_norm(expected[key], norm), rtol=1e-10, atol=1e-12)
 
 
+CONVS = [row for row in LAYERS if row[0].startswith("conv")]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("method", ["kernel", "grouped"])
+@pytest.mark.parametrize("name,make_module,make_inputs", CONVS, ids=[row[0] for row in CONVS])
+def test_conv_methods_match_autograd(monkeypatch, name, make_module, make_inputs, method):
+    """Both ways of forming per-sample conv weight gradients (one kernel call per sample; samples folded into
+    channel groups, in chunks of 2 with a partial last chunk), with and without an offset, vs autograd per sample
+    in float64; channels-last inputs too."""
+    monkeypatch.setattr(engine, "CONV_METHOD", method)
+    monkeypatch.setattr(engine, "GROUPED_SAMPLES", 2)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", float("inf"))  # the unblocked rule
+    torch.manual_seed(5)
+    module = make_module().double().eval()
+    (a,) = tuple(t.double() for t in make_inputs())
+    with torch.no_grad():
+        y = module(a)
+    g = torch.randn(3, *y.shape, dtype=torch.float64)
+    expected = autograd_per_sample(module, (a,), g)["weight"]
+    off = torch.randn_like(module.weight)
+    inputs = [a] + ([a.contiguous(memory_format=torch.channels_last)] if a.ndim == 4 else [])
+    for x in inputs:
+        got = engine.ConvRule().grad_sample(module, (x,), {}, g, ["weight"])["weight"]
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        vals = engine.ConvRule().reduce(module, (x,), g, "weight", [("l1", None), ("l2sq", off), ("l1", off)])
+        for v, (nm, o) in zip(vals, [("l1", 0), ("l2sq", off), ("l1", off)]):
+            torch.testing.assert_close(v, engine.reduce_norm(expected + o, nm), rtol=1e-10, atol=1e-12)
+
+
+def test_conv_method_is_measured_once_per_layer_and_logged(monkeypatch, caplog):
+    """CONV_METHOD=None: the faster method on the first samples (by the clock) is chosen, logged at debug level and
+    kept for the layer, input shape and K; CONV_METHOD forces one."""
+    monkeypatch.setattr(engine, "CONV_METHOD", None)
+    module = nn.Conv2d(2, 3, 3)
+    a, g = torch.randn(4, 2, 5, 5), torch.randn(1, 4, 3, 3, 3)
+    ran = []
+    orig = engine.ConvRule._weight_grad_chunks
+
+    def chunks(module, a, g, how):
+        ran.append(how)
+        return orig(module, a, g, how)
+
+    for slow in ("kernel", "grouped"):
+        engine._CONV_METHODS.pop(module, None)
+        monkeypatch.setattr(engine.ConvRule, "_weight_grad_chunks", staticmethod(chunks))
+        # a clock that advances by 10 per call of the slow method and by 1 per call of the other
+        monkeypatch.setattr(engine, "_clock", lambda device, slow=slow: sum(10 if h == slow else 1 for h in ran))
+        ran.clear()
+        with caplog.at_level("DEBUG", logger="uvood.scores.engine"):
+            choice = engine.ConvRule.method(module, a, g)
+        fast = "grouped" if slow == "kernel" else "kernel"
+        assert choice == fast and ran == ["kernel", "kernel", "grouped", "grouped"]
+        assert f"by the {fast} method" in caplog.text
+        assert engine.ConvRule.method(module, a, g) == fast and len(ran) == 4  # kept: not measured again
+        other = engine.ConvRule.method(module, torch.randn(4, 2, 6, 6), torch.randn(1, 4, 3, 4, 4))
+        assert other == fast and len(ran) == 8  # another input shape: measured again
+    monkeypatch.setattr(engine, "CONV_METHOD", "kernel")
+    assert engine.ConvRule.method(module, a, g) == "kernel"
+
+
 def naive_norms(model, x, cot, norm, params=None, offsets=None):
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     offsets = offsets or {}
