@@ -110,7 +110,7 @@ def test_conv_methods_match_autograd(monkeypatch, name, make_module, make_inputs
 
 def test_conv_method_is_measured_once_per_layer_and_logged(monkeypatch, caplog):
     """CONV_METHOD=None: the faster method on the first samples (by the clock) is chosen, logged at debug level and
-    kept for the layer, input shape and K; CONV_METHOD forces one."""
+    kept for the layer, input shape, K and chunk size; CONV_METHOD forces one."""
     monkeypatch.setattr(engine, "CONV_METHOD", None)
     module = nn.Conv2d(2, 3, 3)
     a, g = torch.randn(4, 2, 5, 5), torch.randn(1, 4, 3, 3, 3)
@@ -135,6 +135,7 @@ def test_conv_method_is_measured_once_per_layer_and_logged(monkeypatch, caplog):
         assert engine.ConvRule.method(module, a, g) == fast and len(ran) == 4  # kept: not measured again
         other = engine.ConvRule.method(module, torch.randn(4, 2, 6, 6), torch.randn(1, 4, 3, 4, 4))
         assert other == fast and len(ran) == 8  # another input shape: measured again
+        assert engine.ConvRule.method(module, a[:2], g[:, :2]) == fast and len(ran) == 12  # fewer samples: again
     monkeypatch.setattr(engine, "CONV_METHOD", "kernel")
     assert engine.ConvRule.method(module, a, g) == "kernel"
 

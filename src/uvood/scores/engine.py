@@ -123,7 +123,7 @@ GROUPED_SAMPLES = 16
 
 log = logging.getLogger(__name__)
 _GHOST_LOGGED: dict = {}  # (layer, input shape, K) -> last choice logged
-_CONV_METHODS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {(shape, K, dtype, device): method}
+_CONV_METHODS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {(shape, K, m, dtype, dev): method}
 
 
 def _clock(device: torch.device) -> float:
@@ -352,16 +352,17 @@ class ConvRule(LayerRule):
     def method(module, a, g) -> str:
         """How per-sample weight gradients of this layer are formed: "kernel" or "grouped" (CONV_METHOD forces one).
 
-        Chosen by measurement, once per layer, input shape, K, dtype and device: both methods form the
-        gradients of the first min(n, GROUPED_SAMPLES) samples twice (the first call builds the backend's
+        Chosen by measurement, once per layer, input shape, K, chunk size m = min(n, GROUPED_SAMPLES), dtype and
+        device (a 2-sample warm-up call does not decide for 64-sample batches): both methods form the
+        gradients of the first m samples twice (the first call builds the backend's
         kernels), and the faster second call wins (CPU time of the process on CPU; wall time after a
         synchronisation on CUDA). Logged at debug level. Exact either way (the same sums)."""
         if CONV_METHOD is not None:
             return CONV_METHOD
-        key = (tuple(a.shape[1:]), g.shape[0], g.dtype, g.device.type)
+        m = min(a.shape[0], GROUPED_SAMPLES)  # a chunk of the grouped method (fewer samples: smaller groups)
+        key = (tuple(a.shape[1:]), g.shape[0], m, g.dtype, g.device.type)
         chosen = _CONV_METHODS.setdefault(module, {})
         if key not in chosen:
-            m = min(a.shape[0], GROUPED_SAMPLES)
             seconds = {}
             for name in ("kernel", "grouped"):
                 for _ in range(2):
