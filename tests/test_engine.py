@@ -130,12 +130,12 @@ def test_conv_method_is_measured_once_per_layer_and_logged(monkeypatch, caplog):
         with caplog.at_level("DEBUG", logger="uvood.scores.engine"):
             choice = engine.ConvRule.method(module, a, g)
         fast = "grouped" if slow == "kernel" else "kernel"
-        assert choice == fast and ran == ["kernel", "kernel", "grouped", "grouped"]
+        assert choice == fast and ran == ["kernel"] * 3 + ["grouped"] * 3
         assert f"by the {fast} method" in caplog.text
-        assert engine.ConvRule.method(module, a, g) == fast and len(ran) == 4  # kept: not measured again
+        assert engine.ConvRule.method(module, a, g) == fast and len(ran) == 6  # kept: not measured again
         other = engine.ConvRule.method(module, torch.randn(4, 2, 6, 6), torch.randn(1, 4, 3, 4, 4))
-        assert other == fast and len(ran) == 8  # another input shape: measured again
-        assert engine.ConvRule.method(module, a[:2], g[:, :2]) == fast and len(ran) == 12  # fewer samples: again
+        assert other == fast and len(ran) == 12  # another input shape: measured again
+        assert engine.ConvRule.method(module, a[:2], g[:, :2]) == fast and len(ran) == 18  # fewer samples: again
     monkeypatch.setattr(engine, "CONV_METHOD", "kernel")
     assert engine.ConvRule.method(module, a, g) == "kernel"
 

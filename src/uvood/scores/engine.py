@@ -354,8 +354,8 @@ class ConvRule(LayerRule):
 
         Chosen by measurement, once per layer, input shape, K, chunk size m = min(n, GROUPED_SAMPLES), dtype and
         device (a 2-sample warm-up call does not decide for 64-sample batches): both methods form the
-        gradients of the first m samples twice (the first call builds the backend's
-        kernels), and the faster second call wins (CPU time of the process on CPU; wall time after a
+        gradients of the first m samples three times (the first call builds the backend's
+        kernels), and the faster best of the last two wins (CPU time of the process on CPU; wall time after a
         synchronisation on CUDA). Logged at debug level. Exact either way (the same sums)."""
         if CONV_METHOD is not None:
             return CONV_METHOD
@@ -365,11 +365,13 @@ class ConvRule(LayerRule):
         if key not in chosen:
             seconds = {}
             for name in ("kernel", "grouped"):
-                for _ in range(2):
+                times = []
+                for _ in range(3):
                     t = _clock(g.device)
                     for _chunk in ConvRule._weight_grad_chunks(module, a[:m], g[:, :m], name):
                         pass
-                    seconds[name] = _clock(g.device) - t
+                    times.append(_clock(g.device) - t)
+                seconds[name] = min(times[1:])
             chosen[key] = min(seconds, key=seconds.get)
             log.debug("conv %s (input %s, K=%d): per-sample weight gradients by the %s method (kernel %.2f ms, "
                       "grouped %.2f ms for %d samples)", tuple(module.weight.shape), tuple(a.shape[1:]), g.shape[0],
