@@ -82,12 +82,12 @@ CONVS = [row for row in LAYERS if row[0].startswith("conv")]
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
-@pytest.mark.parametrize("method", ["kernel", "grouped"])
+@pytest.mark.parametrize("method", ["kernel", "grouped", "blocked"])
 @pytest.mark.parametrize("name,make_module,make_inputs", CONVS, ids=[row[0] for row in CONVS])
 def test_conv_methods_match_autograd(monkeypatch, name, make_module, make_inputs, method):
-    """Both ways of forming per-sample conv weight gradients (one kernel call per sample; samples folded into
-    channel groups, in chunks of 2 with a partial last chunk), with and without an offset, vs autograd per sample
-    in float64; channels-last inputs too."""
+    """Every way of forming per-sample conv weight gradients (one kernel call per sample; samples folded into
+    channel groups, in chunks of 2 with a partial last chunk; blocks, for norms of 2-D convolutions without groups,
+    else the kernel), with and without an offset, vs autograd per sample in float64; channels-last inputs too."""
     monkeypatch.setattr(engine, "CONV_METHOD", method)
     monkeypatch.setattr(engine, "GROUPED_SAMPLES", 2)
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", float("inf"))  # the unblocked rule
@@ -109,35 +109,42 @@ def test_conv_methods_match_autograd(monkeypatch, name, make_module, make_inputs
 
 
 def test_conv_method_is_measured_once_per_layer_and_logged(monkeypatch, caplog):
-    """CONV_METHOD=None: the faster method on the first samples (by the clock) is chosen, logged at debug level and
-    kept for the layer, input shape, K and chunk size; CONV_METHOD forces one."""
+    """CONV_METHOD=None: the fastest candidate on the first samples (by the clock) is chosen, logged at debug level
+    and kept for the layer, input shape, K, chunk size and candidates ("blocked" only for norms of 2-D convolutions
+    without groups); CONV_METHOD forces one."""
     monkeypatch.setattr(engine, "CONV_METHOD", None)
     module = nn.Conv2d(2, 3, 3)
     a, g = torch.randn(4, 2, 5, 5), torch.randn(1, 4, 3, 3, 3)
     ran = []
-    orig = engine.ConvRule._weight_grad_chunks
+    orig = engine.ConvRule._reduce_weight
 
-    def chunks(module, a, g, how):
+    def reduce_weight(module, a, g, reds, how):
         ran.append(how)
-        return orig(module, a, g, how)
+        return orig(module, a, g, reds, how)
 
-    for slow in ("kernel", "grouped"):
+    monkeypatch.setattr(engine.ConvRule, "_reduce_weight", staticmethod(reduce_weight))
+    for fast in ("kernel", "grouped", "blocked"):
         engine._CONV_METHODS.pop(module, None)
-        monkeypatch.setattr(engine.ConvRule, "_weight_grad_chunks", staticmethod(chunks))
-        # a clock that advances by 10 per call of the slow method and by 1 per call of the other
-        monkeypatch.setattr(engine, "_clock", lambda device, slow=slow: sum(10 if h == slow else 1 for h in ran))
+        # a clock that advances by 1 per call of the fast method and by 10 per call of the others
+        monkeypatch.setattr(engine, "_clock", lambda device, fast=fast: sum(1 if h == fast else 10 for h in ran))
         ran.clear()
         with caplog.at_level("DEBUG", logger="uvood.scores.engine"):
             choice = engine.ConvRule.method(module, a, g)
-        fast = "grouped" if slow == "kernel" else "kernel"
-        assert choice == fast and ran == ["kernel"] * 3 + ["grouped"] * 3
+        assert choice == fast and ran == ["kernel"] * 3 + ["grouped"] * 3 + ["blocked"] * 3
         assert f"by the {fast} method" in caplog.text
-        assert engine.ConvRule.method(module, a, g) == fast and len(ran) == 6  # kept: not measured again
+        assert engine.ConvRule.method(module, a, g) == fast and len(ran) == 9  # kept: not measured again
         other = engine.ConvRule.method(module, torch.randn(4, 2, 6, 6), torch.randn(1, 4, 3, 4, 4))
-        assert other == fast and len(ran) == 12  # another input shape: measured again
-        assert engine.ConvRule.method(module, a[:2], g[:, :2]) == fast and len(ran) == 18  # fewer samples: again
-    monkeypatch.setattr(engine, "CONV_METHOD", "kernel")
-    assert engine.ConvRule.method(module, a, g) == "kernel"
+        assert other == fast and len(ran) == 18  # another input shape: measured again
+        assert engine.ConvRule.method(module, a[:2], g[:, :2]) == fast and len(ran) == 27  # fewer samples: again
+        forming = engine.ConvRule.method(module, a, g, forming=True)  # gradients formed: no blocks
+        assert ran[27:] == ["kernel"] * 3 + ["grouped"] * 3 and forming == (fast if fast != "blocked" else "kernel")
+    conv1d = nn.Conv1d(2, 3, 3)
+    ran.clear()
+    engine.ConvRule.method(conv1d, torch.randn(4, 2, 7), torch.randn(1, 4, 3, 5))
+    assert ran == ["kernel"] * 3 + ["grouped"] * 3
+    monkeypatch.setattr(engine, "CONV_METHOD", "blocked")
+    assert engine.ConvRule.method(module, a, g) == "blocked"
+    assert engine.ConvRule.method(conv1d, torch.randn(4, 2, 7), torch.randn(1, 4, 3, 5)) == "kernel"
 
 
 def naive_norms(model, x, cot, norm, params=None, offsets=None):

@@ -36,9 +36,9 @@ How (Opacus / BackPACK style)
    * ``nn.Conv1d/2d/3d``: per-sample weight gradient (= g_n @ unfold(a_n)^T) from the
      convolution's own weight-gradient kernel for all K cotangents (stacked along the output
      channels), one call per sample, or one per chunk of samples folded into channel groups
-     (groups = samples), whichever is faster on the layer (measured once, logged at debug
-     level: :meth:`ConvRule.method`); the norms path holds one chunk's gradients at a time,
-     the materialising path works in chunks of samples. The l1 norm of a sum over
+     (groups = samples), or in blocks (below), whichever is fastest on the layer (measured
+     once, logged at debug level: :meth:`ConvRule.method`); the norms path holds one chunk's
+     gradients at a time, the materialising path works in chunks of samples. The l1 norm of a sum over
      positions is not separable, so no shortcut exists; where a sample's K x Cout x d gradient
      exceeds BLOCK_ELEMENTS (late layers, K labels), it is formed in cache-sized blocks of
      (label, output channel) rows, G_{n,k}[c0:c1] @ unfold(a_n)^T, and every norm is taken from
@@ -113,9 +113,10 @@ GHOST_FACTOR = 1.5
 #: benchmarks/fused_pass.py)
 BLOCK_ELEMENTS = 2**19
 
-#: per-sample conv weight gradients: None = the faster of "kernel" (one call of the weight-gradient kernel per
-#: sample) and "grouped" (samples folded into channel groups, one call per chunk), measured once per layer
-#: (:meth:`ConvRule.method`); "kernel" or "grouped" forces one (tests, benchmarks)
+#: per-sample conv weight-gradient norms: None = the fastest of "kernel" (one call of the weight-gradient kernel
+#: per sample), "grouped" (samples folded into channel groups, one call per chunk) and "blocked" (2-D, no groups:
+#: ConvRule.reduce_blocked), measured once per layer (:meth:`ConvRule.method`); a name forces that method
+#: (tests, benchmarks)
 CONV_METHOD: str | None = None
 
 #: samples per call of the grouped method (measured on the CNN, batch 64, K = 1: 16-32 beat 4-8 and 64)
@@ -262,13 +263,13 @@ class ConvRule(LayerRule):
     The weight gradient of sample n alone (= g_n @ unfold(a_n)^T) comes from the convolution's
     own weight-gradient kernel, with the K cotangents stacked along the output channels (the
     gradient w.r.t. K stacked copies of the filters holds each label's gradient), by one of two
-    methods, the faster one measured once per layer (:meth:`method`, logged at debug level):
-    "kernel", one call per sample for all labels; or "grouped", the samples of a chunk folded
-    into the channels with groups = samples (one call per GROUPED_SAMPLES samples; on CPU it
-    avoids PyTorch's batch-1 slow path (im2col + MKL GEMM) and wins on layers with many output
-    positions: 1.3-1.8x on the CIFAR CNN's first four convolutions at K = 1, while the kernel
-    wins on the late ones, T <= 64). unfold + bmm lost to both. Padding modes other than zeros,
-    and padding="same", are applied to a first.
+    methods (or in blocks, :meth:`reduce_blocked`), the fastest measured once per layer
+    (:meth:`method`, logged at debug level): "kernel", one call per sample for all labels; or
+    "grouped", the samples of a chunk folded into the channels with groups = samples (one call
+    per GROUPED_SAMPLES samples; on CPU it avoids PyTorch's batch-1 slow path (im2col + MKL GEMM)
+    and wins on layers with many output positions: 1.3-1.8x on the CIFAR CNN's first
+    convolutions at K = 1, while the kernel or blocks win on the late ones, T <= 64). unfold +
+    bmm lost to all. Padding modes other than zeros, and padding="same", are applied to a first.
     """
 
     @staticmethod
@@ -349,33 +350,36 @@ class ConvRule(LayerRule):
         return gw.reshape(m, G, K, -1).transpose(1, 2).reshape(m, K, -1)
 
     @staticmethod
-    def method(module, a, g) -> str:
-        """How per-sample weight gradients of this layer are formed: "kernel" or "grouped" (CONV_METHOD forces one).
+    def method(module, a, g, forming: bool = False) -> str:
+        """How this layer's per-sample weight-gradient norms are computed: "kernel" (one kernel call per sample),
+        "grouped" (samples folded into channel groups) or "blocked" (:meth:`reduce_blocked`; 2-D convolutions
+        without groups, and not when the gradients are to be formed, ``forming``). CONV_METHOD forces one.
 
-        Chosen by measurement, once per layer, input shape, K, chunk size m = min(n, GROUPED_SAMPLES), dtype and
-        device (a 2-sample warm-up call does not decide for 64-sample batches): both methods form the
-        gradients of the first m samples three times (the first call builds the backend's
-        kernels), and the faster best of the last two wins (CPU time of the process on CPU; wall time after a
-        synchronisation on CUDA). Logged at debug level. Exact either way (the same sums)."""
+        Chosen by measurement, once per layer, input shape, K, chunk size m = min(n, GROUPED_SAMPLES), dtype,
+        device and candidates (a 2-sample warm-up call does not decide for 64-sample batches): every candidate
+        computes the l1 norms of the first m samples three times (the first call builds the backend's kernels),
+        and the best of the last two calls wins (CPU time of the process on CPU; wall time after a
+        synchronisation on CUDA). Logged at debug level. Exact either way (the same sums in another order)."""
+        blockable = isinstance(module, nn.Conv2d) and module.groups == 1 and a.ndim == 4 and not forming
         if CONV_METHOD is not None:
-            return CONV_METHOD
+            return CONV_METHOD if CONV_METHOD != "blocked" or blockable else "kernel"
+        names = ("kernel", "grouped") + (("blocked",) if blockable else ())
         m = min(a.shape[0], GROUPED_SAMPLES)  # a chunk of the grouped method (fewer samples: smaller groups)
-        key = (tuple(a.shape[1:]), g.shape[0], m, g.dtype, g.device.type)
+        key = (tuple(a.shape[1:]), g.shape[0], m, g.dtype, g.device.type, names)
         chosen = _CONV_METHODS.setdefault(module, {})
         if key not in chosen:
             seconds = {}
-            for name in ("kernel", "grouped"):
+            for name in names:
                 times = []
                 for _ in range(3):
                     t = _clock(g.device)
-                    for _chunk in ConvRule._weight_grad_chunks(module, a[:m], g[:, :m], name):
-                        pass
+                    ConvRule._reduce_weight(module, a[:m], g[:, :m], [("l1", None)], name)
                     times.append(_clock(g.device) - t)
                 seconds[name] = min(times[1:])
             chosen[key] = min(seconds, key=seconds.get)
-            log.debug("conv %s (input %s, K=%d): per-sample weight gradients by the %s method (kernel %.2f ms, "
-                      "grouped %.2f ms for %d samples)", tuple(module.weight.shape), tuple(a.shape[1:]), g.shape[0],
-                      chosen[key], 1e3 * seconds["kernel"], 1e3 * seconds["grouped"], m)
+            log.debug("conv %s (input %s, K=%d): per-sample weight-gradient norms by the %s method (%s for %d "
+                      "samples)", tuple(module.weight.shape), tuple(a.shape[1:]), g.shape[0], chosen[key],
+                      ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in seconds.items()), m)
         return chosen[key]
 
     def grad_sample(self, module, inputs, kwargs, g, names):
@@ -385,7 +389,7 @@ class ConvRule(LayerRule):
             w = module.weight
             res = torch.empty(K, n, *w.shape, dtype=g.dtype, device=g.device)
             a = inputs[0]
-            for lo, hi, gw in self._weight_grad_chunks(module, a, g, self.method(module, a, g)):
+            for lo, hi, gw in self._weight_grad_chunks(module, a, g, self.method(module, a, g, forming=True)):
                 res[:, lo:hi] = gw.transpose(0, 1).view(K, hi - lo, *w.shape)
             out["weight"] = res
         if "bias" in names:
@@ -519,21 +523,29 @@ class ConvRule(LayerRule):
 
     def reduce(self, module, inputs, g, name, reds) -> torch.Tensor:
         """R x K x n (float64): for each (norm, offset) of ``reds``, the norm of the per-sample gradient of
-        parameter ``name`` plus ``offset`` (a tensor of the parameter's shape, or None), from ONE kernel
-        call per sample for every reduction (BatchGrad's anchor offset included: no gradient is stored)."""
+        parameter ``name`` plus ``offset`` (a tensor of the parameter's shape, or None), from ONE formation of
+        each sample's weight gradient for every reduction (BatchGrad's anchor offset included: no gradient is
+        stored): in blocks where a sample's gradients exceed BLOCK_ELEMENTS, else by the measured :meth:`method`."""
         K, n = g.shape[:2]
         if name == "bias":
             b = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g
             return torch.stack([_vector_norm(b if off is None else b + off.to(b.dtype), nm) for nm, off in reds])
-        if self.blocked(module, inputs[0], g):
-            return self.reduce_blocked(module, inputs[0], g, reds)
+        a = inputs[0]
+        method = "blocked" if self.blocked(module, a, g) else self.method(module, a, g)
+        return self._reduce_weight(module, a, g, reds, method)
+
+    @staticmethod
+    def _reduce_weight(module, a, g, reds, method: str) -> torch.Tensor:
+        """:meth:`reduce` of the weight by ``method`` ("kernel", "grouped" or "blocked"; :meth:`method`)."""
+        if method == "blocked":
+            return ConvRule.reduce_blocked(module, a, g, reds)
+        K, n = g.shape[:2]
         offs = [None if off is None else off.detach().to(g.dtype).reshape(1, 1, -1) for _, off in reds]
         # offset reductions first (on a temporary), then plain l2sq, then plain l1 (|.| in place on gw)
         order = sorted(range(len(reds)), key=lambda j: (offs[j] is None, reds[j][0] == "l1"))
         res = torch.empty(len(reds), n, K, dtype=g.dtype, device=g.device)
         tmp = None
-        a = inputs[0]
-        for lo, hi, flat in self._weight_grad_chunks(module, a, g, self.method(module, a, g)):
+        for lo, hi, flat in ConvRule._weight_grad_chunks(module, a, g, method):
             for j in order:
                 t = flat
                 if offs[j] is not None:
