@@ -130,18 +130,20 @@ def test_conv_method_is_measured_once_per_layer_and_logged(monkeypatch, caplog):
         ran.clear()
         with caplog.at_level("DEBUG", logger="uvood.scores.engine"):
             choice = engine.ConvRule.method(module, a, g)
-        assert choice == fast and ran == ["kernel"] * 3 + ["grouped"] * 3 + ["blocked"] * 3
+        rounds = 1 + engine.METHOD_ROUNDS
+        assert choice == fast and ran == ["kernel", "grouped", "blocked"] * rounds
         assert f"by the {fast} method" in caplog.text
-        assert engine.ConvRule.method(module, a, g) == fast and len(ran) == 9  # kept: not measured again
+        assert engine.ConvRule.method(module, a, g) == fast and len(ran) == 3 * rounds  # kept: not measured again
         other = engine.ConvRule.method(module, torch.randn(4, 2, 6, 6), torch.randn(1, 4, 3, 4, 4))
-        assert other == fast and len(ran) == 18  # another input shape: measured again
-        assert engine.ConvRule.method(module, a[:2], g[:, :2]) == fast and len(ran) == 27  # fewer samples: again
+        assert other == fast and len(ran) == 6 * rounds  # another input shape: measured again
+        assert engine.ConvRule.method(module, a[:2], g[:, :2]) == fast and len(ran) == 9 * rounds  # fewer samples
         forming = engine.ConvRule.method(module, a, g, forming=True)  # gradients formed: no blocks
-        assert ran[27:] == ["kernel"] * 3 + ["grouped"] * 3 and forming == (fast if fast != "blocked" else "kernel")
+        assert ran[9 * rounds:] == ["kernel", "grouped"] * rounds
+        assert forming == (fast if fast != "blocked" else "kernel")
     conv1d = nn.Conv1d(2, 3, 3)
     ran.clear()
     engine.ConvRule.method(conv1d, torch.randn(4, 2, 7), torch.randn(1, 4, 3, 5))
-    assert ran == ["kernel"] * 3 + ["grouped"] * 3
+    assert ran == ["kernel", "grouped"] * (1 + engine.METHOD_ROUNDS)
     monkeypatch.setattr(engine, "CONV_METHOD", "blocked")
     assert engine.ConvRule.method(module, a, g) == "blocked"
     assert engine.ConvRule.method(conv1d, torch.randn(4, 2, 7), torch.randn(1, 4, 3, 5)) == "kernel"

@@ -119,6 +119,9 @@ BLOCK_ELEMENTS = 2**19
 #: (tests, benchmarks)
 CONV_METHOD: str | None = None
 
+#: timed rounds of the conv method race (:meth:`ConvRule.method`; after one warm-up round)
+METHOD_ROUNDS = 3
+
 #: samples per call of the grouped method (measured on the CNN, batch 64, K = 1: 16-32 beat 4-8 and 64)
 GROUPED_SAMPLES = 16
 
@@ -357,9 +360,10 @@ class ConvRule(LayerRule):
 
         Chosen by measurement, once per layer, input shape, K, chunk size m = min(n, GROUPED_SAMPLES), dtype,
         device and candidates (a 2-sample warm-up call does not decide for 64-sample batches): every candidate
-        computes the l1 norms of the first m samples three times (the first call builds the backend's kernels),
-        and the best of the last two calls wins (CPU time of the process on CPU; wall time after a
-        synchronisation on CUDA). Logged at debug level. Exact either way (the same sums in another order)."""
+        computes the l1 norms of the first m samples in 1 + METHOD_ROUNDS interleaved rounds (the first builds
+        the backend's kernels), and the best time of the later rounds wins (CPU time of the process on CPU;
+        wall time after a synchronisation on CUDA). Logged at debug level. Exact either way (the same sums in
+        another order)."""
         blockable = isinstance(module, nn.Conv2d) and module.groups == 1 and a.ndim == 4 and not forming
         if CONV_METHOD is not None:
             return CONV_METHOD if CONV_METHOD != "blocked" or blockable else "kernel"
@@ -368,14 +372,13 @@ class ConvRule(LayerRule):
         key = (tuple(a.shape[1:]), g.shape[0], m, g.dtype, g.device.type, names)
         chosen = _CONV_METHODS.setdefault(module, {})
         if key not in chosen:
-            seconds = {}
-            for name in names:
-                times = []
-                for _ in range(3):
+            times: dict = {name: [] for name in names}
+            for _ in range(1 + METHOD_ROUNDS):  # interleaved rounds: a burst of load hits every candidate alike
+                for name in names:
                     t = _clock(g.device)
                     ConvRule._reduce_weight(module, a[:m], g[:, :m], [("l1", None)], name)
-                    times.append(_clock(g.device) - t)
-                seconds[name] = min(times[1:])
+                    times[name].append(_clock(g.device) - t)
+            seconds = {name: min(ts[1:]) for name, ts in times.items()}
             chosen[key] = min(seconds, key=seconds.get)
             log.debug("conv %s (input %s, K=%d): per-sample weight-gradient norms by the %s method (%s for %d "
                       "samples)", tuple(module.weight.shape), tuple(a.shape[1:]), g.shape[0], chosen[key],
