@@ -78,6 +78,77 @@ def test_rule_matches_autograd(name, make_module, make_inputs):
             torch.testing.assert_close(value, engine.reduce_norm(expected[key], norm), rtol=1e-10, atol=1e-12)
 
 
+CONVS = [row for row in LAYERS if row[0].startswith("conv")]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("method", ["kernel", "grouped", "blocked"])
+@pytest.mark.parametrize("name,make_module,make_inputs", CONVS, ids=[row[0] for row in CONVS])
+def test_conv_methods_match_autograd(monkeypatch, name, make_module, make_inputs, method):
+    """Every way of forming per-sample conv weight gradients (one kernel call per sample; samples folded into
+    channel groups, in chunks of 2 with a partial last chunk; blocks, for norms of 2-D convolutions without groups,
+    else the kernel), with and without an offset, vs autograd per sample in float64; channels-last inputs too."""
+    monkeypatch.setattr(engine, "CONV_METHOD", method)
+    monkeypatch.setattr(engine, "GROUPED_SAMPLES", 2)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", float("inf"))  # the unblocked rule
+    torch.manual_seed(5)
+    module = make_module().double().eval()
+    (a,) = tuple(t.double() for t in make_inputs())
+    with torch.no_grad():
+        y = module(a)
+    g = torch.randn(3, *y.shape, dtype=torch.float64)
+    expected = autograd_per_sample(module, (a,), g)["weight"]
+    off = torch.randn_like(module.weight)
+    inputs = [a] + ([a.contiguous(memory_format=torch.channels_last)] if a.ndim == 4 else [])
+    for x in inputs:
+        got = engine.ConvRule().grad_sample(module, (x,), {}, g, ["weight"])["weight"]
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        vals = engine.ConvRule().reduce(module, (x,), g, "weight", [("l1", None), ("l2sq", off), ("l1", off)])
+        for v, (nm, o) in zip(vals, [("l1", 0), ("l2sq", off), ("l1", off)]):
+            torch.testing.assert_close(v, engine.reduce_norm(expected + o, nm), rtol=1e-10, atol=1e-12)
+
+
+def test_conv_method_is_measured_once_per_layer_and_logged(monkeypatch, caplog):
+    """CONV_METHOD=None: the fastest candidate on the first samples (by the clock) is chosen, logged at debug level
+    and kept for the layer, input shape, K, chunk size and candidates ("blocked" only for norms of 2-D convolutions
+    without groups); CONV_METHOD forces one."""
+    monkeypatch.setattr(engine, "CONV_METHOD", None)
+    module = nn.Conv2d(2, 3, 3)
+    a, g = torch.randn(4, 2, 5, 5), torch.randn(1, 4, 3, 3, 3)
+    ran = []
+    orig = engine.ConvRule._reduce_weight
+
+    def reduce_weight(module, a, g, reds, how):
+        ran.append(how)
+        return orig(module, a, g, reds, how)
+
+    monkeypatch.setattr(engine.ConvRule, "_reduce_weight", staticmethod(reduce_weight))
+    for fast in ("kernel", "grouped", "blocked"):
+        engine._CONV_METHODS.pop(module, None)
+        # a clock that advances by 1 per call of the fast method and by 10 per call of the others
+        monkeypatch.setattr(engine, "_clock", lambda device, fast=fast: sum(1 if h == fast else 10 for h in ran))
+        ran.clear()
+        with caplog.at_level("DEBUG", logger="uvood.scores.engine"):
+            choice = engine.ConvRule.method(module, a, g)
+        rounds = 1 + engine.METHOD_ROUNDS
+        assert choice == fast and ran == ["kernel", "grouped", "blocked"] * rounds
+        assert f"by the {fast} method" in caplog.text
+        assert engine.ConvRule.method(module, a, g) == fast and len(ran) == 3 * rounds  # kept: not measured again
+        other = engine.ConvRule.method(module, torch.randn(4, 2, 6, 6), torch.randn(1, 4, 3, 4, 4))
+        assert other == fast and len(ran) == 6 * rounds  # another input shape: measured again
+        assert engine.ConvRule.method(module, a[:2], g[:, :2]) == fast and len(ran) == 9 * rounds  # fewer samples
+        forming = engine.ConvRule.method(module, a, g, forming=True)  # gradients formed: no blocks
+        assert ran[9 * rounds:] == ["kernel", "grouped"] * rounds
+        assert forming == (fast if fast != "blocked" else "kernel")
+    conv1d = nn.Conv1d(2, 3, 3)
+    ran.clear()
+    engine.ConvRule.method(conv1d, torch.randn(4, 2, 7), torch.randn(1, 4, 3, 5))
+    assert ran == ["kernel", "grouped"] * (1 + engine.METHOD_ROUNDS)
+    monkeypatch.setattr(engine, "CONV_METHOD", "blocked")
+    assert engine.ConvRule.method(module, a, g) == "blocked"
+    assert engine.ConvRule.method(conv1d, torch.randn(4, 2, 7), torch.randn(1, 4, 3, 5)) == "kernel"
+
+
 def naive_norms(model, x, cot, norm, params=None, offsets=None):
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     offsets = offsets or {}
