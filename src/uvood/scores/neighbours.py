@@ -29,17 +29,25 @@ ALIASES = {"torch": "brute"}
 TILE = 16
 #: rows per chunk (the unit of the pruned search's matmuls: a query computes whole chunks); TILE divides it
 CHUNK = 256
-#: entries per block of the pruned search's bound matrix (queries x rows; sized for the cache)
-BOUND_BLOCK = 2**21
+#: rows per chunk of the brute force (every chunk is computed: wide chunks make the tile maxima cheap)
+BRUTE_CHUNK = 2048
+#: tiles per block of the pruned search's bound matmul (sized for the cache)
+BOUND_TILES = 256
+BOUND_QUERIES = 256
+#: the pruned search's query blocks hold this many times the brute force's (its store holds only needed chunks)
+PRUNED_BLOCKS = 16
 #: rows per cone of the spherical k-means that orders the bank (k = n // CLUSTER_SIZE cones, at most MAX_CLUSTERS)
 CLUSTER_SIZE = 2048
 MAX_CLUSTERS = 4096
 #: rank of the pruned search's principal basis (the bound's matmul costs RANK / D of the similarities')
-RANK = 48
+RANK = 32
 #: spherical k-means iterations (seeded; the order changes speed, never a value)
 KMEANS_ITERS = 10
 #: absolute margin for the float32 evaluation of the bounds (module docstring)
 SLACK = 1e-6
+#: "auto" searches by brute force when the median residual norm |b - P P^T b| of the bank exceeds this
+#: (no low-rank structure: the bounds would prune nothing; random unit vectors of width 256: 0.94)
+PRUNE_RESIDUAL = 0.5
 
 _blas = None
 
@@ -104,7 +112,11 @@ class Float32Search:
             return self._top_faiss(q.float(), m)
         if self._tiled is None:
             check_finite(self.bank, "reference features")
-            self._tiled = Tiled(self.bank, pruned=self.backend == "pruned")
+            basis = principal_basis(self.bank) if self.backend == "pruned" else None
+            if basis is not None and self.requested == "auto" and float(basis[2].median()) > PRUNE_RESIDUAL:
+                basis = None  # no low-rank structure to prune with (e.g. random vectors): the brute force
+                self.backend = "brute"
+            self._tiled = Tiled(self.bank, basis)
         with blas_threads():
             return self._tiled.top(q, m, self.stats)
 
@@ -135,14 +147,26 @@ def spherical_kmeans(x32: np.ndarray, k: int, iters: int = KMEANS_ITERS, seed: i
         u = np.where(norm > 0, s / np.maximum(norm, 1e-30), u).astype(np.float32)
 
 
+def principal_basis(bank: torch.Tensor):
+    """(P, y, rho): the bank's rank-R principal basis (top eigenvectors of bank^T bank, float64, R = RANK
+    or D // 4), every row's coordinates y = P^T b and residual norm rho = |b - P y| (module docstring, "Bound")."""
+    r = max(1, min(RANK, bank.shape[1] // 4))
+    _, vecs = torch.linalg.eigh(bank.T @ bank)
+    p = vecs[:, -r:].contiguous()
+    y = bank @ p
+    return p, y, (bank - y @ p.T).norm(dim=1)
+
+
 class Tiled:
     """The bank in the search's layout (module docstring, "Layout"), and the two searches on it: the brute
     force (every chunk) and the pruned one (only the chunks whose bound can reach a query's top m)."""
 
-    def __init__(self, bank: torch.Tensor, pruned: bool):
+    def __init__(self, bank: torch.Tensor, basis=None):
         n, d = bank.shape
-        self.n, self.d, self.pruned = n, d, pruned
-        self.tpc = CHUNK // TILE
+        self.n, self.d, self.pruned = n, d, basis is not None
+        pruned = self.pruned
+        self.chunk = CHUNK if pruned else BRUTE_CHUNK
+        self.tpc = self.chunk // TILE
         bank32 = bank.float()
         if pruned:
             assign, u = spherical_kmeans(bank32.numpy(), max(1, min(n // CLUSTER_SIZE, MAX_CLUSTERS)))
@@ -150,8 +174,8 @@ class Tiled:
             order = torch.from_numpy(np.lexsort((-cos_b.numpy(), assign.numpy()))).long()
         else:
             order = torch.arange(n)
-        self.chunks = math.ceil(n / CHUNK)
-        npos = self.chunks * CHUNK
+        self.chunks = math.ceil(n / self.chunk)
+        npos = self.chunks * self.chunk
         self.tiles = npos // TILE
         self.real_tiles = math.ceil(n / TILE)
         # place s of ``order`` (tile s // TILE, row s % TILE of the tile) -> position in the chunk layout
@@ -161,30 +185,34 @@ class Tiled:
         self.rows[real] = order[place[real]]
         self.b32 = np.zeros((npos, d), dtype=np.float32)
         self.b32[real.numpy()] = bank32[self.rows[real]].numpy()
-        pad = torch.nonzero(~real[npos - CHUNK:]).reshape(-1).numpy()
+        pad = torch.nonzero(~real[npos - self.chunk:]).reshape(-1).numpy()
         self.pad = pad if len(pad) else None  # positions of the last chunk that hold no row (masked to -inf)
         self._buf = np.empty(0, dtype=np.float32)
         if pruned:
-            self._bounds(bank, order)
+            self._bounds(bank, order, basis)
 
-    def _bounds(self, bank, order):
-        """The rank-R principal basis P of the bank, the float32 projections y = P^T b of every row in the
-        tile-major layout (row j of tile t at j * tiles + t), and per tile the largest residual norm
-        rho_T = max |b - P y| (module docstring, "Bound")."""
+    def _bounds(self, bank, order, basis):
+        """The rank-R principal basis P of the bank, the float32 projections y = P^T b of every row, and per
+        tile the largest residual norm rho_T = max |b - P y| (module docstring, "Bound"). The projections are
+        stored in blocks of BOUND_TILES tiles, row j of the block's tile t at j * (tiles in block) + t, so
+        that a tile's maximum is a maximum over TILE contiguous slices."""
         n, npos = self.n, self.tiles * TILE
-        r = max(1, min(RANK, self.d // 4))
-        _, vecs = torch.linalg.eigh(bank.T @ bank)
-        self.P, self.r = vecs[:, -r:].contiguous(), r
+        self.P, y_rows, rho_rows = basis
+        self.r = r = self.P.shape[1]
         self.e_p = 2.0 * float((self.P.T @ self.P - torch.eye(r, dtype=torch.float64)).norm()) + 1e-12
         y = torch.zeros(npos, r, dtype=torch.float64)
         rho = torch.zeros(npos, dtype=torch.float64)
-        y[:n] = bank[order] @ self.P
-        rho[:n] = (bank[order] - y[:n] @ self.P.T).norm(dim=1)
-        self.y32 = y.view(self.tiles, TILE, r).transpose(0, 1).reshape(npos, r).float().contiguous().numpy()
+        y[:n], rho[:n] = y_rows[order], rho_rows[order]
         self.rho_t = rho.view(self.tiles, TILE).amax(1).float()
-        place = torch.arange(npos).view(self.tiles, TILE).T.reshape(-1)
-        ypad = torch.nonzero(place >= n).reshape(-1).numpy()
-        self.ypad = ypad if len(ypad) else None
+        blocks, place = [], []
+        for t0 in range(0, self.tiles, BOUND_TILES):
+            nt = min(BOUND_TILES, self.tiles - t0)
+            blocks.append(y[t0 * TILE:(t0 + nt) * TILE].view(nt, TILE, r).transpose(0, 1).reshape(-1, r))
+            place.append(torch.arange(t0 * TILE, (t0 + nt) * TILE).view(nt, TILE).T.reshape(-1))
+        self.y32 = torch.cat(blocks).float().contiguous().numpy()
+        # per block (first tile): its positions that hold no row (masked to -inf); padding can span two blocks
+        self.ypad = {i * BOUND_TILES: torch.nonzero(p >= n).reshape(-1).numpy() for i, p in enumerate(place)
+                     if bool((p >= n).any())}
 
     def top(self, q, m, stats):
         """(values, rows) of the m largest float32 similarities per query; fills ``stats``."""
@@ -193,51 +221,55 @@ class Tiled:
         vals = torch.empty(nq, m, dtype=torch.float32)
         rows = torch.empty(nq, m, dtype=torch.int64)
         done = brute = 0
-        step = max(1, KNN_BLOCK // (self.chunks * CHUNK)) * (4 if self.pruned else 1)
+        step = max(1, KNN_BLOCK // (self.chunks * self.chunk)) * (PRUNED_BLOCKS if self.pruned else 1)
         for lo in range(0, nq, step):
             hi = min(nq, lo + step)
             every = torch.ones(hi - lo, self.chunks, dtype=torch.bool)
-            if self.real_tiles < m:  # fewer tiles than m: every chunk, selected by topk over all values
-                s = self._sims(q32[lo:hi], every)[2]
-                v, pos = torch.topk(torch.from_numpy(s).view(hi - lo, -1), m, dim=1)
+            if self.real_tiles < m:  # fewer tiles than m: every row, selected by topk over all values
+                s = q32[lo:hi] @ self.b32.T
+                s[:, (self.rows < 0).numpy()] = -np.inf
+                v, pos = torch.topk(torch.from_numpy(s), m, dim=1)
                 vals[lo:hi], rows[lo:hi], need = v, self.rows[pos], every
             else:
                 need = self._need(q64[lo:hi], m) if self.pruned else every
                 vals[lo:hi], rows[lo:hi] = self._select(q32[lo:hi], need, m)
             count = need.sum(1)
-            done += int(count.sum()) * CHUNK
+            done += int(count.sum()) * self.chunk
             brute += int((count == self.chunks).sum())
         stats.update(similarities=min(done, nq * self.n), brute_queries=brute)
         return vals, rows
 
     def _sims(self, q32, need):
-        """float32 similarities of every query to the chunks it needs: (tile maxima, -inf where not computed;
-        location of each (query, chunk) in the flat store; flat store, one row of CHUNK values per pair)."""
-        nq = q32.shape[0]
+        """float32 similarities of every query to the chunks it needs, one matmul per chunk with the queries
+        that need it: (tile maxima, -inf where not computed; row of each (query, chunk) in the flat store;
+        the flat store, one row of ``chunk`` values per pair, pairs in chunk order)."""
+        nq, tpc = q32.shape[0], self.tpc
+        chunk, qs = torch.nonzero(need.T, as_tuple=True)
+        pairs = qs.numel()
+        if self._buf.size < pairs * self.chunk:
+            self._buf = np.empty(pairs * self.chunk, dtype=np.float32)
+        flat = self._buf[:pairs * self.chunk].reshape(pairs, self.chunk)
         tmax = torch.full((nq, self.tiles), -math.inf, dtype=torch.float32)
-        loc = torch.zeros(nq, self.chunks, dtype=torch.int64)
-        size = int(need.sum()) * CHUNK
-        if self._buf.size < size:
-            self._buf = np.empty(size, dtype=np.float32)
-        flat = self._buf[:size].reshape(-1, CHUNK)
-        at = 0
-        counts = need.sum(0).tolist()
+        counts = torch.bincount(chunk, minlength=self.chunks).tolist()
+        qn, at = qs.numpy(), 0
         for c, cnt in enumerate(counts):
             if not cnt:
                 continue
             out = flat[at:at + cnt]
-            if cnt == nq:
-                np.matmul(q32, self.b32[c * CHUNK:(c + 1) * CHUNK].T, out=out)
-                qs = slice(None)
-            else:
-                qs = torch.nonzero(need[:, c]).reshape(-1)
-                np.matmul(q32[qs.numpy()], self.b32[c * CHUNK:(c + 1) * CHUNK].T, out=out)
+            every = cnt == nq
+            np.matmul(q32 if every else q32[qn[at:at + cnt]], self.b32[c * self.chunk:(c + 1) * self.chunk].T,
+                      out=out)
             if c == self.chunks - 1 and self.pad is not None:
                 out[:, self.pad] = -np.inf
-            tmax[qs, c * self.tpc:(c + 1) * self.tpc] = torch.from_numpy(out).view(cnt, TILE, self.tpc).amax(1)
-            loc[qs, c] = torch.arange(at, at + cnt)
+            tm = torch.from_numpy(out).view(cnt, TILE, tpc).amax(1)  # while the block is in the cache
+            if every:
+                tmax[:, c * tpc:(c + 1) * tpc] = tm
+            else:
+                tmax[qs[at:at + cnt], c * tpc:(c + 1) * tpc] = tm
             at += cnt
-        return tmax, loc, flat
+        loc = torch.zeros(nq * self.chunks, dtype=torch.int64)
+        loc[qs * self.chunks + chunk] = torch.arange(pairs)
+        return tmax, loc.view(nq, self.chunks), flat
 
     def _select(self, q32, need, m):
         """The m largest computed values per query: they lie in the m tiles of largest maximum (each such tile
@@ -246,16 +278,22 @@ class Tiled:
         tmax, loc, flat = self._sims(q32, need)
         tiles = torch.topk(tmax, m, dim=1, sorted=False).indices
         chunk, t = tiles // self.tpc, tiles % self.tpc
-        pos = (loc.gather(1, chunk) * CHUNK + t)[:, :, None] + self.tpc * torch.arange(TILE)
+        pos = (loc.gather(1, chunk) * self.chunk + t)[:, :, None] + self.tpc * torch.arange(TILE)
         v, at = torch.topk(torch.from_numpy(flat).view(-1)[pos.view(nq, -1)], m, dim=1)
         tile, j = tiles.gather(1, at // TILE), at % TILE
-        position = (tile // self.tpc) * CHUNK + j * self.tpc + tile % self.tpc
+        position = (tile // self.tpc) * self.chunk + j * self.tpc + tile % self.tpc
         return v, self.rows[position]
 
-    def _need(self, q64, m):
-        """Chunks each query must compute (N x chunks, bool), from the tile bounds of the module docstring:
-        UB_T = M_T + g, LB_T = M_T - g (M_T the tile's largest float32 x^T y, g = |q_R| rho_T + slack);
-        tau = the m-th largest LB_T <= the exact m-th similarity; a chunk is needed if a tile has UB_T > tau."""
+    def tile_rows(self) -> torch.Tensor:
+        """tiles x TILE: the bank rows of every tile (-1: no row), from the chunk layout."""
+        t = torch.arange(self.tiles)
+        pos = ((t // self.tpc) * self.chunk + t % self.tpc)[:, None] + self.tpc * torch.arange(TILE)
+        return self.rows[pos]
+
+    def bounds(self, q64):
+        """(M, g), both N x tiles float32: M_T the tile's largest float32 x^T y, g = |q_R| rho_T + slack, so that
+        UB_T = M_T + g >= q^T b for every row b of the tile and LB_T = M_T - g <= q^T b* for the tile's row b*
+        of largest x^T y (module docstring, "Bound"). Tiles that hold no row have M = -inf."""
         nq = q64.shape[0]
         x = q64 @ self.P
         rq = (q64 - x @ self.P.T).norm(dim=1)
@@ -264,15 +302,24 @@ class Tiled:
         slack = float32_error(self.r) * qn.clamp_min(1.0) + 2.0**-23 * qn + self.e_p + SLACK
         gap = (rq[:, None].float() * self.rho_t[None, :]).add_(slack[:, None].float())
         mt = torch.empty(nq, self.tiles, dtype=torch.float32)
-        step = max(1, BOUND_BLOCK // self.y32.shape[0])
-        for lo in range(0, nq, step):
-            ap = x32[lo:lo + step] @ self.y32.T
-            if self.ypad is not None:
-                ap[:, self.ypad] = -np.inf
-            mt[lo:lo + step] = torch.from_numpy(ap).view(-1, TILE, self.tiles).amax(1)
+        buf = np.empty((BOUND_QUERIES, BOUND_TILES * TILE), dtype=np.float32)  # reused: no page faults per block
+        for lo in range(0, nq, BOUND_QUERIES):
+            xb = x32[lo:lo + BOUND_QUERIES]
+            for t0 in range(0, self.tiles, BOUND_TILES):
+                nt = min(BOUND_TILES, self.tiles - t0)
+                ap = np.matmul(xb, self.y32[t0 * TILE:(t0 + nt) * TILE].T, out=buf[:xb.shape[0], :nt * TILE])
+                if t0 in self.ypad:
+                    ap[:, self.ypad[t0]] = -np.inf
+                mt[lo:lo + BOUND_QUERIES, t0:t0 + nt] = torch.from_numpy(ap).view(-1, TILE, nt).amax(1)
+        return mt, gap
+
+    def _need(self, q64, m):
+        """Chunks each query must compute (N x chunks, bool): tau = the m-th largest LB_T (<= the exact m-th
+        largest similarity); a chunk is needed when one of its tiles has UB_T > tau (module docstring)."""
+        mt, gap = self.bounds(q64)
         tau = torch.topk(mt - gap, m, dim=1, sorted=False).values.amin(1, keepdim=True)
         need = mt.add_(gap) > tau
-        return need.view(nq, self.chunks, self.tpc).any(2)
+        return need.view(q64.shape[0], self.chunks, self.tpc).any(2)
 
 
 def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, search: Float32Search | None = None,
@@ -292,10 +339,10 @@ def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, search: Float32S
         sk = tb[:, k - 1:k]
         above = (tb > sk + 2 * err).sum(1)
         band = ((tb - sk).abs() <= 2 * err).sum(1)
-        width = int(band.max())
-        pos = (above[:, None] + torch.arange(width)[None, :]).clamp_max(m - 1)
-        cand = torch.einsum("rd,rwd->rw", qb, bank[ib.gather(1, pos)])
-        cand = cand.masked_fill(torch.arange(width)[None, :] >= band[:, None], -math.inf)
+        # the band's candidates (contiguous in the sorted values) in float64, one dot product per candidate
+        r, w = torch.nonzero(torch.arange(int(band.max()))[None, :] < band[:, None], as_tuple=True)
+        cand = torch.full((qb.shape[0], int(band.max())), -math.inf, dtype=torch.float64)
+        cand[r, w] = (qb[r] * bank[ib[r, above[r] + w]]).sum(1)
         kth = cand.sort(dim=1, descending=True).values.gather(1, (k - 1 - above)[:, None]).squeeze(1)
         if m < n:
             bad = torch.nonzero(above + band >= m).reshape(-1)
