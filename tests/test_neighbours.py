@@ -165,16 +165,22 @@ def test_non_unit_queries_get_the_brute_force_value(monkeypatch):
                                atol=1e-15)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_blas_runs_with_torchs_thread_count(threads):
-    """Inside the search, numpy's BLAS (the float32 matmuls) runs with torch.get_num_threads() threads."""
-    from threadpoolctl import threadpool_info
+def test_blas_runs_with_torchs_thread_count():
+    """Inside the search, numpy's BLAS (the float32 matmuls) runs with torch.get_num_threads() threads (one
+    under ``OMP_NUM_THREADS=1`` / ``torch.set_num_threads(1)``), and its own setting is restored afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
-        with neighbours.blas_threads():
-            blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        with threadpool_limits(limits=2, user_api="blas"):
+            outside = blas()
+            with neighbours.blas_threads():
+                inside = blas()
+            assert blas() == outside
     finally:
         torch.set_num_threads(before)
-    assert blas and all(t == threads for t in blas)
+    assert inside and all(t == 1 for t in inside)
