@@ -28,8 +28,9 @@ force and against each other):
 * ``"brute"`` (``"torch"`` is its older name): every similarity, float32 matmuls in numpy's BLAS;
 * ``"pruned"``: an exact search that computes only the chunks of the bank whose bound can reach a
   query's top m (below);
-* ``"auto"`` (the default): ``"pruned"``, or ``"brute"`` when the bank has no low-rank structure (median
-  residual norm > ``PRUNE_RESIDUAL``: the bounds would prune nothing, e.g. random vectors);
+* ``"auto"`` (the default): ``"pruned"``, or when the bank has no low-rank structure (median residual norm
+  > ``PRUNE_RESIDUAL``: the bounds would prune nothing, e.g. random vectors) a brute force: faiss's when it
+  is installed (measured faster than ``"brute"`` there), else ``"brute"``;
 * ``"faiss"`` (optional: ``pip install uvood[faiss]``): ``faiss.IndexFlatIP``, faiss's exact brute force.
 
 Matmuls: numpy's BLAS (OpenBLAS, Haswell kernels here) ran the float32 similarity matmul about twice as
@@ -128,19 +129,14 @@ SLACK = 1e-6
 #: (no low-rank structure: the bounds would prune nothing; random unit vectors of width 256: 0.94)
 PRUNE_RESIDUAL = 0.5
 
-_blas = None
-
-
 @contextlib.contextmanager
 def blas_threads():
     """numpy's BLAS runs with ``torch.get_num_threads()`` threads inside the block (threadpoolctl), so that
     ``torch.set_num_threads(1)`` / ``OMP_NUM_THREADS=1`` hold for the search as for the rest of uvood."""
-    global _blas
     from threadpoolctl import ThreadpoolController
 
-    if _blas is None:
-        _blas = ThreadpoolController()
-    with _blas.limit(limits=torch.get_num_threads(), user_api="blas"):
+    # a fresh controller each time: it sees every BLAS loaded so far (faiss brings its own)
+    with ThreadpoolController().limit(limits=torch.get_num_threads(), user_api="blas"):
         yield
 
 
@@ -186,16 +182,18 @@ class Float32Search:
     def top(self, q: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, rows), both N x m, values float32 sorted in decreasing order. ``q``: float64 (or float32)."""
         check_finite(q, "query features")
-        if self.backend == "faiss":
-            self.stats = {"similarities": q.shape[0] * self.bank.shape[0], "brute_queries": q.shape[0]}
-            return self._top_faiss(q.float(), m)
-        if self._tiled is None:
+        if self._tiled is None and self.backend != "faiss":
             check_finite(self.bank, "reference features")
             basis = principal_basis(self.bank) if self.backend == "pruned" else None
             if basis is not None and self.requested == "auto" and float(basis[2].median()) > PRUNE_RESIDUAL:
-                basis = None  # no low-rank structure to prune with (e.g. random vectors): the brute force
-                self.backend = "brute"
-            self._tiled = Tiled(self.bank, basis)
+                # no low-rank structure to prune with (e.g. random vectors): a brute force, faiss's when installed
+                # (measured faster than "brute" on random vectors, docs/field_detectors.md)
+                basis, self.backend = None, "faiss" if faiss_available() else "brute"
+            if self.backend != "faiss":
+                self._tiled = Tiled(self.bank, basis)
+        if self.backend == "faiss":
+            self.stats = {"similarities": q.shape[0] * self.bank.shape[0], "brute_queries": q.shape[0]}
+            return self._top_faiss(q.float(), m)
         with blas_threads():
             return self._tiled.top(q, m, self.stats)
 
