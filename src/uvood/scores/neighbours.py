@@ -111,7 +111,7 @@ TILE = 16
 CHUNK = 256
 #: rows per chunk of the brute force (every chunk is computed: wide chunks make the tile maxima cheap)
 BRUTE_CHUNK = 2048
-#: tiles per block of the pruned search's bound matmul (sized for the cache)
+#: tiles and queries per block of the pruned search's bound matmul (sized for the cache; no effect on values)
 BOUND_TILES = 256
 BOUND_QUERIES = 256
 #: the pruned search's query blocks hold this many times the brute force's (its store holds only needed chunks)
@@ -128,6 +128,7 @@ SLACK = 1e-6
 #: "auto" searches by brute force when the median residual norm |b - P P^T b| of the bank exceeds this
 #: (no low-rank structure: the bounds would prune nothing; random unit vectors of width 256: 0.94)
 PRUNE_RESIDUAL = 0.5
+
 
 @contextlib.contextmanager
 def blas_threads():
