@@ -100,12 +100,12 @@ def test_fdbd_and_knn_match_loops(feats):
     np.testing.assert_allclose(fitted("knn(5)", feats).from_features(feats["ht"], feats["zt"]).numpy(), ref, rtol=1e-9)
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss", "pruned"])
+@pytest.mark.parametrize("backend", ["brute", "faiss", "pruned", "auto"])
 @pytest.mark.parametrize("spread,copies", [(1.0, 1), (1.0, 4), (1e-9, 1)])
 def test_knn_kth_similarity_equals_float64_brute_force(spread, copies, backend):
-    """Float32 candidates (torch blocks or faiss) + float64 values equal the float64 k-th similarity, also
-    when neighbours are near-ties that float32 cannot order: ``copies`` near-duplicates of each reference
-    (ties inside the band), or a spread of 1e-9 (every query needs the exact fallback)."""
+    """Float32 candidates (brute force, faiss or the pruned search) + float64 values equal the float64 k-th
+    similarity, also when neighbours are near-ties that float32 cannot order: ``copies`` near-duplicates of each
+    reference (ties inside the band), or a spread of 1e-9 (every query needs the exact fallback)."""
     g = torch.Generator().manual_seed(3)
     base = torch.randn(1, 32, generator=g, dtype=torch.float64)
     bank = base + spread * torch.randn(500 // copies, 32, generator=g, dtype=torch.float64)
@@ -119,7 +119,7 @@ def test_knn_kth_similarity_equals_float64_brute_force(spread, copies, backend):
 
 
 def test_knn_blocks_and_backends_agree(monkeypatch):
-    """Many float32 blocks (a tiny KNN_BLOCK) and certificate blocks, torch and faiss: the KNN score is the
+    """Many float32 blocks (a tiny KNN_BLOCK) and certificate blocks, every backend: the KNN score is the
     float64 brute force -sqrt(2 - 2 s_(k)) for every query, on clustered features where ranks are close."""
     g = torch.Generator().manual_seed(5)
     centres = torch.randn(6, 48, generator=g, dtype=torch.float64)
@@ -129,7 +129,7 @@ def test_knn_blocks_and_backends_agree(monkeypatch):
     monkeypatch.setattr(neighbours, "CERTIFY_ROWS", 129)
     bank, q = h / h.norm(dim=1, keepdim=True), ht / ht.norm(dim=1, keepdim=True)
     ref = -(2 - 2 * torch.topk(q @ bank.T, 20, dim=1).values[:, -1]).clamp_min(0).sqrt()
-    for backend in ("torch", "faiss", "pruned"):
+    for backend in ("brute", "faiss", "pruned"):
         s = get_score("knn(20)").fit_features(h, torch.zeros(3000, 6))
         s.backend = backend
         out = s.from_features(ht, torch.zeros(700, 6))
@@ -140,12 +140,16 @@ def test_knn_blocks_and_backends_agree(monkeypatch):
 def test_knn_backend_errors(monkeypatch):
     bank = torch.eye(40, 8, dtype=torch.float64)[torch.arange(40) % 8]
     q = torch.full((2, 8), float("nan"), dtype=torch.float64)
-    with pytest.raises(UvoodError, match="faiss found fewer neighbours"):
-        kth_similarity(q, bank, 3, backend="faiss")
+    for backend in neighbours.BACKENDS:
+        with pytest.raises(UvoodError, match="the query features hold non-finite values"):
+            kth_similarity(q, bank, 3, backend=backend)
+    with pytest.raises(UvoodError, match="the reference features hold non-finite values"):
+        kth_similarity(bank[:2], bank.clone().fill_(float("nan")), 3, backend="pruned")
     with pytest.raises(UvoodError, match="backend 'annoy' is unknown"):
         neighbours.resolve_backend("annoy")
+    assert neighbours.resolve_backend("torch") == "brute"  # the older name of the built-in brute force
     monkeypatch.setattr(neighbours, "faiss_available", lambda: False)
-    assert neighbours.resolve_backend("auto") == "torch"
+    assert neighbours.resolve_backend("auto") == "pruned"
     with pytest.raises(UvoodError, match=r"needs faiss-cpu: pip install 'uvood\[faiss\]'"):
         neighbours.resolve_backend("faiss")
 

@@ -1,7 +1,8 @@
-"""The exact pruned KNN search (``backend="pruned"``, :class:`uvood.scores.neighbours.Partition`): its k-th
-similarity equals the float64 brute force on every kind of bank (clustered, random, ties, k near n, far
-queries, one cone, tiny banks), equals the torch and faiss searches, its cone bound holds row by row, and on
-clustered data it computes fewer similarities than a brute force (counted, not timed)."""
+"""The KNN searches of :mod:`uvood.scores.neighbours` (brute force and exact pruned search, float32 matmuls in
+numpy's BLAS): their k-th similarity equals the float64 brute force on every kind of bank (clustered, random,
+ties, k near n, far queries, one cone, banks smaller than a block or than m tiles), the backends agree, the
+principal-basis tile bound holds row by row, the pruned search computes fewer similarities than a brute force
+on clustered data (counted, not timed), and numpy's BLAS runs with torch's thread count."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import math
 import pytest
 import torch
 
-from uvood.errors import UvoodError
 from uvood.scores import neighbours
-from uvood.scores.neighbours import Float32Search, Partition, float32_error, kth_similarity
+from uvood.scores.neighbours import Float32Search, Tiled, float32_error, kth_similarity, principal_basis
 
 D = 32
 
@@ -58,98 +58,130 @@ def _case(name):
     return bank, q
 
 
-@pytest.mark.parametrize("cluster_size", [40, 256])
+#: small layouts, so that the test banks span many chunks, bound blocks and query blocks (no effect on values)
+SMALL = {"CHUNK": 32, "CLUSTER_SIZE": 64, "BOUND_TILES": 3, "BOUND_QUERIES": 7, "KNN_BLOCK": 4096}
+
+
+def _layout(monkeypatch, small):
+    for name, value in (SMALL if small else {}).items():
+        monkeypatch.setattr(neighbours, name, value)
+
+
+@pytest.mark.parametrize("small", [True, False])
+@pytest.mark.parametrize("backend", ["pruned", "brute"])
 @pytest.mark.parametrize("case", ["clustered", "random", "ties", "far", "one_cone", "tiny"])
-def test_pruned_kth_similarity_equals_float64_brute_force(case, cluster_size, monkeypatch):
-    monkeypatch.setattr(neighbours, "CLUSTER_SIZE", cluster_size)
+def test_kth_similarity_equals_float64_brute_force(case, backend, small, monkeypatch):
+    _layout(monkeypatch, small)
     bank, q = _case(case)
     n = bank.shape[0]
-    search = Float32Search(bank, "pruned")
+    search = Float32Search(bank, backend)
     pruned = []
     for k in sorted({1, 7, 50, n // 2, n - 3, n} & set(range(1, n + 1))):
         ref = torch.topk(q @ bank.T, k, dim=1).values[:, -1]
         torch.testing.assert_close(kth_similarity(q, bank, k, search), ref, rtol=1e-13, atol=1e-15)
         pruned.append(search.stats["brute_queries"] < q.shape[0])
-    if case in ("clustered", "ties", "far"):  # the pruned path itself was checked, not only its fallback
+    if backend == "pruned" and small and case in ("clustered", "ties", "far"):  # the pruning itself was checked
         assert all(pruned[:2])
 
 
 @pytest.mark.parametrize("case", ["clustered", "random", "ties", "far"])
-def test_pruned_torch_and_faiss_give_the_same_values(case, monkeypatch):
-    """The three candidate searches give the same certified values, and the same float32 top m up to
-    float32 rounding (err of the module docstring, step 1)."""
-    monkeypatch.setattr(neighbours, "CLUSTER_SIZE", 32)
+def test_backends_give_the_same_values(case, monkeypatch):
+    """The candidate searches give the same certified values, and the same float32 top m up to float32
+    rounding (err of the module docstring, step 1); every candidate row's similarity is its value."""
+    _layout(monkeypatch, True)
     bank, q = _case(case)
     m = 2 * 20 + 8
     out, top = {}, {}
-    for backend in ("torch", "faiss", "pruned"):
+    for backend in ("brute", "faiss", "pruned", "auto"):
         search = Float32Search(bank, backend)
-        top[backend] = search.top(q.float(), m)[0].double()
+        vals, rows = search.top(q, m)
+        top[backend] = vals.double()
+        torch.testing.assert_close(top[backend], (q[:, None, :] * bank[rows]).sum(-1), rtol=0,
+                                   atol=float32_error(bank.shape[1]))
+        assert bool((rows.sort(dim=1).values.diff(dim=1) > 0).all())  # m distinct rows
         out[backend] = kth_similarity(q, bank, 20, search)
-    for backend in ("faiss", "pruned"):
-        torch.testing.assert_close(out[backend], out["torch"], rtol=1e-13, atol=1e-15)
-        assert float((top[backend] - top["torch"]).abs().max()) <= 2 * float32_error(bank.shape[1])
+    for backend in ("faiss", "pruned", "auto"):
+        torch.testing.assert_close(out[backend], out["brute"], rtol=1e-13, atol=1e-15)
+        assert float((top[backend] - top["brute"]).abs().max()) <= 2 * float32_error(bank.shape[1])
 
 
-def test_cone_bound_holds_for_every_row(monkeypatch):
-    """UB(q, unit) >= q^T b for every query and every row b of the unit (float64), including queries on a
-    cone's axis, at its antipode, random ones, bank rows, zero rows in the bank (norm < 1), and queries where
-    the bound is attained: the unit's widest row b rotated by 0.3 rad further from the axis (q^T b = cos 0.3 =
-    UB up to the slack), so that any bound smaller than the spherical cap bound fails here."""
-    monkeypatch.setattr(neighbours, "CLUSTER_SIZE", 40)
-    bank, mu = _clustered(2000, spread=0.3)
-    bank = torch.cat([bank, torch.zeros(5, D, dtype=torch.float64)])
-    part = Partition(bank, bank.float())
+def test_tile_bound_holds_for_every_row(monkeypatch):
+    """UB_T >= q^T b for every query and every row b of tile T (float64), and LB_T <= the largest q^T b of the
+    tile, for queries on the bank, random ones, opposite ones, one of norm 0.5, and a bank with zero rows; and
+    the bound is tight where the rows lie in the principal subspace (a bank of rank R: the gap is the slack)."""
+    _layout(monkeypatch, True)
     g = torch.Generator().manual_seed(1)
-    axes = _unit(part.u32.double())
-    widest = bank[part.order][torch.tensor([hi - 1 for _, hi in part.bounds])]
-    axis = axes[part.cone]
-    cos_w = (widest * axis).sum(1, keepdim=True)
-    ok = (cos_w.squeeze(1) < 0.999) & (widest.norm(dim=1) > 0.5)  # a defined plane (axis, widest unit row)
-    perp = _unit(widest - cos_w * axis)
-    theta = torch.arccos(cos_w.clamp(-1, 1)) + 0.3
-    tight = (torch.cos(theta) * axis + torch.sin(theta) * perp)[ok]
-    q = torch.cat([axes, -axes, _unit(torch.randn(200, D, generator=g, dtype=torch.float64)), bank[:200], tight])
-    ub = part.upper_bounds(q.float(), float32_error(D)).double()
-    sims = q @ bank[part.order].T
-    for u, (lo, hi) in enumerate(part.bounds):
-        worst = sims[:, lo:hi].amax(1)
-        assert bool((worst <= ub[:, u]).all()), f"unit {u}: bound below a similarity"
-    units = torch.nonzero(ok).reshape(-1)
-    at = ub[-len(units):].gather(1, units[:, None]).squeeze(1)
-    torch.testing.assert_close(at, torch.full_like(at, math.cos(0.3)), rtol=0, atol=1e-4)
+    bank, _ = _clustered(2000, spread=0.3)
+    bank = torch.cat([bank, torch.zeros(5, D, dtype=torch.float64)])
+    q = torch.cat([bank[:100], -bank[100:150], _unit(torch.randn(100, D, generator=g, dtype=torch.float64)),
+                   0.5 * bank[150:160]])
+    for b in (bank, _unit(torch.randn(900, 3, generator=g, dtype=torch.float64) @ torch.randn(3, D, generator=g,
+                                                                                             dtype=torch.float64))):
+        tiled = Tiled(b, principal_basis(b))
+        mt, gap = tiled.bounds(q)
+        rows = tiled.tile_rows()
+        sims = torch.cat([q @ b.T, torch.full((q.shape[0], 1), -math.inf, dtype=torch.float64)], 1)[:, rows]
+        best = sims.amax(2)  # tiles x rows -> the largest exact similarity of each tile
+        real = rows[:, 0] >= 0
+        assert bool(((mt + gap).double()[:, real] >= best[:, real]).all()), "UB_T below a similarity"
+        assert bool(((mt - gap).double()[:, real] <= best[:, real]).all()), "LB_T above the tile's best row"
+        assert bool((mt[:, ~real] == -math.inf).all())
+    assert float(gap.max()) < 1e-4  # rank 3 < R: no residual, only the slack
 
 
 def test_pruned_search_skips_most_of_a_clustered_bank(monkeypatch):
-    """On a clustered bank with queries near the clusters, the pruned search computes a fraction of the
-    N x n similarities of a brute force and sends no query to the brute force; on random vectors (no
-    structure to prune) it falls back to the brute force and computes at most 1.5 x its similarities."""
-    monkeypatch.setattr(neighbours, "CLUSTER_SIZE", 64)
+    """On a clustered bank whose centres span few dimensions (as penultimate features do), with queries near
+    the clusters, the pruned search computes a fraction of the N x n similarities of a brute force and sends
+    no query to the brute force; on random vectors "auto" takes a brute force (no low-rank structure), and
+    "pruned" computes at most every similarity."""
+    monkeypatch.setattr(neighbours, "CLUSTER_SIZE", 512)
     g = torch.Generator().manual_seed(2)
-    bank, mu = _clustered(20000, centres=40, spread=0.1, d=64)
-    q = _unit(mu[torch.arange(500) % 40] + 0.1 * torch.randn(500, 64, generator=g, dtype=torch.float64))
-    search = Float32Search(bank, "pruned")
+    mu = torch.randn(40, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 64, generator=g, dtype=torch.float64)
+    mu = 10 * _unit(mu)
+    bank = _unit(mu[torch.arange(20000) % 40] + 0.3 * torch.randn(20000, 64, generator=g, dtype=torch.float64))
+    q = _unit(mu[torch.arange(500) % 40] + 0.3 * torch.randn(500, 64, generator=g, dtype=torch.float64))
+    search = Float32Search(bank, "auto")
     ref = torch.topk(q @ bank.T, 50, dim=1).values[:, -1]
     torch.testing.assert_close(kth_similarity(q, bank, 50, search), ref, rtol=1e-13, atol=1e-15)
+    assert search.backend == "pruned"
     assert search.stats["brute_queries"] == 0
-    assert search.stats["similarities"] < 0.25 * 500 * 20000
+    assert search.stats["similarities"] < 0.35 * 500 * 20000
     bank, q = _unit(torch.randn(20000, 64, generator=g, dtype=torch.float64)), _unit(torch.randn(500, 64, generator=g))
-    search = Float32Search(bank, "pruned")
-    kth_similarity(q.double(), bank, 50, search)
-    assert search.stats["brute_queries"] > 400
-    assert search.stats["similarities"] <= 1.5 * 500 * 20000
+    for backend in ("auto", "pruned"):
+        search = Float32Search(bank, backend)
+        ref = torch.topk(q.double() @ bank.T, 50, dim=1).values[:, -1]
+        torch.testing.assert_close(kth_similarity(q.double(), bank, 50, search), ref, rtol=1e-13, atol=1e-15)
+        brute = "faiss" if neighbours.faiss_available() else "brute"
+        assert search.backend == {"auto": brute, "pruned": "pruned"}[backend]
+        assert search.stats["similarities"] <= 500 * 20000
 
 
-def test_pruned_sends_non_finite_and_non_unit_queries_to_the_brute_force(monkeypatch):
-    """A NaN query fails as it does with faiss (the brute force it is sent to); a query of norm 0.5 (the
-    bound assumes unit queries) is searched by brute force and gets the brute force's value."""
-    monkeypatch.setattr(neighbours, "CLUSTER_SIZE", 64)
+def test_non_unit_queries_get_the_brute_force_value(monkeypatch):
+    """The bound does not assume unit queries: queries of norm 0.5 and 3 get the float64 brute force's value."""
+    _layout(monkeypatch, True)
     bank, mu = _clustered(3000)
-    q = torch.cat([_unit(mu), 0.5 * _unit(mu[:3])])
-    search = Float32Search(bank, "pruned")
+    q = torch.cat([_unit(mu), 0.5 * _unit(mu[:3]), 3.0 * _unit(mu[3:6])])
     ref = torch.topk(q @ bank.T, 5, dim=1).values[:, -1]
-    torch.testing.assert_close(kth_similarity(q, bank, 5, search), ref, rtol=1e-13, atol=1e-15)
-    assert search.stats["brute_queries"] == 3
-    q[0] = float("nan")
-    with pytest.raises(UvoodError, match="faiss found fewer neighbours"):
-        kth_similarity(q, bank, 5, Float32Search(bank, "pruned"))
+    torch.testing.assert_close(kth_similarity(q, bank, 5, Float32Search(bank, "pruned")), ref, rtol=1e-13,
+                               atol=1e-15)
+
+
+def test_blas_runs_with_torchs_thread_count():
+    """Inside the search, numpy's BLAS (the float32 matmuls) runs with torch.get_num_threads() threads (one
+    under ``OMP_NUM_THREADS=1`` / ``torch.set_num_threads(1)``), and its own setting is restored afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=2, user_api="blas"):
+            outside = blas()
+            with neighbours.blas_threads():
+                inside = blas()
+            assert blas() == outside
+    finally:
+        torch.set_num_threads(before)
+    assert inside and all(t == 1 for t in inside)

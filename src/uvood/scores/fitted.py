@@ -285,9 +285,10 @@ class KNNScore(FittedScore):
     z_(k) the k-th nearest of the normalised ID training features. Default k = 50 (the paper's
     choice for CIFAR-10; 1000 for ImageNet, where it also subsamples the training set). Computed
     as sqrt(2 - 2 s_(k)), s_(k) the exact float64 k-th largest similarity z^T z_j, searched in float32
-    (:func:`uvood.scores.neighbours.kth_similarity`; faiss when installed, same values). ``backend``
-    (attribute, not part of the spec): "auto", "torch", "faiss" or "pruned" (exact, skips the bank's
-    cones that cannot hold a query's neighbours; same values).
+    (:func:`uvood.scores.neighbours.kth_similarity`). ``backend`` (attribute, not part of the spec; same
+    values): "auto" (the pruned search, or the brute force on a bank without low-rank structure), "brute"
+    ("torch" is its older name), "faiss" or "pruned" (exact, skips the tiles of the bank whose bound cannot
+    reach a query's neighbours).
 
     pytorch-ood (``KNN``, sklearn ``NearestNeighbors``): outlier score ||z - z_(k)||, ``uvood = -pood``.
     """

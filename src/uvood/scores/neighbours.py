@@ -8,75 +8,85 @@ summation order, |error| <= D 2^-53). Which neighbour is the k-th is certified, 
 
 1. Candidates: the m = min(n, 2k + 8) largest float32 similarities s_1 >= ... >= s_m per query and
    their bank rows. A float32 similarity of unit vectors (inputs rounded to float32, D products summed
-   in any order) is within err = (D + 4) 2^-24 of the exact one (Higham, "Accuracy and Stability of
-   Numerical Algorithms", Eq. 3.5: |fl(x^T y) - x^T y| <= gamma_D sum_i |x_i y_i|).
+   in any order, with or without fused multiply-adds) is within err = (D + 4) 2^-24 of the exact one
+   (Higham, "Accuracy and Stability of Numerical Algorithms", Eq. 3.5: |fl(x^T y) - x^T y| <= gamma_D
+   sum_i |x_i y_i|, for any order of the sum; an FMA rounds once where a multiply and an add round
+   twice). The bound holds for any BLAS that forms each entry as a dot product (OpenBLAS's and MKL's
+   sgemm block and vectorise the sum, i.e. change its order; no Strassen-like algorithm is used), which
+   is why the matmuls may run in numpy's BLAS rather than torch's.
 2. Certificate: with s_k the float32 k-th value, the exact k-th value t lies in [s_k - err, s_k + err].
    Candidates with s_j > s_k + 2 err are above t, those with s_j < s_k - 2 err below it; t is the
    (k - A)-th largest float64 value of the candidates in the band |s_j - s_k| <= 2 err (A = how many
    lie above the band). This holds when the band ends before s_m (or m = n), since every row outside
-   the candidates has an exact similarity <= s_m + err < s_k - err <= t (true when its float32
-   similarity is <= s_m); the other queries (near-ties over 2k neighbours) are recomputed against the
-   whole bank in float64.
+   the candidates has an exact similarity <= s_m + err < s_k - err <= t (the *premise*, which every
+   search below guarantees); the other queries (near-ties over 2k neighbours) are recomputed against the
+   whole bank in float64. The band's candidates are recomputed one dot product each.
 
-Three candidate searches give the same certified values (all compute float32 dot products with the
-bound of step 1; tests check they agree with the float64 brute force and with each other):
+Searches (``backend``; all give the same certified values, tests check them against the float64 brute
+force and against each other):
 
-* ``"torch"`` (always available): float32 matmul in blocks of ``KNN_BLOCK`` entries, then ``torch.topk``;
-* ``"faiss"`` (optional: ``pip install uvood[faiss]``, faiss-cpu): ``faiss.IndexFlatIP``, faiss's exact
-  (brute-force) inner-product search, BLAS sgemm fused with a heap selection, run with
-  ``torch.get_num_threads()`` threads. Never an approximate index.
-* ``"pruned"``: an exact search that skips the parts of the bank that cannot reach a query's top m
-  (below), and searches by brute force (faiss when installed, else torch) the queries for which
-  skipping does not pay.
+* ``"brute"`` (``"torch"`` is its older name): every similarity, float32 matmuls in numpy's BLAS;
+* ``"pruned"``: an exact search that computes only the chunks of the bank whose bound can reach a
+  query's top m (below);
+* ``"auto"`` (the default): ``"pruned"``, or when the bank has no low-rank structure (median residual norm
+  > ``PRUNE_RESIDUAL``: the bounds would prune nothing, e.g. random vectors) a brute force: faiss's when it
+  is installed (measured faster than ``"brute"`` there), else ``"brute"``;
+* ``"faiss"`` (optional: ``pip install uvood[faiss]``): ``faiss.IndexFlatIP``, faiss's exact brute force.
 
-``"auto"`` (the default) takes faiss when it is installed, torch otherwise: on real features the
-pruned search was measured only slightly faster than faiss, and slower on OOD queries and random
-vectors (docs/field_detectors.md), so it is an option, not the default.
+Matmuls: numpy's BLAS (OpenBLAS, Haswell kernels here) ran the float32 similarity matmul about twice as
+fast as torch's (MKL) on this AVX2 CPU (1 thread: 0.70 s against 1.43 s for 2,000 x 50,000 x 256), so
+every float32 matmul here goes through numpy (``torch.from_numpy`` / ``.numpy()`` share memory), run
+with ``torch.get_num_threads()`` threads (:func:`blas_threads`, threadpoolctl).
 
-Pruned search (:class:`Partition`). Built once per bank, lazily: a seeded spherical k-means splits the
-rows into cones of about ``CLUSTER_SIZE`` rows, with unit axes u_c (stored in float32, |u_c| ~ 1); each
-row b gets cos(theta_b) = b^T u_c / (|b| |u_c|), computed in float64 and rounded down by 1e-12 (> its
-float64 error D 2^-53), so theta_b >= the true angle between b and u_c. A cone's rows, sorted by
-increasing theta_b, are cut into units of ``UNIT`` rows; a unit's angle theta_U is its largest theta_b.
-The bound: for a unit query q at angle alpha from u_c, the angle between q and any b of the unit is
->= alpha - theta_b >= alpha - theta_U (triangle inequality of angles on the sphere), so
+Layout (:class:`Tiled`, built once per bank, lazily): the rows in a search order (``"pruned"``: a seeded
+spherical k-means into cones of about ``CLUSTER_SIZE`` rows, each cone's rows by decreasing cosine to its
+axis; ``"brute"``: the bank's order), cut into tiles of ``TILE`` consecutive rows, tiles grouped into
+chunks of ``CHUNK`` rows (``BRUTE_CHUNK`` for the brute force). Inside a chunk, row j of tile t is stored
+at j * (tiles per chunk) + t, so that the tile maxima of a block of similarities are a maximum over TILE
+contiguous slices. The last chunk is padded with zero rows whose similarities are set to -inf.
 
-    q^T b <= UB(q, U) = cos(max(0, alpha - theta_U))   (a spherical cap bound; cos decreases on [0, pi]),
+Selection: the m largest values of a query lie in its m tiles of largest maximum (each such tile holds a
+value >= the m-th largest tile maximum M_m; any other tile's values are <= M_m, and the m tiles hold m
+distinct values >= M_m). So: tile maxima of the computed chunks (-inf elsewhere), ``topk`` of the tiles,
+then ``topk`` of their m * TILE values: two small selections instead of a top-m over n values.
 
-and for a row of norm rho <= 1 (the zero rows ``l2_normalise`` leaves): q^T b = rho q^T b/|b| <=
-max(0, UB). UB grows with theta_U, so along a cone it grows from unit to unit. Rounding: fl32(q32^T u_c)
-is within err |u_c| of q^T u_c (step 1's bound; only q is rounded), and the float32 division by |u_c|
-adds < 1e-6, so c = (fl32(q32^T u_c) + err |u_c|) / |u_c| + ``SLACK`` >= cos(alpha) (SLACK = 1e-5 also
-covers |q| = 1 +- 1e-6: queries further from unit norm, or not finite, are searched by brute force);
-UB is monotone in c, and its float32 evaluation c cos(theta_U) + sqrt((1 - c)(1 + c)) sin(theta_U)
-(no cancellation under the root) is within 1e-6 of the exact value, covered by a second SLACK.
+Bound (``"pruned"``; :func:`principal_basis`, :meth:`Tiled.bounds`). P is the bank's rank-R principal
+basis (R = ``RANK`` or D / 4; top eigenvectors of bank^T bank, float64), x = P^T q, y = P^T b, and
+q_R = q - P x, b_R = b - P y. Then q^T b = x^T y + q_R^T b_R + c with |c| <= e_P |q| |b| (e_P = 2 ||P^T P
+- I||_F + 1e-12, measured when P is built: the cross terms of an orthonormal-up-to-rounding P), so by
+Cauchy-Schwarz
 
-Search (:meth:`Partition.top`), for m candidates per query:
+    x^T y - |q_R| |b_R| - e_P <= q^T b <= x^T y + |q_R| |b_R| + e_P      (|q|, |b| <= 1).
 
-1. probe: each query computes its float32 similarities to the whole of its ``PROBE_ROWS * m /
-   CLUSTER_SIZE`` cones of largest bound; tau, the m-th largest of them, is <= the final s_m (the m-th
-   largest of a subset);
-2. a query whose other units with UB > tau hold more than ``BRUTE_FRACTION`` of the bank (random
-   vectors, queries far from every cone) is searched by brute force instead: the pruned path costs
-   several times more per similarity than faiss's; 0.25 was measured faster than 0.15 on the
-   fashionmnist-cnn features (3.3 s against 4.1 s of CPU, 10,000 test queries, 50,000 references);
-3. every other query computes, in each other cone, its similarities to the rows from its first unit
-   with UB > tau to the cone's end (a superset of its units with UB > tau, since UB grows along the
-   cone), one matmul per starting unit with the queries that start there; values >= tau enter a
-   buffer of ``BUFFER * m`` per query, cut to its m largest when full (tau becomes their m-th, still
-   <= the final s_m).
+Per tile T, with M_T = the largest float32 x^T y over its rows (within float32_error(R) |q| of the exact
+x^T y: step 1's bound at width R; x, y rounded to float32) and rho_T = the largest |b_R| of its rows:
 
-Claim: the certificate's premise holds, every row b outside the final m candidates has exact q^T b <=
-s_m + err. Proof: a computed row outside the candidates has fl32(q^T b) < tau <= s_m, or was cut or
-left out of the final m, so fl32(q^T b) <= s_m and q^T b <= s_m + err (step 1). A row never computed
-lies in a unit with UB <= tau <= s_m, so q^T b <= UB <= s_m. No row is computed twice (the probe's cones
-are excluded from step 3), so the candidates are m distinct rows with their float32 values, as a brute
-force would give them (up to the summation order, which step 1's bound covers), and step 2 certifies
-them unchanged: the values never depend on the partition, only the time does.
+    UB_T = M_T + g >= q^T b for every row b of T,    LB_T = M_T - g <= q^T b* for its row b* of largest x^T y,
+    g = |q_R| rho_T + float32_error(R) max(1, |q|) + 2^-23 |q| + e_P + SLACK,
+
+the 2^-23 |q| covering a query given in float32, SLACK = 1e-6 the float32 evaluation of M_T +- g. The
+bound holds for queries of any norm (only float32_error assumes |q| <= 1, hence max(1, |q|)). Real
+penultimate features are close to a low-rank subspace (fashionmnist-cnn, D = 256: 96 % of the energy in
+32 directions, median |b_R| 0.19), so g is small and the bound tight.
+
+Pruned search (:meth:`Tiled._need`, :meth:`Tiled._select`), per block of queries: M_T for every tile
+(a float32 matmul of width R, blocked for the cache); tau = the m-th largest LB_T; a chunk is computed
+for a query when one of its tiles has UB_T > tau, one matmul per chunk with the queries that need it;
+then the selection above over the computed chunks.
+
+Claim: the certificate's premise holds. Proof: the m tiles of largest LB_T each hold a row b* with exact
+q^T b* >= LB_T >= tau and UB_T > LB_T >= tau, so they are computed, and fl32(q^T b*) >= tau - err: at least
+m computed rows have float32 values >= tau - err, so s_m >= tau - err. A row never computed lies in a tile
+with UB_T <= tau, so q^T b <= tau <= s_m + err. A computed row outside the candidates has fl32(q^T b) <=
+s_m, so q^T b <= s_m + err. No row is computed twice (each chunk at most once per query), so the
+candidates are m distinct rows with their float32 values, as the brute force gives them up to the
+summation order (covered by step 1): the values never depend on the layout or the bounds, only the time
+does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 
@@ -85,29 +95,50 @@ import torch
 
 from ..errors import UvoodError
 
-#: entries per block of the float32 similarity matrix, queries x references (memory bound; no effect on values)
-KNN_BLOCK = 2**25
+#: entries per block of float32 similarities, queries x bank positions (memory bound; no effect on values)
+KNN_BLOCK = 2**23
 
 #: queries per block of the float64 certificate (memory bound; no effect on values)
 CERTIFY_ROWS = 1024
 
-BACKENDS = ("auto", "torch", "faiss", "pruned")
+BACKENDS = ("auto", "brute", "faiss", "pruned")
+#: older names of the backends (``"torch"``: the built-in brute force, whose matmuls now run in numpy's BLAS)
+ALIASES = {"torch": "brute"}
 
-#: rows per cone of the pruned search's partition (k = n // CLUSTER_SIZE cones, at most MAX_CLUSTERS)
-CLUSTER_SIZE = 256
+#: rows per tile (the unit of selection and of the pruning bound)
+TILE = 16
+#: rows per chunk (the unit of the pruned search's matmuls: a query computes whole chunks); TILE divides it
+CHUNK = 256
+#: rows per chunk of the brute force (every chunk is computed: wide chunks make the tile maxima cheap)
+BRUTE_CHUNK = 2048
+#: tiles and queries per block of the pruned search's bound matmul (sized for the cache; no effect on values)
+BOUND_TILES = 256
+BOUND_QUERIES = 256
+#: the pruned search's query blocks hold this many times the brute force's (its store holds only needed chunks)
+PRUNED_BLOCKS = 16
+#: rows per cone of the spherical k-means that orders the bank (k = n // CLUSTER_SIZE cones, at most MAX_CLUSTERS)
+CLUSTER_SIZE = 2048
 MAX_CLUSTERS = 4096
-#: rows per unit (a cone's rows of decreasing cos theta cut into units of UNIT rows)
-UNIT = 64
-#: the probe visits each query's units of largest bound holding about PROBE_ROWS * m rows
-PROBE_ROWS = 12
-#: similarities kept per query between two cuts to its m largest, in multiples of m
-BUFFER = 4
-#: spherical k-means iterations (seeded; the partition changes speed, never a value)
+#: rank of the pruned search's principal basis (the bound's matmul costs RANK / D of the similarities')
+RANK = 32
+#: spherical k-means iterations (seeded; the order changes speed, never a value)
 KMEANS_ITERS = 10
-#: a query needing more than this fraction of the bank after the probe is searched by brute force (measured)
-BRUTE_FRACTION = 0.25
-#: absolute margin added to cos(alpha) and to the cone bound for their float32 evaluation (module docstring)
-SLACK = 1e-5
+#: absolute margin for the float32 evaluation of the bounds (module docstring)
+SLACK = 1e-6
+#: "auto" searches by brute force when the median residual norm |b - P P^T b| of the bank exceeds this
+#: (no low-rank structure: the bounds would prune nothing; random unit vectors of width 256: 0.94)
+PRUNE_RESIDUAL = 0.5
+
+
+@contextlib.contextmanager
+def blas_threads():
+    """numpy's BLAS runs with ``torch.get_num_threads()`` threads inside the block (threadpoolctl), so that
+    ``torch.set_num_threads(1)`` / ``OMP_NUM_THREADS=1`` hold for the search as for the rest of uvood."""
+    from threadpoolctl import ThreadpoolController
+
+    # a fresh controller each time: it sees every BLAS loaded so far (faiss brings its own)
+    with ThreadpoolController().limit(limits=torch.get_num_threads(), user_api="blas"):
+        yield
 
 
 def faiss_available() -> bool:
@@ -115,14 +146,15 @@ def faiss_available() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """``"auto"`` -> ``"faiss"`` when importable, else ``"torch"``; an unknown or missing backend is an error."""
+    """``"auto"`` -> ``"pruned"``; ``"torch"`` -> ``"brute"``; an unknown or missing backend is an error."""
+    backend = ALIASES.get(backend, backend)
     if backend not in BACKENDS:
         raise UvoodError(f"KNN search backend {backend!r} is unknown; use one of {list(BACKENDS)}.")
     if backend == "auto":
-        return "faiss" if faiss_available() else "torch"
+        return "pruned"
     if backend == "faiss" and not faiss_available():
         raise UvoodError("KNN search backend 'faiss' needs faiss-cpu: pip install 'uvood[faiss]', "
-                         "or use backend='torch' (same values).")
+                         "or use backend='pruned' (same values).")
     return backend
 
 
@@ -131,222 +163,241 @@ def float32_error(d: int) -> float:
     return (d + 4) * 2.0**-24 * 1.01
 
 
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise UvoodError(f"KNN: the {what} hold non-finite values (NaN or inf); score finite features.")
+
+
 class Float32Search:
     """The m largest float32 similarities of unit queries to a fixed bank of unit rows (step 1 of the
-    module docstring), with the bank's float32 copy (and faiss index, or pruning partition) built once
+    module docstring), with the bank's float32 layout (and faiss index, or pruning bounds) built once
     and reused. ``stats`` (after :meth:`top`): similarities computed, queries searched by brute force."""
 
     def __init__(self, bank: torch.Tensor, backend: str = "auto"):
         self.bank, self.requested = bank, backend
         self.backend = resolve_backend(backend)
-        self.brute = ("faiss" if faiss_available() else "torch") if self.backend == "pruned" else self.backend
-        self.bank32 = bank.float().contiguous()
         self._index = None
-        self._partition = None
+        self._tiled = None
         self.stats = {}
 
-    def top(self, q32: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, rows), both N x m, values float32 sorted in decreasing order."""
-        if self.backend == "pruned":
-            if self._partition is None:
-                self._partition = Partition(self.bank, self.bank32)
-            return self._partition.top(q32, m, self._top_brute, self.stats)
-        self.stats = {"similarities": q32.shape[0] * self.bank32.shape[0], "brute_queries": q32.shape[0]}
-        return self._top_brute(q32, m)
-
-    def _top_brute(self, q32, m):
-        if self.brute == "faiss":
-            return self._top_faiss(q32, m)
-        n = self.bank32.shape[0]
-        rows = max(1, KNN_BLOCK // n)
-        vals = torch.empty(q32.shape[0], m, dtype=torch.float32)
-        idx = torch.empty(q32.shape[0], m, dtype=torch.int64)
-        for lo in range(0, q32.shape[0], rows):
-            torch.topk(q32[lo:lo + rows] @ self.bank32.T, m, dim=1, out=(vals[lo:lo + rows], idx[lo:lo + rows]))
-        return vals, idx
+    def top(self, q: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, rows), both N x m, values float32 sorted in decreasing order. ``q``: float64 (or float32)."""
+        check_finite(q, "query features")
+        if self._tiled is None and self.backend != "faiss":
+            check_finite(self.bank, "reference features")
+            basis = principal_basis(self.bank) if self.backend == "pruned" else None
+            if basis is not None and self.requested == "auto" and float(basis[2].median()) > PRUNE_RESIDUAL:
+                # no low-rank structure to prune with (e.g. random vectors): a brute force, faiss's when installed
+                # (measured faster than "brute" on random vectors, docs/field_detectors.md)
+                basis, self.backend = None, "faiss" if faiss_available() else "brute"
+            if self.backend != "faiss":
+                self._tiled = Tiled(self.bank, basis)
+        if self.backend == "faiss":
+            self.stats = {"similarities": q.shape[0] * self.bank.shape[0], "brute_queries": q.shape[0]}
+            return self._top_faiss(q.float(), m)
+        with blas_threads():
+            return self._tiled.top(q, m, self.stats)
 
     def _top_faiss(self, q32, m):
         import faiss
 
         if self._index is None:
-            self._index = faiss.IndexFlatIP(self.bank32.shape[1])
-            self._index.add(self.bank32.numpy())
+            self._index = faiss.IndexFlatIP(self.bank.shape[1])
+            self._index.add(self.bank.float().contiguous().numpy())
         faiss.omp_set_num_threads(torch.get_num_threads())
         vals, idx = self._index.search(q32.contiguous().numpy(), m)
-        idx = torch.from_numpy(idx).long()
-        if bool((idx < 0).any()):
-            raise UvoodError("KNN: faiss found fewer neighbours than asked for some queries; the features hold "
-                             "non-finite values (NaN or inf). Score finite features.")
-        return torch.from_numpy(vals), idx
+        return torch.from_numpy(vals), torch.from_numpy(idx).long()
 
 
-def spherical_kmeans(x32: torch.Tensor, k: int, iters: int = KMEANS_ITERS, seed: int = 0):
-    """Seeded spherical k-means of unit rows: (assignment, k unit float32 axes). Assign each row to the
-    axis of largest cosine; an axis becomes its rows' normalised mean (an empty cone keeps its axis)."""
+def spherical_kmeans(x32: np.ndarray, k: int, iters: int = KMEANS_ITERS, seed: int = 0):
+    """Seeded spherical k-means of unit float32 rows: (assignment, k unit float32 axes). Assign each row to
+    the axis of largest cosine; an axis becomes its rows' normalised mean (an empty cone keeps its axis)."""
     g = torch.Generator().manual_seed(seed)
-    u = x32[torch.randperm(x32.shape[0], generator=g)[:k]].clone()
+    u = x32[torch.randperm(x32.shape[0], generator=g)[:k].numpy()].copy()
+    step = max(1, KNN_BLOCK // k)
     for it in range(iters + 1):
-        assign = torch.empty(x32.shape[0], dtype=torch.int64)
-        step = max(1, KNN_BLOCK // k)
-        for lo in range(0, x32.shape[0], step):
-            assign[lo:lo + step] = (x32[lo:lo + step] @ u.T).argmax(1)
+        assign = np.concatenate([(x32[lo:lo + step] @ u.T).argmax(1) for lo in range(0, x32.shape[0], step)])
         if it == iters:
-            return assign, u
-        s = torch.zeros_like(u).index_add_(0, assign, x32)
-        norm = s.norm(dim=1, keepdim=True)
-        u = torch.where(norm > 0, s / norm.clamp_min(1e-30), u)
+            return torch.from_numpy(assign).long(), torch.from_numpy(u)
+        s = np.zeros_like(u)
+        np.add.at(s, assign, x32)
+        norm = np.linalg.norm(s, axis=1, keepdims=True)
+        u = np.where(norm > 0, s / np.maximum(norm, 1e-30), u).astype(np.float32)
 
 
-class Partition:
-    """The exact pruned candidate search (``"pruned"``): a spherical k-means partition of the bank into
-    cones cut into units of UNIT rows, built once, and the m largest float32 similarities per query,
-    computed only in the units whose bound can reach the query's top m (module docstring, "Pruned search")."""
-
-    def __init__(self, bank: torch.Tensor, bank32: torch.Tensor):
-        n, d = bank32.shape
-        self.n, self.d = n, d
-        assign, u32 = spherical_kmeans(bank32, max(1, min(n // CLUSTER_SIZE, MAX_CLUSTERS)))
-        self.u32, unorm = u32, u32.double().norm(dim=1)
-        # cos theta_b of every row to its cone's axis, rounded down (float64, |error| <= D 2^-53 << 1e-12)
-        norm = bank.norm(dim=1)
-        cos_b = (bank * u32.double()[assign]).sum(1) / (unorm[assign] * norm.clamp_min(1e-300))
-        cos_b = (cos_b - 1e-12).clamp(-1.0, 1.0)
-        # rows sorted by cone, then by decreasing cos theta_b; each cone cut into units of UNIT rows
-        self.order = torch.from_numpy(np.lexsort((-cos_b.numpy(), assign.numpy()))).long()
-        self.bank32 = bank32[self.order].contiguous()
-        sizes = torch.bincount(assign, minlength=u32.shape[0]).tolist()
-        self.bounds, cone, start = [], [], 0
-        for c, size in enumerate(sizes):
-            self.bounds += [(lo, min(lo + UNIT, start + size)) for lo in range(start, start + size, UNIT)]
-            cone += [c] * math.ceil(size / UNIT)
-            start += size
-        lo, hi = torch.tensor([b[0] for b in self.bounds]), torch.tensor([b[1] for b in self.bounds])
-        self.lo, self.cone, self.size = lo, torch.tensor(cone), (hi - lo).float()
-        ct = cos_b[self.order][hi - 1]  # the unit's widest angle: its last (smallest) cos theta_b
-        self.cos_t, self.sin_t = ct.float(), (1.0 - ct * ct).clamp_min(0.0).sqrt().float()
-        short = torch.cat([torch.zeros(1), torch.cumsum((norm[self.order] < 1.0 - 1e-9).double(), 0)])
-        self.floor = torch.where(short[hi] > short[lo], 0.0, -math.inf).float()  # rows of norm < 1: max(0, UB)
-        self.unorm = unorm.float()
-        cone_lo = {}
-        for u, c in enumerate(cone):
-            cone_lo.setdefault(c, u)
-        self.cone_first = torch.tensor([cone_lo.get(c, 0) for c in range(u32.shape[0])])  # first unit of each cone
-        self.cone_end = [self.bounds[u][1] for u in range(len(self.bounds))]  # end row of each unit's cone
-        for u in range(len(self.bounds) - 2, -1, -1):
-            if cone[u] == cone[u + 1]:
-                self.cone_end[u] = self.cone_end[u + 1]
-
-    def upper_bounds(self, q32: torch.Tensor, err: float) -> torch.Tensor:
-        """UB(q, U) of the module docstring for every query and unit (N x units, float32, slack included)."""
-        ca = ((q32 @ self.u32.T + err * self.unorm) / self.unorm + SLACK).clamp_(-1.0, 1.0)  # >= cos(alpha)
-        sa = ((1.0 - ca) * (1.0 + ca)).sqrt_()
-        c = ca[:, self.cone]
-        ub = torch.addcmul(c * self.cos_t, sa[:, self.cone], self.sin_t)
-        ub.masked_fill_(c >= self.cos_t, 1.0)
-        return torch.maximum(ub, self.floor, out=ub).add_(SLACK)
-
-    def _visit(self, q32, pair_q, pair_u, buf):
-        """Add to ``buf`` the float32 similarities of query pair_q[i] to the rows from unit pair_u[i] to the end
-        of its cone: one matmul per start unit with the queries that start there. Returns similarities computed."""
-        order = torch.argsort(pair_u, stable=True)
-        pair_q = pair_q[order]
-        counts = torch.bincount(pair_u, minlength=len(self.bounds)).tolist()
-        done = start = 0
-        for u, cnt in enumerate(counts):
-            if cnt:
-                lo, hi = self.bounds[u][0], self.cone_end[u]
-                qs = pair_q[start:start + cnt]
-                buf.add(qs, q32.index_select(0, qs) @ self.bank32[lo:hi].T, lo)
-                done += cnt * (hi - lo)
-                start += cnt
-        return done
-
-    def top(self, q32, m, brute, stats):
-        """The m largest float32 similarities (values sorted in decreasing order, bank rows) of every query:
-        1. probe: the query's ``first`` cones of largest bound, whole; the m-th largest of their values, tau,
-           is a lower bound of the final m-th value;
-        2. a query whose units with UB > tau in other cones hold more than BRUTE_FRACTION of the bank goes to
-           ``brute``;
-        3. every other query visits, in every other cone, the rows from its first unit with UB > tau to the
-           cone's end (UB grows with theta along a cone, so these hold every unit with UB > tau)."""
-        nq, n, cones = q32.shape[0], self.n, self.u32.shape[0]
-        first = math.ceil(PROBE_ROWS * m / CLUSTER_SIZE)  # cones holding about PROBE_ROWS * m rows
-        if first * 2 >= cones:  # the probe alone would visit half the bank
-            stats.update(similarities=nq * n, brute_queries=nq)
-            return brute(q32, m)
-        ub = self.upper_bounds(q32, float32_error(self.d))
-        ub[~((q32.double().norm(dim=1) - 1.0).abs() <= 1e-6)] = math.inf  # not unit (or not finite): brute force
-        cone_ub = torch.full((nq, cones), -math.inf).scatter_reduce_(1, self.cone.expand(nq, -1), ub, "amax")
-        near = torch.topk(cone_ub, first, dim=1).indices
-        buf = Buffer(torch.full((nq, m), -math.inf), torch.full((nq, m), -1, dtype=torch.int64), BUFFER * m)
-        done = self._visit(q32, torch.arange(nq).repeat_interleave(first), self.cone_first[near].reshape(-1), buf)
-        skip = torch.zeros(nq, cones, dtype=torch.bool).scatter_(1, near, True)[:, self.cone]
-        need = ~(ub <= buf.tau[:, None]) & ~skip  # NaN bounds (non-finite queries) are visited
-        far = (need.float() @ self.size) > BRUTE_FRACTION * n
-        need[far] = False
-        # per (query, cone): the first unit needed (the units of a cone are in increasing order)
-        start = torch.full((nq, cones), len(self.bounds), dtype=torch.int64).scatter_reduce_(
-            1, self.cone.expand(nq, -1), torch.where(need, torch.arange(len(self.bounds)), len(self.bounds)), "amin")
-        q_of, c = torch.nonzero(start < len(self.bounds), as_tuple=True)
-        done += self._visit(q32, q_of, start[q_of, c], buf)
-        vals, rows = buf.top()
-        idx = self.order[rows.clamp_min(0)]
-        brute_q = torch.nonzero(far).reshape(-1)
-        if brute_q.numel():
-            vals[brute_q], idx[brute_q] = brute(q32[brute_q], m)
-            done += brute_q.numel() * n
-        stats.update(similarities=done, brute_queries=int(brute_q.numel()))
-        return vals, idx
+def principal_basis(bank: torch.Tensor):
+    """(P, y, rho): the bank's rank-R principal basis (top eigenvectors of bank^T bank, float64, R = RANK
+    or D // 4), every row's coordinates y = P^T b and residual norm rho = |b - P y| (module docstring, "Bound")."""
+    r = max(1, min(RANK, bank.shape[1] // 4))
+    _, vecs = torch.linalg.eigh(bank.T @ bank)
+    p = vecs[:, -r:].contiguous()
+    y = bank @ p
+    return p, y, (bank - y @ p.T).norm(dim=1)
 
 
-class Buffer:
-    """Per query, the float32 similarities >= tau seen so far (at most ``width``) and their rows, tau a lower
-    bound of the query's final m-th value: the m-th largest of the values kept when the buffer was last cut."""
+class Tiled:
+    """The bank in the search's layout (module docstring, "Layout"), and the two searches on it: the brute
+    force (every chunk) and the pruned one (only the chunks whose bound can reach a query's top m)."""
 
-    def __init__(self, vals: torch.Tensor, rows: torch.Tensor, width: int):
-        nq, self.m = vals.shape
-        self.vals = torch.full((nq, width), -math.inf, dtype=torch.float32)
-        self.rows = torch.full((nq, width), -1, dtype=torch.int64)
-        self.vals[:, :self.m], self.rows[:, :self.m] = vals, rows
-        self.fill = torch.full((nq,), self.m, dtype=torch.int64)
-        self.tau = vals.amin(1)
-        self.cuts = 0
+    def __init__(self, bank: torch.Tensor, basis=None):
+        n, d = bank.shape
+        self.n, self.d, self.pruned = n, d, basis is not None
+        pruned = self.pruned
+        self.chunk = CHUNK if pruned else BRUTE_CHUNK
+        self.tpc = self.chunk // TILE
+        bank32 = bank.float()
+        if pruned:
+            assign, u = spherical_kmeans(bank32.numpy(), max(1, min(n // CLUSTER_SIZE, MAX_CLUSTERS)))
+            cos_b = (bank32 * u[assign]).sum(1)
+            order = torch.from_numpy(np.lexsort((-cos_b.numpy(), assign.numpy()))).long()
+        else:
+            order = torch.arange(n)
+        self.chunks = math.ceil(n / self.chunk)
+        npos = self.chunks * self.chunk
+        self.tiles = npos // TILE
+        self.real_tiles = math.ceil(n / TILE)
+        # place s of ``order`` (tile s // TILE, row s % TILE of the tile) -> position in the chunk layout
+        place = torch.arange(npos).view(self.chunks, self.tpc, TILE).transpose(1, 2).reshape(-1)
+        real = place < n
+        self.rows = torch.full((npos,), -1, dtype=torch.int64)
+        self.rows[real] = order[place[real]]
+        self.b32 = np.zeros((npos, d), dtype=np.float32)
+        self.b32[real.numpy()] = bank32[self.rows[real]].numpy()
+        pad = torch.nonzero(~real[npos - self.chunk:]).reshape(-1).numpy()
+        self.pad = pad if len(pad) else None  # positions of the last chunk that hold no row (masked to -inf)
+        self._buf = np.empty(0, dtype=np.float32)
+        if pruned:
+            self._bounds(bank, order, basis)
 
-    def _cut(self, qs):
-        """Keep the m largest values of the queries ``qs``; tau becomes their m-th."""
-        v, pos = torch.topk(self.vals[qs], self.m, dim=1, sorted=False)
-        r = self.rows[qs].gather(1, pos)
-        self.vals[qs] = -math.inf
-        self.vals[qs, :self.m], self.rows[qs, :self.m] = v, r
-        self.fill[qs], self.tau[qs] = self.m, v.amin(1)
-        self.cuts += qs.numel()
+    def _bounds(self, bank, order, basis):
+        """The rank-R principal basis P of the bank, the float32 projections y = P^T b of every row, and per
+        tile the largest residual norm rho_T = max |b - P y| (module docstring, "Bound"). The projections are
+        stored in blocks of BOUND_TILES tiles, row j of the block's tile t at j * (tiles in block) + t, so
+        that a tile's maximum is a maximum over TILE contiguous slices."""
+        n, npos = self.n, self.tiles * TILE
+        self.P, y_rows, rho_rows = basis
+        self.r = r = self.P.shape[1]
+        self.e_p = 2.0 * float((self.P.T @ self.P - torch.eye(r, dtype=torch.float64)).norm()) + 1e-12
+        y = torch.zeros(npos, r, dtype=torch.float64)
+        rho = torch.zeros(npos, dtype=torch.float64)
+        y[:n], rho[:n] = y_rows[order], rho_rows[order]
+        self.rho_t = rho.view(self.tiles, TILE).amax(1).float()
+        blocks, place = [], []
+        for t0 in range(0, self.tiles, BOUND_TILES):
+            nt = min(BOUND_TILES, self.tiles - t0)
+            blocks.append(y[t0 * TILE:(t0 + nt) * TILE].view(nt, TILE, r).transpose(0, 1).reshape(-1, r))
+            place.append(torch.arange(t0 * TILE, (t0 + nt) * TILE).view(nt, TILE).T.reshape(-1))
+        self.y32 = torch.cat(blocks).float().contiguous().numpy()
+        # per block (first tile): its positions that hold no row (masked to -inf); padding can span two blocks
+        self.ypad = {i * BOUND_TILES: torch.nonzero(p >= n).reshape(-1).numpy() for i, p in enumerate(place)
+                     if bool((p >= n).any())}
 
-    def add(self, qs, sim, lo):
-        """Add the values >= tau of ``sim`` (queries ``qs`` x bank rows lo, lo + 1, ...)."""
-        step = self.vals.shape[1] - self.m
-        if sim.shape[1] > step:
-            for at in range(0, sim.shape[1], step):
-                self.add(qs, sim[:, at:at + step], lo + at)
-            return
-        keep = sim >= self.tau.index_select(0, qs)[:, None]
-        count = keep.sum(1)
-        full = torch.nonzero(self.fill.index_select(0, qs) + count > self.vals.shape[1]).reshape(-1)
-        if full.numel():
-            self._cut(qs[full])
-            keep = sim >= self.tau.index_select(0, qs)[:, None]
-            count = keep.sum(1)
-        i, j = torch.nonzero(keep, as_tuple=True)
-        if i.numel() == 0:
-            return
-        at = (self.fill.index_select(0, qs)[:, None] + torch.cumsum(keep, 1) - 1)[i, j]
-        self.vals[qs[i], at] = sim[i, j]
-        self.rows[qs[i], at] = j + lo
-        self.fill.index_add_(0, qs, count)
+    def top(self, q, m, stats):
+        """(values, rows) of the m largest float32 similarities per query; fills ``stats``."""
+        nq = q.shape[0]
+        q64, q32 = q.double(), q.float().contiguous().numpy()
+        vals = torch.empty(nq, m, dtype=torch.float32)
+        rows = torch.empty(nq, m, dtype=torch.int64)
+        done = brute = 0
+        step = max(1, KNN_BLOCK // (self.chunks * self.chunk)) * (PRUNED_BLOCKS if self.pruned else 1)
+        for lo in range(0, nq, step):
+            hi = min(nq, lo + step)
+            every = torch.ones(hi - lo, self.chunks, dtype=torch.bool)
+            if self.real_tiles < m:  # fewer tiles than m: every row, selected by topk over all values
+                s = q32[lo:hi] @ self.b32.T
+                s[:, (self.rows < 0).numpy()] = -np.inf
+                v, pos = torch.topk(torch.from_numpy(s), m, dim=1)
+                vals[lo:hi], rows[lo:hi], need = v, self.rows[pos], every
+            else:
+                need = self._need(q64[lo:hi], m) if self.pruned else every
+                vals[lo:hi], rows[lo:hi] = self._select(q32[lo:hi], need, m)
+            count = need.sum(1)
+            done += int(count.sum()) * self.chunk
+            brute += int((count == self.chunks).sum())
+        stats.update(similarities=min(done, nq * self.n), brute_queries=brute)
+        return vals, rows
 
-    def top(self):
-        """(values sorted in decreasing order, rows), N x m."""
-        vals, pos = torch.topk(self.vals, self.m, dim=1)
-        return vals, self.rows.gather(1, pos)
+    def _sims(self, q32, need):
+        """float32 similarities of every query to the chunks it needs, one matmul per chunk with the queries
+        that need it: (tile maxima, -inf where not computed; row of each (query, chunk) in the flat store;
+        the flat store, one row of ``chunk`` values per pair, pairs in chunk order)."""
+        nq, tpc = q32.shape[0], self.tpc
+        chunk, qs = torch.nonzero(need.T, as_tuple=True)
+        pairs = qs.numel()
+        if self._buf.size < pairs * self.chunk:
+            self._buf = np.empty(pairs * self.chunk, dtype=np.float32)
+        flat = self._buf[:pairs * self.chunk].reshape(pairs, self.chunk)
+        tmax = torch.full((nq, self.tiles), -math.inf, dtype=torch.float32)
+        counts = torch.bincount(chunk, minlength=self.chunks).tolist()
+        qn, at = qs.numpy(), 0
+        for c, cnt in enumerate(counts):
+            if not cnt:
+                continue
+            out = flat[at:at + cnt]
+            every = cnt == nq
+            np.matmul(q32 if every else q32[qn[at:at + cnt]], self.b32[c * self.chunk:(c + 1) * self.chunk].T,
+                      out=out)
+            if c == self.chunks - 1 and self.pad is not None:
+                out[:, self.pad] = -np.inf
+            tm = torch.from_numpy(out).view(cnt, TILE, tpc).amax(1)  # while the block is in the cache
+            if every:
+                tmax[:, c * tpc:(c + 1) * tpc] = tm
+            else:
+                tmax[qs[at:at + cnt], c * tpc:(c + 1) * tpc] = tm
+            at += cnt
+        loc = torch.zeros(nq * self.chunks, dtype=torch.int64)
+        loc[qs * self.chunks + chunk] = torch.arange(pairs)
+        return tmax, loc.view(nq, self.chunks), flat
+
+    def _select(self, q32, need, m):
+        """The m largest computed values per query: they lie in the m tiles of largest maximum (each such tile
+        holds a value >= the m-th largest tile maximum, and every other tile's values are <= it)."""
+        nq = q32.shape[0]
+        tmax, loc, flat = self._sims(q32, need)
+        tiles = torch.topk(tmax, m, dim=1, sorted=False).indices
+        chunk, t = tiles // self.tpc, tiles % self.tpc
+        pos = (loc.gather(1, chunk) * self.chunk + t)[:, :, None] + self.tpc * torch.arange(TILE)
+        v, at = torch.topk(torch.from_numpy(flat).view(-1)[pos.view(nq, -1)], m, dim=1)
+        tile, j = tiles.gather(1, at // TILE), at % TILE
+        position = (tile // self.tpc) * self.chunk + j * self.tpc + tile % self.tpc
+        return v, self.rows[position]
+
+    def tile_rows(self) -> torch.Tensor:
+        """tiles x TILE: the bank rows of every tile (-1: no row), from the chunk layout."""
+        t = torch.arange(self.tiles)
+        pos = ((t // self.tpc) * self.chunk + t % self.tpc)[:, None] + self.tpc * torch.arange(TILE)
+        return self.rows[pos]
+
+    def bounds(self, q64):
+        """(M, g), both N x tiles float32: M_T the tile's largest float32 x^T y, g = |q_R| rho_T + slack, so that
+        UB_T = M_T + g >= q^T b for every row b of the tile and LB_T = M_T - g <= q^T b* for the tile's row b*
+        of largest x^T y (module docstring, "Bound"). Tiles that hold no row have M = -inf."""
+        nq = q64.shape[0]
+        x = q64 @ self.P
+        rq = (q64 - x @ self.P.T).norm(dim=1)
+        qn = q64.norm(dim=1)
+        x32 = x.float().numpy()
+        slack = float32_error(self.r) * qn.clamp_min(1.0) + 2.0**-23 * qn + self.e_p + SLACK
+        gap = (rq[:, None].float() * self.rho_t[None, :]).add_(slack[:, None].float())
+        mt = torch.empty(nq, self.tiles, dtype=torch.float32)
+        buf = np.empty((BOUND_QUERIES, BOUND_TILES * TILE), dtype=np.float32)  # reused: no page faults per block
+        for lo in range(0, nq, BOUND_QUERIES):
+            xb = x32[lo:lo + BOUND_QUERIES]
+            for t0 in range(0, self.tiles, BOUND_TILES):
+                nt = min(BOUND_TILES, self.tiles - t0)
+                ap = np.matmul(xb, self.y32[t0 * TILE:(t0 + nt) * TILE].T, out=buf[:xb.shape[0], :nt * TILE])
+                if t0 in self.ypad:
+                    ap[:, self.ypad[t0]] = -np.inf
+                mt[lo:lo + BOUND_QUERIES, t0:t0 + nt] = torch.from_numpy(ap).view(-1, TILE, nt).amax(1)
+        return mt, gap
+
+    def _need(self, q64, m):
+        """Chunks each query must compute (N x chunks, bool): tau = the m-th largest LB_T (<= the exact m-th
+        largest similarity); a chunk is needed when one of its tiles has UB_T > tau (module docstring)."""
+        mt, gap = self.bounds(q64)
+        tau = torch.topk(mt - gap, m, dim=1, sorted=False).values.amin(1, keepdim=True)
+        need = mt.add_(gap) > tau
+        return need.view(q64.shape[0], self.chunks, self.tpc).any(2)
 
 
 def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, search: Float32Search | None = None,
@@ -359,17 +410,17 @@ def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, search: Float32S
     search = Float32Search(bank, backend) if search is None else search
     m = min(n, 2 * k + 8)
     err = float32_error(d)
-    top, idx = search.top(q.float(), m)
+    top, idx = search.top(q, m)
     out = torch.empty(q.shape[0], dtype=torch.float64)
     for lo in range(0, q.shape[0], CERTIFY_ROWS):
         qb, tb, ib = q[lo:lo + CERTIFY_ROWS], top[lo:lo + CERTIFY_ROWS].double(), idx[lo:lo + CERTIFY_ROWS]
         sk = tb[:, k - 1:k]
         above = (tb > sk + 2 * err).sum(1)
         band = ((tb - sk).abs() <= 2 * err).sum(1)
-        width = int(band.max())
-        pos = (above[:, None] + torch.arange(width)[None, :]).clamp_max(m - 1)
-        cand = torch.einsum("rd,rwd->rw", qb, bank[ib.gather(1, pos)])
-        cand = cand.masked_fill(torch.arange(width)[None, :] >= band[:, None], -math.inf)
+        # the band's candidates (contiguous in the sorted values) in float64, one dot product per candidate
+        r, w = torch.nonzero(torch.arange(int(band.max()))[None, :] < band[:, None], as_tuple=True)
+        cand = torch.full((qb.shape[0], int(band.max())), -math.inf, dtype=torch.float64)
+        cand[r, w] = (qb[r] * bank[ib[r, above[r] + w]]).sum(1)
         kth = cand.sort(dim=1, descending=True).values.gather(1, (k - 1 - above)[:, None]).squeeze(1)
         if m < n:
             bad = torch.nonzero(above + band >= m).reshape(-1)
