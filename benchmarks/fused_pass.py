@@ -1,7 +1,6 @@
 """The fused deep pass against its bounds, and against the code before it (issue 13).
 
-    python benchmarks/fused_pass.py [--repeats 3] [--threads 1] [--batch 128] [--quick] [--bounds]
-                                    [--write benchmarks/RESULTS.md]
+    python benchmarks/fused_pass.py [--repeats 3] [--threads 1] [--batch 128] [--quick] [--write benchmarks/RESULTS.md]
 
 Models: the MLP and the CIFAR-style CNN of benchmarks/gradient_scores.py (random weights, eval
 mode, float32). All ratios come from paths timed in this run, interleaved, best of ``--repeats``,
@@ -19,9 +18,8 @@ in CPU time of the process (one thread: the wall time of an idle machine; robust
 * ghost factor: per CNN convolution, the ghost norm's and the per-sample kernel's time per
   multiply-add of the cost model (:meth:`uvood.scores.engine.ConvRule.ghost_cheaper`);
 * blocks: per CNN convolution and K in (1, 10), the l1 of the per-sample weight gradients by the
-  convolution's per-sample kernel, by the grouped method (samples folded into channel groups) and in
-  cache-sized blocks (``ConvRule.reduce_blocked``), the bound's batched weight gradients of the layer,
-  and the path the rule takes (``engine.BLOCK_ELEMENTS``, else the measured ``ConvRule.method``).
+  convolution's per-sample kernel and in cache-sized blocks (``ConvRule.reduce_blocked``), and the
+  path the rule takes (``engine.BLOCK_ELEMENTS``).
 
 The deep scores compared with a bound get the whole batch as ``batch_size``, as the bound holds it;
 the engine's memory planner (``plan_micro_batch``: at most 1.2x what the plain forward + backward
@@ -138,10 +136,10 @@ def model_paths(model, x, old) -> list:
 def speed(args, lines, results):
     old = engine_before()
     for name, (model, x) in models(args.quick, args.batch).items():
-        paths = model_paths(model, x, old)[:4 if args.bounds else None]
+        paths = model_paths(model, x, old)
         rates, values = race([(fn, x) for _, fn in paths], args.repeats)
         r = dict(zip([p for p, _ in paths], rates))
-        err = None if args.bounds else float(((values[5] - values[4]).abs() / values[4].abs()).max())
+        err = float(((values[5] - values[4]).abs() / values[4].abs()).max())
         results[name] = {"rates": r, "sq_rel_diff": err}
         for p, rate in r.items():
             lines.append(f"| {name} | {p} | {rate:,.1f} |")
@@ -199,47 +197,37 @@ def ghost_factor(args, lines):
 
 def block_table(args, lines):
     """Per CNN convolution and K (1: GradNorm, 10: ExGrad's labels): l1 of the per-sample weight gradients by the
-    convolution's per-sample kernel (one call per sample), by the grouped method (samples folded into channel
-    groups, ``engine.GROUPED_SAMPLES`` per call), and by cache-sized blocks (:meth:`ConvRule.reduce_blocked`);
-    the bound's K batched weight gradients of the layer; and the path the rule takes (blocked where
-    ``engine.BLOCK_ELEMENTS`` says so, else the method :meth:`ConvRule.method` measured)."""
+    convolution's per-sample kernel (unblocked) and by cache-sized blocks (:meth:`ConvRule.reduce_blocked`), and
+    the path the rule takes (BLOCK_ELEMENTS)."""
     convs, acts = conv_records(args.batch)
     rows = []
-
-    def forced(method, m, a, g):
-        saved = engine.BLOCK_ELEMENTS, engine.CONV_METHOD
-        engine.BLOCK_ELEMENTS, engine.CONV_METHOD = float("inf"), method
-        try:
-            return engine.ConvRule().reduce(m, (a,), g, "weight", [("l1", None)])
-        finally:
-            engine.BLOCK_ELEMENTS, engine.CONV_METHOD = saved
-
     for K in (1, 10):
         for m in convs:
             a, o = acts[m]
             g = torch.randn(o.shape[0], K, *o.shape[1:]).transpose(0, 1)  # sample-major, as the engine holds it
 
-            def batched(_, m=m, a=a, g=g):
-                for k in range(g.shape[0]):
-                    torch.ops.aten.convolution_backward(g[k], a, m.weight, None, list(m.stride), list(m.padding),
-                                                        list(m.dilation), False, [0, 0], 1, [False, True, False])
+            def kernel(_, m=m, a=a, g=g):
+                block, engine.BLOCK_ELEMENTS = engine.BLOCK_ELEMENTS, float("inf")
+                try:
+                    return engine.ConvRule().reduce(m, (a,), g, "weight", [("l1", None)])
+                finally:
+                    engine.BLOCK_ELEMENTS = block
 
-            paths = [(lambda _, m=m, a=a, g=g: forced("kernel", m, a, g), a),
-                     (lambda _, m=m, a=a, g=g: forced("grouped", m, a, g), a),
-                     (lambda _, m=m, a=a, g=g: engine.ConvRule.reduce_blocked(m, a, g, [("l1", None)]), a),
-                     (batched, a)]
-            rates, (vk, vg, vb, _) = race(paths, args.repeats)
-            rel = max(float(((v - vk).abs() / vk).max()) for v in (vg, vb))
-            pick = "blocked" if engine.ConvRule.blocked(m, a, g) else engine.ConvRule.method(m, a, g)
-            rows.append((K, tuple(m.weight.shape), o.shape[2] * o.shape[3], *(a.shape[0] / r for r in rates), rel,
-                         pick))
+            def blocked(_, m=m, a=a, g=g):
+                return engine.ConvRule.reduce_blocked(m, a, g, [("l1", None)])
+
+            (rk, rb), (vk, vb) = race([(kernel, a), (blocked, a)], args.repeats)
+            rel = float(((vb - vk).abs() / vk).max())
+            rows.append((K, tuple(m.weight.shape), o.shape[2] * o.shape[3], a.shape[0] / rk, a.shape[0] / rb, rel,
+                         engine.ConvRule.blocked(m, a, g)))
     lines += ["", f"Per-sample l1 of conv weight gradients, batch {args.batch}, BLOCK_ELEMENTS = "
-              f"{engine.BLOCK_ELEMENTS}, GROUPED_SAMPLES = {engine.GROUPED_SAMPLES}:", "",
-              "| K | conv (Cout, Cin, k, k) | T | kernel s | grouped s | blocked s | bound's K batched s "
-              "| max rel. diff | rule takes |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-    for K, shape, T, tk, tg, tb, tw, rel, pick in rows:
-        lines.append(f"| {K} | {shape} | {T} | {tk:.3f} | {tg:.3f} | {tb:.3f} | {tw:.3f} | {rel:.1e} | {pick} |")
+              f"{engine.BLOCK_ELEMENTS}:", "",
+              "| K | conv (Cout, Cin, k, k) | T | kernel s | blocked s | kernel / blocked | max rel. diff "
+              "| rule takes |",
+              "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for K, shape, T, tk, tb, rel, pick in rows:
+        lines.append(f"| {K} | {shape} | {T} | {tk:.3f} | {tb:.3f} | {tk / tb:.2f}x | {rel:.1e} | "
+                     f"{'blocked' if pick else 'kernel'} |")
     return rows
 
 
@@ -293,8 +281,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rss-batch", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke test)")
-    ap.add_argument("--bounds", action="store_true", help="only the deep scores against their bounds (GradNorm, "
-                    "ExGrad; the first four rows and their ratios)")
     ap.add_argument("--write", type=Path, default=None, help="append the tables to this markdown file")
     ap.add_argument("--rss-job", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -308,6 +294,9 @@ def main() -> None:
              f"{' (--quick)' if args.quick else ''}; CPU time of the process (the machine was shared), ratios "
              "compare paths timed in the same run.", "", "| model | path | samples/s |", "|---|---|---:|"]
     results = speed(args, lines, {})
+    ghost_factor(args, lines)
+    block_table(args, lines)
+    mem = rss(args, lines)
     targets = []
     for name, res in results.items():
         r = res["rates"]
@@ -315,13 +304,6 @@ def main() -> None:
                      0.95),
                     (f"{name} deep ExGrad / (forward + C backward)", r["ExGrad deep"] / r["forward + C backward"],
                      0.95)]
-    if args.bounds:
-        print("\n".join(lines + ["", "Ratios (target): " + "; ".join(
-            f"{t} {v:.2f}x (target >= {goal}x: {'met' if v >= goal else 'MISSED'})" for t, v, goal in targets)]))
-        return
-    ghost_factor(args, lines)
-    block_table(args, lines)
-    mem = rss(args, lines)
     c = results["CNN"]["rates"]
     targets += [("CNN squared-l2 mean-of-norm, now / before", c["squared-l2 mean-of-norm, now"]
                  / c["squared-l2 mean-of-norm, before"], 1.3),

@@ -80,27 +80,23 @@ def test_identically_zero_score_needs_no_pass(monkeypatch):
         fused.deep_pass(model, x, [get_score("energy")])
 
 
-@pytest.mark.parametrize("method", ["kernel", "grouped"])
-def test_label_rows_form_each_conv_gradient_once(monkeypatch, method):
+def test_label_rows_form_each_conv_gradient_once(monkeypatch):
     """ExGrad, the l2sq label norms and BatchGrad share the C label rows: each conv's per-sample weight
-    gradients are formed once per (sample, label chunk), not once per score (either method)."""
-    monkeypatch.setattr(engine, "CONV_METHOD", method)
+    gradients are formed once per (sample, label chunk), not once per score."""
     model, x = make("cnn", 3, True, n=4)
     calls = []
-    orig = engine.ConvRule._weight_grad_chunks
+    orig = engine.ConvRule._per_sample_weight_grads
 
-    def counting(module, a, g, how):
-        assert how == method
-        for lo, hi, gw in orig(module, a, g, how):
-            calls.append(hi - lo)
-            yield lo, hi, gw
+    def counting(module, a, g):
+        for item in orig(module, a, g):
+            calls.append(1)
+            yield item
 
-    monkeypatch.setattr(engine.ConvRule, "_weight_grad_chunks", staticmethod(counting))
+    monkeypatch.setattr(engine.ConvRule, "_per_sample_weight_grads", staticmethod(counting))
     bg = fitted_batchgrad("batchgrad(depth=deep)", model, "cnn", 3)
     fused.deep_pass(model, x, [get_score("exgrad(depth=deep)"), bg], label_norms=(1.0,))
     n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    assert sum(calls) == n_conv * x.shape[0]
-    assert len(calls) == n_conv * (x.shape[0] if method == "kernel" else 1)
+    assert len(calls) == n_conv * x.shape[0]
 
 
 def test_row_groups_and_offset_reductions_match_naive():
@@ -264,27 +260,6 @@ def test_blocked_conv_path_matches_float64_reference(monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("the unblocked per-sample kernel ran")
-
-    monkeypatch.setattr(engine.ConvRule, "_per_sample_weight_grads", staticmethod(boom))
-    model, x = make("cnn", 3, True, n=5)
-    model.eval()
-    torch.manual_seed(0)
-    offsets = {id(p): torch.randn_like(p) for p in model.parameters()}
-    groups = [RowGroup(label_cot, (Reduction("l1"), Reduction("l2sq"), Reduction("l1", offsets)))]
-    (a,), _ = per_sample_grad_reductions(model, x, groups, batch_size=3)
-    for j, (nm, off) in enumerate([("l1", None), ("l2sq", None), ("l1", offsets)]):
-        assert_rel(a[j], naive_norms(model, x, label_cot, nm, offsets=off))
-
-
-def test_grouped_conv_path_matches_float64_reference(monkeypatch):
-    """The engine with every conv on the grouped method (samples folded into channel groups, chunks of 2 samples)
-    for l1, l2sq and BatchGrad's offset, against autograd per sample."""
-    monkeypatch.setattr(engine, "CONV_METHOD", "grouped")
-    monkeypatch.setattr(engine, "GROUPED_SAMPLES", 2)
-    monkeypatch.setattr(engine, "GHOST_FACTOR", float("inf"))
-
-    def boom(*a, **k):
-        raise AssertionError("the per-sample kernel ran")
 
     monkeypatch.setattr(engine.ConvRule, "_per_sample_weight_grads", staticmethod(boom))
     model, x = make("cnn", 3, True, n=5)

@@ -34,11 +34,9 @@ How (Opacus / BackPACK style)
      with extra input dimensions the per-sample gradient is formed (sum over positions);
      bias: g (summed over positions).
    * ``nn.Conv1d/2d/3d``: per-sample weight gradient (= g_n @ unfold(a_n)^T) from the
-     convolution's own weight-gradient kernel for all K cotangents (stacked along the output
-     channels), one call per sample, or one per chunk of samples folded into channel groups
-     (groups = samples), or in blocks (below), whichever is fastest on the layer (measured
-     once, logged at debug level: :meth:`ConvRule.method`); the norms path holds one chunk's
-     gradients at a time, the materialising path works in chunks of samples. The l1 norm of a sum over
+     convolution's own weight-gradient kernel, one call per sample for all K cotangents
+     (stacked along the output channels); the norms path holds one sample's gradient at a
+     time, the materialising path works in chunks of samples. The l1 norm of a sum over
      positions is not separable, so no shortcut exists; where a sample's K x Cout x d gradient
      exceeds BLOCK_ELEMENTS (late layers, K labels), it is formed in cache-sized blocks of
      (label, output channel) rows, G_{n,k}[c0:c1] @ unfold(a_n)^T, and every norm is taken from
@@ -83,7 +81,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -113,29 +110,8 @@ GHOST_FACTOR = 1.5
 #: benchmarks/fused_pass.py)
 BLOCK_ELEMENTS = 2**19
 
-#: per-sample conv weight-gradient norms: None = the fastest of "kernel" (one call of the weight-gradient kernel
-#: per sample), "grouped" (samples folded into channel groups, one call per chunk) and "blocked" (2-D, no groups:
-#: ConvRule.reduce_blocked), measured once per layer (:meth:`ConvRule.method`); a name forces that method
-#: (tests, benchmarks)
-CONV_METHOD: str | None = None
-
-#: timed rounds of the conv method race (:meth:`ConvRule.method`; after one warm-up round)
-METHOD_ROUNDS = 3
-
-#: samples per call of the grouped method (measured on the CNN, batch 64, K = 1: 16-32 beat 4-8 and 64)
-GROUPED_SAMPLES = 16
-
 log = logging.getLogger(__name__)
 _GHOST_LOGGED: dict = {}  # (layer, input shape, K) -> last choice logged
-_CONV_METHODS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {(shape, K, m, dtype, dev): method}
-
-
-def _clock(device: torch.device) -> float:
-    """CPU time of the process on CPU; wall time after a synchronisation on CUDA (ConvRule.method)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return time.perf_counter()
-    return time.process_time()
 
 
 def reduce_norm(t: torch.Tensor, norm: str, inplace: bool = False) -> torch.Tensor:
@@ -264,15 +240,12 @@ class ConvRule(LayerRule):
     """Per-sample weight gradients of a convolution; bias = sum of g over positions.
 
     The weight gradient of sample n alone (= g_n @ unfold(a_n)^T) comes from the convolution's
-    own weight-gradient kernel, with the K cotangents stacked along the output channels (the
-    gradient w.r.t. K stacked copies of the filters holds each label's gradient), by one of two
-    methods (or in blocks, :meth:`reduce_blocked`), the fastest measured once per layer
-    (:meth:`method`, logged at debug level): "kernel", one call per sample for all labels; or
-    "grouped", the samples of a chunk folded into the channels with groups = samples (one call
-    per GROUPED_SAMPLES samples; on CPU it avoids PyTorch's batch-1 slow path (im2col + MKL GEMM)
-    and wins on layers with many output positions: 1.3-1.8x on the CIFAR CNN's first
-    convolutions at K = 1, while the kernel or blocks win on the late ones, T <= 64). unfold +
-    bmm lost to all. Padding modes other than zeros, and padding="same", are applied to a first.
+    own weight-gradient kernel called on that sample, with the K cotangents stacked along the
+    output channels (the gradient w.r.t. K stacked copies of the filters holds each label's
+    gradient): one kernel call per sample for all labels. On CPU this beat both the unfold +
+    bmm formulation and the grouped-convolution trick (samples stacked along channels,
+    groups = n) for the paper's CNN. Padding modes other than zeros, and padding="same", are
+    applied to a first.
     """
 
     @staticmethod
@@ -286,13 +259,16 @@ class ConvRule(LayerRule):
 
     @staticmethod
     def _per_sample_weight_grads(module, a, g):
-        """Yield (i, gradient of sample i as G*K*Cout/G x Cin/G x kernel, i.e. group-major) for every sample:
-        the "kernel" method, one weight-gradient call per sample."""
+        """Yield (i, gradient of sample i as G*K*Cout/G x Cin/G x kernel, i.e. group-major) for every sample."""
         a, padding = ConvRule._padded(module, a)
         w = module.weight
         G = module.groups
         K, n = g.shape[:2]
-        gs = ConvRule._sample_major(g, G)
+        cout, cin_g = w.shape[:2]
+        spatial = g.shape[3:]
+        # K x n x Cout x ... -> n x 1 x (G * K * Cout/G) x ...: each group holds its channels for every k
+        gs = g.reshape(K, n, G, cout // G, *spatial).transpose(0, 1).transpose(1, 2)
+        gs = gs.reshape(n, 1, G * K * (cout // G), *spatial)
         proxy = w.detach().repeat(K, *([1] * (w.ndim - 1)))  # K*Cout x Cin/G x kernel (shape only)
         for i in range(n):
             _, gw, _ = torch.ops.aten.convolution_backward(
@@ -301,89 +277,11 @@ class ConvRule(LayerRule):
             yield i, gw
 
     @staticmethod
-    def _sample_major(g, G):
-        """K x n x Cout x ... -> n x 1 x (G * K * Cout/G) x ...: each group holds its channels for every k (a view of
-        the engine's sample-major buffer when G = 1)."""
-        K, n, cout = g.shape[:3]
-        spatial = g.shape[3:]
-        gs = g.reshape(K, n, G, cout // G, *spatial).transpose(0, 1).transpose(1, 2)
-        return gs.reshape(n, 1, G * K * (cout // G), *spatial)
-
-    @staticmethod
-    def _grouped_weight_grads(module, a, g):
-        """Yield (lo, hi, per-sample gradients of samples lo..hi-1 as (hi - lo) x G*K*Cout/G x Cin/G x kernel): the
-        "grouped" method. The samples of a chunk are folded into the channels, (1, c Cin, ...), and each sample
-        becomes groups of its own (groups = c G): the weight gradient w.r.t. c stacked copies of the K stacked
-        filters is then the c per-sample gradients, from ONE call of the convolution's weight-gradient kernel
-        (oneDNN's on CPU, which has no batch-1 slow path) per chunk of GROUPED_SAMPLES samples."""
-        a, padding = ConvRule._padded(module, a)
-        w = module.weight
-        G = module.groups
-        K, n = g.shape[:2]
-        gs = ConvRule._sample_major(g, G)
-        c = max(1, min(n, GROUPED_SAMPLES, CHUNK_ELEMENTS // max(1, K * w.numel())))
-        proxy = w.detach().repeat(c * K, *([1] * (w.ndim - 1)))  # c*K*Cout x Cin/G x kernel (shape only)
-        for lo in range(0, n, c):
-            hi = min(n, lo + c)
-            m = hi - lo
-            _, gw, _ = torch.ops.aten.convolution_backward(
-                gs[lo:hi].reshape(1, -1, *gs.shape[3:]), a[lo:hi].reshape(1, -1, *a.shape[2:]),
-                proxy[:m * K * w.shape[0]], None, list(module.stride), padding, list(module.dilation), False,
-                [0] * (a.ndim - 2), m * G, [False, True, False])
-            yield lo, hi, gw.view(m, -1, *gw.shape[1:]) if gw.is_contiguous() else gw.reshape(m, -1, *gw.shape[1:])
-
-    @staticmethod
-    def _weight_grad_chunks(module, a, g, method: str):
-        """Yield (lo, hi, per-sample weight gradients of samples lo..hi-1 as (hi - lo) x K x (Cout Cin/G kernel),
-        label-major, fresh tensors) by ``method``: "kernel" (one call per sample) or "grouped" (one per chunk)."""
-        K, G = g.shape[0], module.groups
-        if method == "grouped":
-            for lo, hi, gw in ConvRule._grouped_weight_grads(module, a, g):
-                yield lo, hi, ConvRule._label_major(gw, K, G)
-        else:
-            for i, gw in ConvRule._per_sample_weight_grads(module, a, g):
-                yield i, i + 1, ConvRule._label_major(gw.unsqueeze(0), K, G)
-
-    @staticmethod
     def _label_major(gw, K, G):
-        """m x G*K*Cout/G x ... (group-major) -> m x K x (Cout * Cin/G * kernel)."""
-        m = gw.shape[0]
+        """G*K*Cout/G x ... (group-major) -> K x (Cout * Cin/G * kernel)."""
         if G == 1:
-            return gw.reshape(m, K, -1)  # a copy only when the kernel returns gw channels-last
-        return gw.reshape(m, G, K, -1).transpose(1, 2).reshape(m, K, -1)
-
-    @staticmethod
-    def method(module, a, g, forming: bool = False) -> str:
-        """How this layer's per-sample weight-gradient norms are computed: "kernel" (one kernel call per sample),
-        "grouped" (samples folded into channel groups) or "blocked" (:meth:`reduce_blocked`; 2-D convolutions
-        without groups, and not when the gradients are to be formed, ``forming``). CONV_METHOD forces one.
-
-        Chosen by measurement, once per layer, input shape, K, chunk size m = min(n, GROUPED_SAMPLES), dtype,
-        device and candidates (a 2-sample warm-up call does not decide for 64-sample batches): every candidate
-        computes the l1 norms of the first m samples in 1 + METHOD_ROUNDS interleaved rounds (the first builds
-        the backend's kernels), and the best time of the later rounds wins (CPU time of the process on CPU;
-        wall time after a synchronisation on CUDA). Logged at debug level. Exact either way (the same sums in
-        another order)."""
-        blockable = isinstance(module, nn.Conv2d) and module.groups == 1 and a.ndim == 4 and not forming
-        if CONV_METHOD is not None:
-            return CONV_METHOD if CONV_METHOD != "blocked" or blockable else "kernel"
-        names = ("kernel", "grouped") + (("blocked",) if blockable else ())
-        m = min(a.shape[0], GROUPED_SAMPLES)  # a chunk of the grouped method (fewer samples: smaller groups)
-        key = (tuple(a.shape[1:]), g.shape[0], m, g.dtype, g.device.type, names)
-        chosen = _CONV_METHODS.setdefault(module, {})
-        if key not in chosen:
-            times: dict = {name: [] for name in names}
-            for _ in range(1 + METHOD_ROUNDS):  # interleaved rounds: a burst of load hits every candidate alike
-                for name in names:
-                    t = _clock(g.device)
-                    ConvRule._reduce_weight(module, a[:m], g[:, :m], [("l1", None)], name)
-                    times[name].append(_clock(g.device) - t)
-            seconds = {name: min(ts[1:]) for name, ts in times.items()}
-            chosen[key] = min(seconds, key=seconds.get)
-            log.debug("conv %s (input %s, K=%d): per-sample weight-gradient norms by the %s method (%s for %d "
-                      "samples)", tuple(module.weight.shape), tuple(a.shape[1:]), g.shape[0], chosen[key],
-                      ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in seconds.items()), m)
-        return chosen[key]
+            return gw.reshape(K, -1)  # a copy only when the kernel returns gw channels-last
+        return gw.view(G, K, -1).transpose(0, 1).reshape(K, -1)
 
     def grad_sample(self, module, inputs, kwargs, g, names):
         out = {}
@@ -391,9 +289,8 @@ class ConvRule(LayerRule):
         if "weight" in names:
             w = module.weight
             res = torch.empty(K, n, *w.shape, dtype=g.dtype, device=g.device)
-            a = inputs[0]
-            for lo, hi, gw in self._weight_grad_chunks(module, a, g, self.method(module, a, g, forming=True)):
-                res[:, lo:hi] = gw.transpose(0, 1).view(K, hi - lo, *w.shape)
+            for i, gw in self._per_sample_weight_grads(module, inputs[0], g):
+                res[:, i] = self._label_major(gw, K, module.groups).view(K, *w.shape)
             out["weight"] = res
         if "bias" in names:
             out["bias"] = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g.clone()
@@ -526,39 +423,31 @@ class ConvRule(LayerRule):
 
     def reduce(self, module, inputs, g, name, reds) -> torch.Tensor:
         """R x K x n (float64): for each (norm, offset) of ``reds``, the norm of the per-sample gradient of
-        parameter ``name`` plus ``offset`` (a tensor of the parameter's shape, or None), from ONE formation of
-        each sample's weight gradient for every reduction (BatchGrad's anchor offset included: no gradient is
-        stored): in blocks where a sample's gradients exceed BLOCK_ELEMENTS, else by the measured :meth:`method`."""
+        parameter ``name`` plus ``offset`` (a tensor of the parameter's shape, or None), from ONE kernel
+        call per sample for every reduction (BatchGrad's anchor offset included: no gradient is stored)."""
         K, n = g.shape[:2]
         if name == "bias":
             b = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g
             return torch.stack([_vector_norm(b if off is None else b + off.to(b.dtype), nm) for nm, off in reds])
-        a = inputs[0]
-        method = "blocked" if self.blocked(module, a, g) else self.method(module, a, g)
-        return self._reduce_weight(module, a, g, reds, method)
-
-    @staticmethod
-    def _reduce_weight(module, a, g, reds, method: str) -> torch.Tensor:
-        """:meth:`reduce` of the weight by ``method`` ("kernel", "grouped" or "blocked"; :meth:`method`)."""
-        if method == "blocked":
-            return ConvRule.reduce_blocked(module, a, g, reds)
-        K, n = g.shape[:2]
-        offs = [None if off is None else off.detach().to(g.dtype).reshape(1, 1, -1) for _, off in reds]
+        if self.blocked(module, inputs[0], g):
+            return self.reduce_blocked(module, inputs[0], g, reds)
+        offs = [None if off is None else off.detach().to(g.dtype).reshape(1, -1) for _, off in reds]
         # offset reductions first (on a temporary), then plain l2sq, then plain l1 (|.| in place on gw)
         order = sorted(range(len(reds)), key=lambda j: (offs[j] is None, reds[j][0] == "l1"))
         res = torch.empty(len(reds), n, K, dtype=g.dtype, device=g.device)
         tmp = None
-        for lo, hi, flat in ConvRule._weight_grad_chunks(module, a, g, method):
+        for i, gw in self._per_sample_weight_grads(module, inputs[0], g):
+            flat = self._label_major(gw, K, module.groups)
             for j in order:
                 t = flat
                 if offs[j] is not None:
-                    if tmp is None or tmp.numel() < flat.numel():
-                        tmp = torch.empty(flat.numel(), dtype=flat.dtype, device=flat.device)
-                    t = torch.add(flat, offs[j], out=tmp[:flat.numel()].view(flat.shape))
+                    if tmp is None or tmp.shape != flat.shape:
+                        tmp = torch.empty_like(flat)
+                    t = torch.add(flat, offs[j], out=tmp)
                 if reds[j][0] == "l1":
-                    torch.sum(t.abs_(), dim=2, out=res[j, lo:hi])
+                    torch.sum(t.abs_(), dim=1, out=res[j, i])
                 else:
-                    torch.linalg.vector_norm(t, 2, dim=2, out=res[j, lo:hi])
+                    torch.linalg.vector_norm(t, 2, dim=1, out=res[j, i])
         res = res.transpose(1, 2).to(torch.float64)
         return torch.stack([res[j] if reds[j][0] == "l1" else res[j] ** 2 for j in range(len(reds))])
 
