@@ -595,27 +595,23 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
     rows, t = [], time.time()
     memo_path = cache / f"metrics-{_slug(spec.name)}.json"
     memo = _read_memo(memo_path)
-    pairs = {}  # (ID set, OOD set, score) -> (digest, ID scores, OOD scores)
+    pairs = []  # (ID set, OOD set, row label, score, depth, digest, ID scores, OOD scores), in the report's order
     for id_name, ood_name in spec.pairs:
-        for _label, full, _depth in rows_spec:
+        for label, full, depth in rows_spec:
             if (id_name, full) in not_applicable:
                 continue  # reported with its reason (RunResult.not_applicable), never silently dropped
             s_id, s_ood = all_scores[(id_name, id_name, full)], all_scores[(id_name, ood_name, full)]
             digest = hashlib.sha256(s_id.tobytes() + b"|" + s_ood.tobytes()
                                     + f"|{n_boot}|metrics:{metrics.METRICS_VERSION}".encode()).hexdigest()
-            pairs[(id_name, ood_name, full)] = (digest, s_id, s_ood)
-    memo |= _evaluate_missing({d: (a, b) for d, a, b in pairs.values() if d not in memo}, n_boot)
-    for id_name, ood_name in spec.pairs:
-        for label, full, depth in rows_spec:
-            if (id_name, ood_name, full) not in pairs:
-                continue
-            digest, s_id, s_ood = pairs[(id_name, ood_name, full)]
-            m = memo[digest]
-            rows.append({"benchmark": spec.name, "id": id_name, "ood": ood_name, "score": full, "depth": depth,
-                         "auroc": m["auroc"], "fpr95": metrics.fpr_at_tpr(s_id, s_ood, spec.metric["tpr"],
-                                                                            spec.metric["fpr_positive"]),
-                         "aupr_in": m["aupr_in"], "aupr_out": m["aupr_out"], "ci_low": m["ci_low"],
-                         "ci_high": m["ci_high"], "n_id": len(s_id), "n_ood": len(s_ood), "label": label})
+            pairs.append((id_name, ood_name, label, full, depth, digest, s_id, s_ood))
+    memo |= _evaluate_missing({d: (a, b) for *_, d, a, b in pairs if d not in memo}, n_boot)
+    for id_name, ood_name, label, full, depth, digest, s_id, s_ood in pairs:
+        m = memo[digest]
+        rows.append({"benchmark": spec.name, "id": id_name, "ood": ood_name, "score": full, "depth": depth,
+                     "auroc": m["auroc"], "fpr95": metrics.fpr_at_tpr(s_id, s_ood, spec.metric["tpr"],
+                                                                        spec.metric["fpr_positive"]),
+                     "aupr_in": m["aupr_in"], "aupr_out": m["aupr_out"], "ci_low": m["ci_low"],
+                     "ci_high": m["ci_high"], "n_id": len(s_id), "n_ood": len(s_ood), "label": label})
     _write_memo(memo_path, memo)
     timings["metrics and bootstrap intervals"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)

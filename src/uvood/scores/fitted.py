@@ -286,7 +286,8 @@ class KNNScore(FittedScore):
     choice for CIFAR-10; 1000 for ImageNet, where it also subsamples the training set). Computed
     as sqrt(2 - 2 s_(k)), s_(k) the exact float64 k-th largest similarity z^T z_j, searched in float32
     (:func:`uvood.scores.neighbours.kth_similarity`). ``backend`` (attribute, not part of the spec; same
-    values): "auto" (the pruned search, or the brute force on a bank without low-rank structure), "brute"
+    values): "auto" (the pruned search; on a bank without low-rank structure faiss's search when installed, else
+    the brute force), "brute"
     ("torch" is its older name), "faiss" or "pruned" (exact, skips the tiles of the bank whose bound cannot
     reach a query's neighbours).
 
