@@ -56,8 +56,8 @@ def model_costs(spec, id_name: str, model_name: str, images: int, repeats: int, 
     scores = list(dict.fromkeys(s for s in scores if s.needs_model))
     for s in scores:
         if s.needs_fit:
-            runner._fit_model_score(s, model, model_name, model_fingerprint(model), spec.datasets[id_name], in_shape,
-                                    None, cache, limit=runner.MODEL_FIT_N)
+            runner.ModelFit(s, model, model_name, model_fingerprint(model), spec.datasets[id_name], in_shape,
+                            None, cache, limit=runner.MODEL_FIT_N).ensure()
     fus = [s for s in scores if fused.fusable(s) and not runner._shares_label_norms(s)]
     temps = sorted({s.T for s in scores if runner._shares_label_norms(s)})
     C = model(x[:1]).shape[1]

@@ -21,7 +21,7 @@ from uvood.cli import main
 from uvood.errors import UvoodError
 from uvood.features import model_fingerprint
 from uvood.model import find_head
-from uvood.scores.registry import canonical_spec, entries, score_versions
+from uvood.scores.registry import canonical_spec, entries, get_score, score_versions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -300,6 +300,91 @@ def test_warm_rerun_reads_no_image_and_recomputes_no_score(tmp_path, data_dir, m
     monkeypatch.setattr(uvood.scores.registry.ProductScore, "from_features", refuse)
     second = run(spec, **kw)
     assert [(r["score"], r["auroc"]) for r in first.rows] == [(r["score"], r["auroc"]) for r in second.rows]
+
+
+def test_warm_rerun_reads_the_fitted_states_digest_not_the_state(tmp_path, data_dir, monkeypatch):
+    """Deep and shallow BatchGrad's fits: a warm rerun reads the digest stored beside each fitted state (which keys
+    their score entries) and never loads the state; a fit file written before the digest was stored is loaded
+    once and rewritten with it; a deep entry that misses loads the state, and the values equal the first run's."""
+    import uvood.bench.runner as runner
+    from uvood.cache import load_verified, peek, save_verified
+
+    spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]], groups=["table3"], deep=True)
+    cache = tmp_path / "cache"
+    kw = dict(quick=True, data_dir=data_dir, cache_dir=cache, progress=False, log=lambda *a: 0, n_boot=20)
+    first = run(spec, **kw)
+    rows = [(r["score"], r["auroc"], r["ci_low"]) for r in first.rows]
+    fit_files = sorted(cache.glob("fit-*.npz"))
+    assert len(fit_files) == 3  # batchgrad shallow, with bias, and deep
+    for path in fit_files:
+        with np.load(path) as f:
+            key = str(f["key"])
+        state = load_verified(path, key)
+        digest = str(state.pop("state_digest"))
+        assert len(digest) == 16 and peek(path, key, "state_digest") == digest
+        assert peek(path, "another key", "state_digest") is None and peek(path, key, "nothing") is None
+
+    def refuse(self):
+        raise AssertionError("a warm rerun must not load a fitted state")
+
+    with monkeypatch.context() as m:
+        m.setattr(runner.ModelFit, "ensure", refuse)
+        assert [(r["score"], r["auroc"], r["ci_low"]) for r in run(spec, **kw).rows] == rows
+
+    # a fit file of the previous format (no digest beside the state): loaded once, rewritten with its digest
+    path = fit_files[0]
+    with np.load(path) as f:
+        key = str(f["key"])
+    state = load_verified(path, key)
+    digest = str(state.pop("state_digest"))
+    save_verified(path, key, state)
+    assert peek(path, key, "state_digest") is None
+    assert [(r["score"], r["auroc"], r["ci_low"]) for r in run(spec, **kw).rows] == rows
+    assert peek(path, key, "state_digest") == digest
+
+    # a deep entry that misses: the states are loaded (ensure), the pass recomputes it, the values are the same
+    for entry in cache.glob("scores-*batchgrad_depth=deep*.npz"):
+        entry.unlink()
+    loads = []
+    real = runner.ModelFit.ensure
+    monkeypatch.setattr(runner.ModelFit, "ensure", lambda self: (loads.append(self.sc.spec), real(self))[1])
+    assert [(r["score"], r["auroc"], r["ci_low"]) for r in run(spec, **kw).rows] == rows
+    assert "batchgrad(depth=deep)" in loads
+
+
+def test_deep_lookup_is_made_again_when_a_stored_digest_was_stale(tmp_path, data_dir):
+    """``_deep_scores`` given a wrong digest (a stale fit file) looks its entries up again with the digests that
+    ``ensure`` returns after loading the states: the values are those of the right state, under the right key."""
+    import uvood.bench.runner as runner
+    from uvood import data as uvdata
+    from uvood.data import transforms
+
+    model = zoo.load("mnist-mlp")
+    train = uvdata.load("mnist", "train", data_dir=data_dir, limit=64)
+    x = transforms.to_model_format(uvdata.load("mnist", "test", data_dir=data_dir, limit=8).x, channels=1, size=28)
+    sc = get_score("batchgrad(depth=deep)")
+    sc.fit(model, transforms.to_model_format(train.x, channels=1, size=28), torch.as_tensor(train.y), seed=0)
+    right = runner._fit_state_digest(sc)
+    inputs = runner.Inputs("mnist-test-8", "raw", lambda: (x, np.zeros(8)))
+    kw = dict(model=model, model_name="mnist-mlp", fp=model_fingerprint(model), inputs=inputs, cache=tmp_path,
+              progress=False)
+    truth = runner._deep_scores({"batchgrad(depth=deep)": sc}, digests={"batchgrad(depth=deep)": right}, **kw)
+    written = sorted(tmp_path.glob("*.npz"))
+    for path in written:
+        path.unlink()
+    calls = []
+
+    def ensure():
+        calls.append(1)
+        return {"batchgrad(depth=deep)": right}
+
+    got = runner._deep_scores({"batchgrad(depth=deep)": sc}, digests={"batchgrad(depth=deep)": "0" * 16},
+                              ensure=ensure, **kw)
+    assert calls == [1]
+    np.testing.assert_array_equal(got["batchgrad(depth=deep)"], truth["batchgrad(depth=deep)"])
+    assert sorted(tmp_path.glob("*.npz")) == written
+    key, path, _ = runner._deep_entry(kw["fp"], inputs, "mnist-mlp", tmp_path, sc, right)
+    assert runner.load_verified(path, key) is not None  # written under the right key, not the stale one
 
 
 def test_imagenet_set_with_a_10_class_model_fails_before_any_work(tmp_path):

@@ -305,3 +305,23 @@ def test_your_own_model_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="2"):
         main([*base, "--model", "mynet:build", "--input-shape", "1,28,30"])
     assert "square images (H = W)" in capsys.readouterr().err
+
+
+def test_the_uvood_command_freezes_the_collector_and_exits_with_mains_status(tmp_path):
+    """The console entry point (``uvood``, ``python -m uvood``) is :func:`uvood.cli.console`: ``main``'s exit
+    status, with the objects alive at start and exit frozen (so that exit does not walk torch's objects)."""
+    import subprocess
+    import sys
+
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["uvood"] == "uvood.cli:console"
+    code = ("import gc, sys; from uvood.cli import console; sys.argv = ['uvood'] + sys.argv[1:]; rc = console(); "
+            "print(rc, gc.get_freeze_count() > 0)")
+    ok = subprocess.run([sys.executable, "-c", code, "scores"], capture_output=True, text=True, timeout=120)
+    assert ok.stdout.strip().splitlines()[-1] == "0 True", ok.stderr
+    missing = str(tmp_path / "x.npz")
+    bad = subprocess.run([sys.executable, "-m", "uvood", "score", "--model", "mnist-mlp", "--data", missing],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "uvood: error:" in bad.stderr

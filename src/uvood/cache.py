@@ -88,6 +88,20 @@ def load_verified(path: Path, key: str, what: str = "cache") -> dict[str, np.nda
     return arrays
 
 
+def peek(path: Path, key: str, name: str) -> str | None:
+    """The small string member ``name`` of the cache file ``path`` made for ``key``, read without loading or
+    checking its other arrays (the zip member's CRC is still checked); None when the file, the member or the key
+    is missing or unreadable. Only for a value a run may trust before it needs the rest of the file, because a
+    full :func:`load_verified` re-checks the whole file, that member included (its digest covers it), before
+    anything else of it is used."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as f:
+            if name not in f.files or str(f["key"]) != key:
+                return None
+            return str(f[name])
+    except Exception:  # noqa: BLE001 - unreadable: the caller falls back to a full load
+        return None
+
 #: a lock older than this is taken over even if its owner cannot be checked (another host); deep items take minutes
 LOCK_STALE_S = 6 * 3600.0
 

@@ -30,17 +30,23 @@ def _canon(spec: str, depth: str) -> str:
         return f"<paper:{spec}:{depth}>"
 
 
+@cache
+def _rows_by_spec(bench: str) -> dict[str, list[dict]]:
+    """The paper's rows of ``bench`` by our canonical spec, in the file's order."""
+    out: dict[str, list[dict]] = {}
+    for r in values():
+        if r["benchmark"] == bench:
+            out.setdefault(_canon(r["spec"], r["depth"]), []).append(r)
+    return out
+
+
 def lookup(benchmark: str, id_name: str, ood_name: str, spec: str, sources: tuple[str, ...] = ()) -> dict | None:
     """The paper's value for (pair, spec) — ``id_name``/``ood_name`` in the paper's names —, or None.
 
     ``spec`` is a spec with depth (``gradnorm(depth=deep)``), compared in canonical form; ``sources`` restricts
     the table ("Table 2", "Appendix A", ...). ``ood_name == ""`` asks for an average row.
     """
-    spec = canonical_spec(spec)
-    bench = PAPER_BENCH.get(benchmark, benchmark)
-    for r in values():
-        if r["benchmark"] != bench or _canon(r["spec"], r["depth"]) != spec:
-            continue
+    for r in _rows_by_spec(PAPER_BENCH.get(benchmark, benchmark)).get(canonical_spec(spec), []):
         if sources and r["source"] not in sources:
             continue
         if ood_name == "":  # an average over the benchmark's pairs (Table 1/3 means, Table 2 averages, Figure 2)
@@ -53,9 +59,7 @@ def lookup(benchmark: str, id_name: str, ood_name: str, spec: str, sources: tupl
 
 
 def lookup_std(benchmark: str, spec: str) -> float | None:
-    spec = canonical_spec(spec)
-    for r in values():
-        if (r["benchmark"] == PAPER_BENCH.get(benchmark, benchmark) and _canon(r["spec"], r["depth"]) == spec
-                and r["statistic"] == "auroc_std"):
+    for r in _rows_by_spec(PAPER_BENCH.get(benchmark, benchmark)).get(canonical_spec(spec), []):
+        if r["statistic"] == "auroc_std":
             return float(r["value"])
     return None

@@ -34,7 +34,7 @@ from torch import nn
 from .. import data as uvdata
 from .. import metrics, precision, zoo
 from ..api import score_model
-from ..cache import atomic_write, claim, load_verified, save_verified
+from ..cache import atomic_write, claim, load_verified, peek, save_verified
 from ..data import transforms
 from ..devices import probe
 from ..distributed import all_gather, map_shards
@@ -196,12 +196,16 @@ def _feature_scores(scores: list, f, key: str, path: Path, fits: dict | None = N
     if _agreed({k for k in keyed if k not in cached}, "the feature-score cache lookup"):
         with claim(path):
             cached = load_verified(path, key, "Score cache") or {}  # another run may have added some meanwhile
+            if any(isinstance(fits.get(keyed[k]), ModelFit) for k in keyed if k not in cached):
+                for fit in {fits[sc] for sc in scores if isinstance(fits.get(sc), ModelFit)}:
+                    fit.ensure()  # a value to compute needs its state; a digest read from a stale file is corrected
+                keyed = {_score_key(sc, fits.get(sc)): sc for sc in scores}
             # under torchrun every rank computes the keys missing on any rank, in one order: a fit may extract the
             # training features, which all ranks must do together (a collective), even on a rank that had them
             agreed = _agreed({k for k in keyed if k not in cached}, "the feature-score cache lookup")
             missing = [k for k in keyed if k in agreed]
             for k in missing:
-                if keyed[k] in fits:
+                if isinstance(fits.get(keyed[k]), FitOnFeatures):
                     try:
                         fits[keyed[k]].ensure()
                     except UvoodError:
@@ -219,7 +223,10 @@ def _from_features(score, f) -> np.ndarray:
 
 def _score_key(score, fit=None) -> str:
     """A score's entry in the feature-score cache: spec, code versions, and what it was fitted on: the key of
-    the ID training features it is fitted on (``fit``, a :class:`FitOnFeatures`), else its fitted state."""
+    the ID training features it is fitted on (``fit``, a :class:`FitOnFeatures`), else its fitted state (the
+    digest a :class:`ModelFit` holds, or the state's own)."""
+    if isinstance(fit, ModelFit):
+        return f"{score.spec}@{score.version_tag}|{fit.digest}"
     if fit is not None:
         return f"{score.spec}@{score.version_tag}|fit:{fit.key}"
     return f"{score.spec}@{score.version_tag}" + ("|" + _fit_state_digest(score) if score.needs_fit else "")
@@ -305,7 +312,7 @@ def _what(what: tuple) -> str:
 
 
 def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, cache: Path, progress: bool,
-                 max_memory: int | None = None, digests: dict | None = None) -> dict[str, np.ndarray]:
+                 max_memory: int | None = None, digests: dict | None = None, ensure=None) -> dict[str, np.ndarray]:
     """The values of every score that needs the model (``{full spec: score}``) on ``inputs``.
 
     Cache entries stay per score (:func:`_deep_entry`: a bumped score version recomputes that score, the
@@ -313,12 +320,19 @@ def _deep_scores(scores: dict, model, model_name: str, fp: str, inputs: Inputs, 
     (:func:`uvood.scores.fused.deep_pass`: one forward and one set of C label cotangents per micro-batch for
     every deep row, BatchGrad included; the predicted-label norm-of-mean rows from their closed form 0).
     The missing entries are claimed together, in sorted order (two runs never wait on each other in a cycle).
+    ``digests``: the fitted states' digests (keys of the entries) known without loading the states; ``ensure``:
+    called before a pass (every rank together), it loads the fitted states and returns their digests; should
+    one differ from ``digests`` (a stale fit file), the lookup is made again with the right keys.
     """
     digests = digests or {}
     entries = {full: _deep_entry(fp, inputs, model_name, cache, sc, digests.get(full)) for full, sc in scores.items()}
     by_path = {path: (key, what) for key, path, what in entries.values()}
     found = {path: load_verified(path, key, _what(w)) for path, (key, w) in by_path.items()}
     missing = _agreed({p for p, v in found.items() if v is None}, "the deep-score cache lookup")
+    if missing and ensure is not None:
+        fresh = ensure()
+        if fresh != {full: digests.get(full) for full in fresh}:
+            return _deep_scores(scores, model, model_name, fp, inputs, cache, progress, max_memory, fresh)
     if missing:
         with contextlib.ExitStack() as stack:
             for path in sorted(missing):
@@ -472,25 +486,71 @@ def _feature_fits(spec: BenchSpec, id_name: str, model, model_name: str, fp: str
 MODEL_FIT_N = 2000
 
 
-def _fit_model_score(sc, model, model_name: str, fp: str, ds: dict, in_shape, data_dir, cache: Path,
-                     limit: int = MODEL_FIT_N) -> None:
-    """Fit ``sc`` (a score that needs the model and ID training data) on ``limit`` images of the ID set's
-    training split. The fitted state is cached (keyed by the model's fingerprint, the training data's identity,
-    the score's spec and version and the seed), so a rerun neither decodes the training images nor fits again."""
-    split = ds.get("train_split", "train")
-    ident = uvdata.datasets.identity(ds["dataset"], split, data_dir=data_dir, limit=limit)
-    what = [fp, ident, list(in_shape), sc.spec, sc.version_tag, "seed=0"]
-    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
-    path = cache / f"fit-{_slug(f'{model_name}__{sc.spec}__{ident}')}.npz"
-    state = load_verified(path, key, "Fit cache")
-    if state is not None:
-        sc.load_state({k: torch.from_numpy(v) for k, v in state.items()})
-        return
-    with claim(path):
-        train = uvdata.load(ds["dataset"], split, data_dir=data_dir, limit=limit)
-        xt = transforms.to_model_format(train.x, channels=in_shape[0], size=in_shape[1])
-        sc.fit(model, xt, torch.as_tensor(train.y), seed=0)
-        save_verified(path, key, {k: v.detach().cpu().numpy() for k, v in sc.state().items()})
+class ModelFit:
+    """The fit of ``sc`` (a score that needs the model and ID training data: deep BatchGrad's anchors, deep
+    low-dim's subspace) on ``limit`` evenly spaced images of the ID set's training split, loaded or made only
+    when needed.
+
+    The fitted state is cached (keyed by the model's fingerprint, the training data's identity, the score's
+    spec and version and the seed) together with ``digest``, the :func:`_fit_state_digest` of the state that
+    enters the score's deep cache keys. A warm rerun reads that digest alone (:func:`uvood.cache.peek`, 16
+    characters, where the deep low-dim subspace is tens of MB) and loads the state (:meth:`ensure`) only when
+    a deep entry misses; neither decodes a training image nor fits again. A file written before the digest was
+    stored in it is loaded once and rewritten with it."""
+
+    def __init__(self, sc, model, model_name: str, fp: str, ds: dict, in_shape, data_dir, cache: Path,
+                 limit: int = MODEL_FIT_N, timings: dict | None = None, timing_key: str = ""):
+        split = ds.get("train_split", "train")
+        self.sc, self.model, self.ds, self.split, self.in_shape = sc, model, ds, split, in_shape
+        self.data_dir, self.limit, self.timings, self.timing_key = data_dir, limit, timings, timing_key
+        ident = uvdata.datasets.identity(ds["dataset"], split, data_dir=data_dir, limit=limit)
+        what = [fp, ident, list(in_shape), sc.spec, sc.version_tag, "seed=0"]
+        self.key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
+        self.path = cache / f"fit-{_slug(f'{model_name}__{sc.spec}__{ident}')}.npz"
+        self._digest, self._loaded = None, False
+
+    @property
+    def digest(self) -> str:
+        """:func:`_fit_state_digest` of the fitted state: read from the fit cache, else fitted or loaded first."""
+        if self._digest is None:
+            self._digest = peek(self.path, self.key, "state_digest")
+        if self._digest is None:
+            self.ensure()
+        return self._digest
+
+    def ensure(self) -> None:
+        """Load the fitted state into the score (fitting and caching it on a miss), once."""
+        if self._loaded:
+            return
+        t = time.time()
+        state = load_verified(self.path, self.key, "Fit cache")
+        if state is None:
+            with claim(self.path):
+                state = load_verified(self.path, self.key, "Fit cache")  # made by another run while we waited?
+                if state is None:
+                    train = uvdata.load(self.ds["dataset"], self.split, data_dir=self.data_dir, limit=self.limit)
+                    xt = transforms.to_model_format(train.x, channels=self.in_shape[0], size=self.in_shape[1])
+                    self.sc.fit(self.model, xt, torch.as_tensor(train.y), seed=0)
+                    state = {k: v.detach().cpu().numpy() for k, v in self.sc.state().items()}
+                    state["state_digest"] = np.array(_fit_state_digest(self.sc))
+                    save_verified(self.path, self.key, state)
+        stored = state.pop("state_digest", None)
+        self.sc.load_state({k: torch.from_numpy(v) for k, v in state.items()})
+        self._digest = str(stored) if stored is not None else _fit_state_digest(self.sc)
+        if stored is None:  # written before the digest was stored beside the state
+            save_verified(self.path, self.key, {**state, "state_digest": np.array(self._digest)})
+        self._loaded = True
+        if self.timings is not None:
+            self.timings[self.timing_key] = round(self.timings.get(self.timing_key, 0.0) + time.time() - t, 2)
+
+
+def _fit_digests(deep: dict, model_fits: dict, load: bool = False) -> dict[str, str]:
+    """``{full spec: digest of its fitted state}`` of the model scores ``deep``; ``load``: load (or fit) every
+    fitted state first, as a deep pass needs them (a digest read from a stale file is then corrected)."""
+    if load:
+        for mf in model_fits.values():
+            mf.ensure()
+    return {full: model_fits[full].digest if full in model_fits else _fit_state_digest(sc) for full, sc in deep.items()}
 
 
 def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n: int | None = None,
@@ -548,6 +608,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
         models[id_name] = {"model": model_name, "fingerprint": fp, "accuracy_on_id": acc, "n": len(f_id),
                            "cpu_fallback": info.get("cpu_fallback", False), "c": info.get("c"),
                            "test_accuracy": info.get("test_accuracy"), "device": info.get("device")}
+        model_fits: dict[str, ModelFit] = {}  # full spec -> its fit, loaded only when a deep entry misses
         fits = _feature_fits(spec, id_name, model, model_name, fp, in_shape, fit_n, data_dir, cache, progress, log,
                              [score_objs[full] for _, full, _ in rows_spec], timings)
         for _label, full, _depth in rows_spec:
@@ -556,11 +617,9 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                 ds = spec.datasets[id_name]
                 if "dataset" not in ds:
                     raise UvoodError(f"{sc.spec} needs labelled ID training data; {id_name} has no named data set.")
-                t = time.time()
-                _fit_model_score(sc, model, model_name, fp, ds, in_shape, data_dir, cache,
-                                 limit=min(spec.quick_n, MODEL_FIT_N) if quick else MODEL_FIT_N)
-                key = f"{model_name}/{id_name}/fits of model scores"
-                timings[key] = round(timings.get(key, 0.0) + time.time() - t, 2)
+                model_fits[full] = ModelFit(sc, model, model_name, fp, ds, in_shape, data_dir, cache,
+                                            limit=min(spec.quick_n, MODEL_FIT_N) if quick else MODEL_FIT_N,
+                                            timings=timings, timing_key=f"{model_name}/{id_name}/fits of model scores")
         from_features = [score_objs[full] for _, full, _ in rows_spec if not score_objs[full].needs_model]
         digests = None
         for ds_name, (f, inputs) in feats.items():
@@ -569,7 +628,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             path = cache / f"fscores-{_slug(f'{model_name}__{inputs.identity}__{inputs.desc}{_precision_tag()}')}.npz"
             t, train_key = time.time(), f"{model_name}/{id_name}/training split features"
             before = timings.get(train_key, 0.0)
-            values = _feature_scores(from_features, f, fkey.hexdigest(), path, fits)
+            values = _feature_scores(from_features, f, fkey.hexdigest(), path,
+                                     {**fits, **{mf.sc: mf for mf in model_fits.values()}})
             # the training split's features are extracted lazily inside the fits: counted on their own line only
             timings[f"{model_name}/{ds_name}/scores from features"] = round(
                 time.time() - t - (timings.get(train_key, 0.0) - before), 2)
@@ -579,14 +639,15 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                     not_applicable[(id_name, full)] = fits[sc].reason
                     continue
                 if not sc.needs_model:
-                    all_scores[(id_name, ds_name, full)] = values[_score_key(sc, fits.get(sc))]
+                    all_scores[(id_name, ds_name, full)] = values[_score_key(sc, fits.get(sc, model_fits.get(full)))]
             deep = {full: score_objs[full] for _, full, _ in rows_spec if score_objs[full].needs_model}
             if deep:
                 x = inputs.subset(len(f), deep_n) if deep_n and deep_n < len(f) else inputs
                 t = time.time()
-                if digests is None:  # once per model: the fits above do not change while its data sets are scored
-                    digests = {full: _fit_state_digest(sc) for full, sc in deep.items()}
-                values = _deep_scores(deep, model, model_name, fp, x, cache, progress, max_memory, digests)
+                if digests is None:  # once per model: the fits do not change while its data sets are scored
+                    digests = _fit_digests(deep, model_fits)
+                values = _deep_scores(deep, model, model_name, fp, x, cache, progress, max_memory, digests,
+                                      ensure=functools.partial(_fit_digests, deep, model_fits, load=True))
                 timings[f"{model_name}/{ds_name}/fused deep pass"] = round(time.time() - t, 2)
                 for full, s in values.items():
                     all_scores[(id_name, ds_name, full)] = s

@@ -127,6 +127,7 @@ def register(
         raise ValueError(f"score version must be an int >= 1, got {version!r}")
     _REGISTRY[name] = Entry(name, factory, dict(params or {}), positional, kind,
                             doc or (factory.__doc__ or ""), dict(choices or {}), version)
+    _CANONICAL.clear()  # a new or changed name may change how specs read
 
 
 def entries() -> dict[str, Entry]:
@@ -372,6 +373,16 @@ def score_versions(spec: str | Score) -> dict[str, int]:
     return {name: int(v) for name, v in (t.split(":") for t in s.version_tag.split("*") if t)}
 
 
+#: spec string -> its canonical form (building a score to read its spec costs ~0.2 ms; reports ask thousands of
+#: times); emptied whenever a name is registered
+_CANONICAL: dict[str, str] = {}
+
+
 def canonical_spec(spec: str) -> str:
     """The normalised form of a spec, used as the key of tables and caches."""
-    return get_score(spec).spec
+    if not isinstance(spec, str):
+        return get_score(spec).spec
+    out = _CANONICAL.get(spec)
+    if out is None:
+        out = _CANONICAL[spec] = get_score(spec).spec
+    return out
