@@ -244,6 +244,9 @@ def test_partial_or_quick_run_never_writes_over_the_reference_results(tmp_path, 
     assert (reference / "results.csv").read_text() == "committed" and sorted(p.name for p in reference.iterdir()) == [
         "results.csv"]
     assert (tmp_path / "results" / "small-partial" / "run.json").exists()
+    partial = tmp_path / "results" / "small-partial"
+    assert not list(partial.glob("*heatmap*")) and not (partial / "figure2_average.png").exists()  # no grid score ran
+    assert "figure2_average.png" not in (partial / "REPORT.md").read_text()  # so no link to a missing figure
 
 
 def test_user_model_on_image_folders(tmp_path, monkeypatch):

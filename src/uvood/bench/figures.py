@@ -137,13 +137,13 @@ def _plan(result: RunResult, out: Path) -> list[tuple[str, str, Callable[[Path],
     plan = []
     if "figure2" in result.spec.groups:
         title = f"{result.spec.name}: average AUROC of ||h||_p x V over pairs"
-        grid = heatmap_grid(result)
-        plan.append(("figure2_average.png", _digest("heatmap", grid, title),
-                     lambda path, grid=grid, title=title: heatmap(grid, title, path)))
-        for a, b in result.spec.pairs:
-            grid, title = heatmap_grid(result, (a, b)), f"{a} x {b}"
-            plan.append((f"heatmap_{a}_vs_{b}.png".replace(" ", "_"), _digest("heatmap", grid, title),
-                         lambda path, grid=grid, title=title: heatmap(grid, title, path)))
+        grids = [("figure2_average.png", heatmap_grid(result), title)]
+        grids += [(f"heatmap_{a}_vs_{b}.png".replace(" ", "_"), heatmap_grid(result, (a, b)), f"{a} x {b}")
+                  for a, b in result.spec.pairs]
+        for name, grid, title in grids:
+            if np.isfinite(grid).any():  # a run without the grid's scores (--scores) has nothing to draw there
+                plan.append((name, _digest("heatmap", grid, title),
+                             lambda path, grid=grid, title=title: heatmap(grid, title, path)))
     plan.append(("figure1_simplex.png", _digest("simplex", 160), simplex))
     for a, b in result.spec.pairs:
         curves = roc_inputs(result, (a, b))

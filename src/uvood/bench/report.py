@@ -173,7 +173,7 @@ def write_report(result: RunResult, out: Path, command: str, cold: dict | None =
         if key in md_tables:
             L += ["", f"## {title}", "", md_tables[key]]
             if key == "figure2":
-                L += ["![average heatmap](figure2_average.png)", ""]
+                L += ["![average heatmap](figure2_average.png)", ""] if "figure2_average.png" in figs else []
                 L += [f"![{f}]({f})" for f in figs if f.startswith("heatmap_")]
                 if spec.name != "large":
                     L += ["", "The paper gives these heatmaps for ImageNet only; no paper value exists for this "
