@@ -86,6 +86,21 @@ def test_errors_are_clear(argv, msg, capsys, tmp_path):
     assert msg in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["bench", "small", "--deep-n", "0"],
+    ["bench", "small", "--n", "-3"],
+    ["bench", "small", "--images", "ten"],
+    ["score", "--model", "mnist-mlp", "--data", "x.npz", "--batch-size", "0"],
+    ["zoo", "eval", "mnist-mlp", "--limit", "0"],
+    ["zoo", "train", "mnist-mlp", "--epochs", "0"],
+])
+def test_counts_must_be_positive_integers(argv, capsys):
+    """A count of 0 used to read as "not given" (``n or default``) and silently ran the default."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "give an integer >= 1" in capsys.readouterr().err
+
+
 def test_unknown_score_in_score_command(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 28, 28, 1), np.uint8), y=np.zeros(2, np.int64))
     assert main(["score", "--model", "mnist-mlp", "--data", str(tmp_path / "d.npz"), "--score", "norm(0.3)*enrgy",

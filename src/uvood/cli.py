@@ -23,6 +23,18 @@ KINDS = {"output": "V terms (output)", "encoding": "U terms (encoding)", "gradie
          "perturbation": "input perturbation (needs the model and its inputs)"}
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count (images, epochs, threads, a batch size): an integer >= 1. A 0 would otherwise
+    read as "not given" in ``n or default`` and silently run the default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give an integer >= 1.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count; give an integer >= 1.")
+    return value
+
+
 def _cmd_scores(args) -> int:
     from .scores.registry import entries
 
@@ -246,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", metavar="ID_DATA", help="ID training data (labelled .npz or image folder) on which "
                    "to fit the scores that need it (mahalanobis, knn, vim, react(90)>energy, batchgrad, ...)")
     p.add_argument("--out", default="scores.csv", help="output CSV path")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="run the model in this dtype (default: its own); float64 makes deep gradient scores of an "
                    "image independent of the batch it is in (float32 rounding can flip a ReLU / max-pool choice)")

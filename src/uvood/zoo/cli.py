@@ -19,22 +19,23 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="zoo_command", required=True)
     p = sub.add_parser("list", help="shipped and trainable models")
     p.set_defaults(func=cmd_list)
+    from ..cli import add_device_option, positive_int
+
     p = sub.add_parser("train", help="train a zoo model (seeded, resumable)")
     p.add_argument("name", choices=list_models(trainable=True))
-    p.add_argument("--epochs", type=int, default=None, help="default: the model's recipe")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default: the model's recipe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="data folder (default: $UVOOD_DATA)")
     p.add_argument("--out-dir", default="runs", help="checkpoints and logs (default: runs)")
-    p.add_argument("--c", type=int, default=None, help="CNN width c (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    from ..cli import add_device_option
+    p.add_argument("--c", type=positive_int, default=None, help="CNN width c (default: the model's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
     add_device_option(p, precision=False)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="test accuracy of a shipped model")
     p.add_argument("name")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--limit", type=int, default=None, help="evenly spaced subset of the test split")
+    p.add_argument("--limit", type=positive_int, default=None, help="evenly spaced subset of the test split")
     add_device_option(p)
     p.set_defaults(func=cmd_eval)
 
