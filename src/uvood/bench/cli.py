@@ -113,10 +113,12 @@ def register(sub) -> None:
     p.add_argument("benchmark", help="small | large | path of a spec .json")
     p.add_argument("--scores", nargs="+", help="only these score specs (default: every table's scores)")
     p.add_argument("--quick", action="store_true", help="a few hundred images per set (minutes; what CI runs)")
-    p.add_argument("--n", "--images", dest="n", type=positive_int, help="images per data set (default: the spec's n, or "
-                   "quick_n with --quick); under torchrun write --images (torchrun takes --n for its own --nnodes)")
-    p.add_argument("--deep-n", type=positive_int, help="evaluate deep gradient scores / BatchGrad on an evenly spaced subset "
-                   "of this many images per set (CPU time); the other scores use every image")
+    p.add_argument("--n", "--images", dest="n", type=positive_int,
+                   help="images per data set (default: the spec's n, or quick_n with --quick); under torchrun write "
+                   "--images (torchrun takes --n for its own --nnodes)")
+    p.add_argument("--deep-n", type=positive_int,
+                   help="evaluate deep gradient scores / BatchGrad on an evenly spaced subset of this many images per "
+                   "set (CPU time); the other scores use every image")
     p.add_argument("--data-dir", help="data folder (default: $UVOOD_DATA)")
     p.add_argument("--cache-dir", help="feature/score cache (default: $UVOOD_CACHE or ~/.cache/uvood)")
     p.add_argument("--out", help="output folder (default: results/NAME for the full reference run; "
