@@ -83,6 +83,8 @@ def test_bad_inputs_get_clear_errors():
         uvood.Detector(m).fit((torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 9])))
     with pytest.raises(UvoodError, match="Unknown score"):
         uvood.Detector(m, score="norm(0.3)*enrgy")
+    with pytest.raises(UvoodError, match=r"ONE argument: fit\(\(x, y\)\)"):  # scikit-learn's fit(x, y)
+        uvood.Detector(m, score="mahalanobis").fit(torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0]))
 
 
 # ---------------------------------------------------------------- loading checks: tampered files

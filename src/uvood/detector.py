@@ -240,6 +240,10 @@ class Detector:
         from .distributed import broadcast_state, map_batches
         from .scores.fitted import FittedScore, factors, head_weights
 
+        if isinstance(tpr, (torch.Tensor, np.ndarray, list, tuple)):  # fit(x, y), the scikit-learn habit
+            raise UvoodError("Detector.fit takes the ID data as ONE argument: fit((x, y)) or a DataLoader of (x, y) "
+                             "batches for labelled data, fit(x) without labels. Its second argument is tpr, the share "
+                             "of ID data the threshold keeps (e.g. 0.95).")
         tpr = metrics.check_tpr(tpr)
         first = next(iter(iter_batches(id_data, self.batch_size)), None)
         if first is None or first[0].ndim == 0 or first[0].shape[0] == 0:
