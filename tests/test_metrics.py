@@ -116,3 +116,15 @@ def test_bad_inputs():
         M.threshold_at_tpr([1.0, 2.0], 1.5)
     with pytest.raises(UvoodError, match=r"tpr must be a number in \(0, 1\]"):
         M.fpr_at_tpr([1.0], [0.0], tpr="0.95")
+
+
+def test_scores_must_be_one_per_sample():
+    """A 2-D array (logits, features) used to be flattened into N x C "scores" and given a metric."""
+    rng = np.random.default_rng(0)
+    with pytest.raises(UvoodError, match=r"one score per sample \(shape \(N,\)\), got shape \(2, 5\)"):
+        M.auroc(rng.random((2, 5)), rng.random(4))
+    with pytest.raises(UvoodError, match="ood_scores must be numbers"):
+        M.auroc([1.0, 2.0], ["a", "b"])
+    a, b = rng.random(6), rng.random(5)  # a column or a row of scores is one score per sample
+    assert M.auroc(a[:, None], b[None, :]) == M.auroc(a, b)
+    assert M.auroc(a, b) == pytest.approx(roc_auc_score(np.r_[np.ones(6), np.zeros(5)], np.r_[a, b]), abs=1e-12)

@@ -44,7 +44,15 @@ def _as_scores(x, name: str) -> np.ndarray:
             x = x.detach().cpu().double().numpy()
     except ImportError:  # pragma: no cover
         pass
-    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UvoodError(f"{name} must be numbers, one score per sample (a 1-D array or tensor); got "
+                         f"{type(x).__name__} that does not convert to floats.") from None
+    if sum(d > 1 for d in a.shape) > 1:  # (N,), (N, 1) and (1, N) are one score per sample; (N, C) is not
+        raise UvoodError(f"{name} must hold one score per sample (shape (N,)), got shape {a.shape}: score the "
+                         "inputs first (e.g. uvood.score_features), rather than passing logits or features.")
+    a = a.reshape(-1)
     if a.size == 0:
         raise UvoodError(f"{name} is empty: metrics need at least one ID and one OOD score "
                          "(only one class present).")
