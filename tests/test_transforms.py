@@ -116,3 +116,18 @@ def test_imagenet_eval_copies_grey_to_rgb_and_rejects_bad_crops():
         resize_center_crop(np.zeros((8, 8, 3), np.uint8), 4, 6)
     with pytest.raises(UvoodError, match=r"crop_fraction must be in \(0, 1\]"):
         imagenet_eval(np.zeros((1, 8, 8, 3), np.uint8), 4, crop_fraction=1.5)
+
+
+def test_read_only_images_convert_without_a_warning_and_are_not_shared():
+    """A read-only array (what PIL's decoded images and memory-mapped files give) is copied, not shared with a
+    torch warning ("The given NumPy array is not writable"); the values are those of a writable copy."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    ro = a.copy()
+    ro.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = to_model_format(ro, channels=1, size=28)
+    torch.testing.assert_close(out, to_model_format(a, channels=1, size=28), rtol=0, atol=0)

@@ -39,7 +39,11 @@ LUMA = (0.299, 0.587, 0.114)
 def _as_nchw(images) -> torch.Tensor:
     """uint8 or float images in any layout of :data:`uvood.validation.LAYOUT_RULE` -> N x C x H x W
     (a view, same dtype); floats must lie in [0, 1]."""
-    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if not isinstance(images, torch.Tensor):
+        a = np.asarray(images)
+        # a read-only array (e.g. an image decoded by PIL) is copied: torch refuses to share it without a warning
+        images = torch.as_tensor(a if a.flags.writeable else a.copy())
+    x = images
     if x.dtype != torch.uint8 and not x.is_floating_point():
         raise UvoodError(f"images must be uint8 (0..255) or float in [0, 1], got {x.dtype}.")
     if x.ndim == 0 or x.shape[0] == 0:
