@@ -187,7 +187,8 @@ def test_orientation_sign_makes_confident_outputs_score_higher():
         logp = torch.log_softmax(W @ h, dim=0)
         grads = [torch.autograd.grad(logp[k], W, retain_graph=True)[0] for k in range(C)]
         p = logp.detach().exp()
-        coef = [(1 / C if label == "uniform" else float(p[k])) * (float(logp[k].detach() / p[k]) if weight == "logp_over_p"
+        lp = logp.detach()
+        coef = [(1 / C if label == "uniform" else float(p[k])) * (float(lp[k] / p[k]) if weight == "logp_over_p"
                                                                  else 1.0) for k in range(C)]
         size = (lambda g: g.abs().sum()) if norm == "l1" else (lambda g: (g * g).sum())
         if agg == "norm_of_mean":
