@@ -80,6 +80,7 @@ def test_score_reads_a_folder_of_images(tmp_path):
     (["score", "--model", "no-such-model", "--data", "x.npz"], "no zoo model"),
     (["bench", "nonsense"], "Unknown benchmark"),
     (["bench", "small", "--scores", "enrgy"], "Unknown score"),
+    (["score", "--model", "mnist-mlp", "--data", "x.npz", "--input-shape", "3,32,32"], "does not match zoo model"),
 ])
 def test_errors_are_clear(argv, msg, capsys, tmp_path):
     assert main(argv) == 2

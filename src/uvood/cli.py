@@ -71,9 +71,14 @@ def _load_model(args):
         raise UvoodError(f"--model {name} looks like a weights file: give the code that builds the model as "
                          f"--model {FORMS} and the file as --weights {name}.")
     model = zoo.load(name)
+    shape = tuple(zoo.info(name)["input"])
+    if getattr(args, "input_shape", None) and tuple(args.input_shape) != shape:
+        raise UvoodError(f"--input-shape {','.join(map(str, args.input_shape))} does not match zoo model {name}, "
+                         f"which takes {','.join(map(str, shape))}; drop --input-shape (it is for your own "
+                         "module:factory model): the images are brought to the model's format.")
     if args.weights:
         load_weights(model, args.weights)
-    return model.eval(), tuple(zoo.info(name)["input"])
+    return model.eval(), shape
 
 
 def _input_shape(text: str) -> tuple[int, int, int]:
