@@ -116,6 +116,8 @@ BOUND_TILES = 256
 BOUND_QUERIES = 256
 #: the pruned search's query blocks hold this many times the brute force's (its store holds only needed chunks)
 PRUNED_BLOCKS = 16
+#: chunks per query computed first by the pruned search (those of largest M_T), whose values give its threshold tau
+FIRST_CHUNKS = 4
 #: rows per cone of the spherical k-means that orders the bank (k = n // CLUSTER_SIZE cones, at most MAX_CLUSTERS)
 CLUSTER_SIZE = 2048
 MAX_CLUSTERS = 4096
@@ -308,56 +310,67 @@ class Tiled:
                 s[:, (self.rows < 0).numpy()] = -np.inf
                 v, pos = torch.topk(torch.from_numpy(s), m, dim=1)
                 vals[lo:hi], rows[lo:hi], need = v, self.rows[pos], every
+            elif self.pruned:
+                need, store = self._pruned(q64[lo:hi], q32[lo:hi], m)
+                vals[lo:hi], rows[lo:hi] = self._select(*store, m)
             else:
-                need = self._need(q64[lo:hi], m) if self.pruned else every
-                vals[lo:hi], rows[lo:hi] = self._select(q32[lo:hi], need, m)
+                need = every
+                vals[lo:hi], rows[lo:hi] = self._select(*self._sims(q32[lo:hi], need), m)
             count = need.sum(1)
             done += int(count.sum()) * self.chunk
             brute += int((count == self.chunks).sum())
         stats.update(similarities=min(done, nq * self.n), brute_queries=brute)
         return vals, rows
 
-    def _sims(self, q32, need):
+    def _flat(self, pairs):
+        """An uninitialised flat store of ``pairs`` rows of ``chunk`` float32 values, in a buffer reused across
+        blocks (no page faults per block)."""
+        if self._buf.size < pairs * self.chunk:
+            self._buf = np.empty(pairs * self.chunk, dtype=np.float32)
+        return self._buf[:pairs * self.chunk].reshape(pairs, self.chunk)
+
+    def _sims(self, q32, need, store=None, at=0):
         """float32 similarities of every query to the chunks it needs, one matmul per chunk with the queries
-        that need it: (tile maxima, -inf where not computed; row of each (query, chunk) in the flat store;
-        the flat store, one row of ``chunk`` values per pair, pairs in chunk order)."""
+        that need it, written into ``store`` (:meth:`_store`; a new one by default) from flat row ``at`` on:
+        tile maxima where computed, the flat row of each computed (query, chunk), one row of ``chunk`` values
+        per pair, pairs in chunk order. Returns the store."""
         nq, tpc = q32.shape[0], self.tpc
         chunk, qs = torch.nonzero(need.T, as_tuple=True)
         pairs = qs.numel()
-        if self._buf.size < pairs * self.chunk:
-            self._buf = np.empty(pairs * self.chunk, dtype=np.float32)
-        flat = self._buf[:pairs * self.chunk].reshape(pairs, self.chunk)
-        tmax = torch.full((nq, self.tiles), -math.inf, dtype=torch.float32)
+        if store is None:
+            store = (torch.full((nq, self.tiles), -math.inf, dtype=torch.float32),
+                     torch.zeros(nq, self.chunks, dtype=torch.int64), self._flat(pairs))
+        tmax, loc, flat = store
         counts = torch.bincount(chunk, minlength=self.chunks).tolist()
-        qn, at = qs.numpy(), 0
+        qn, first = qs.numpy(), at
         for c, cnt in enumerate(counts):
             if not cnt:
                 continue
             out = flat[at:at + cnt]
             every = cnt == nq
-            np.matmul(q32 if every else q32[qn[at:at + cnt]], self.b32[c * self.chunk:(c + 1) * self.chunk].T,
-                      out=out)
+            np.matmul(q32 if every else q32[qn[at - first:at - first + cnt]],
+                      self.b32[c * self.chunk:(c + 1) * self.chunk].T, out=out)
             if c == self.chunks - 1 and self.pad is not None:
                 out[:, self.pad] = -np.inf
             tm = torch.from_numpy(out).view(cnt, TILE, tpc).amax(1)  # while the block is in the cache
             if every:
                 tmax[:, c * tpc:(c + 1) * tpc] = tm
             else:
-                tmax[qs[at:at + cnt], c * tpc:(c + 1) * tpc] = tm
+                tmax[qs[at - first:at - first + cnt], c * tpc:(c + 1) * tpc] = tm
             at += cnt
-        loc = torch.zeros(nq * self.chunks, dtype=torch.int64)
-        loc[qs * self.chunks + chunk] = torch.arange(pairs)
-        return tmax, loc.view(nq, self.chunks), flat
+        loc[qs, chunk] = torch.arange(first, first + pairs)
+        return tmax, loc, flat
 
-    def _select(self, q32, need, m):
+    def _select(self, tmax, loc, flat, m):
         """The m largest computed values per query: they lie in the m tiles of largest maximum (each such tile
-        holds a value >= the m-th largest tile maximum, and every other tile's values are <= it)."""
-        nq = q32.shape[0]
-        tmax, loc, flat = self._sims(q32, need)
-        tiles = torch.topk(tmax, m, dim=1, sorted=False).indices
+        holds a value >= the m-th largest tile maximum, and every other tile's values are <= it). A tile not
+        computed (maximum -inf; possible when fewer than m tiles are) contributes -inf values."""
+        nq = tmax.shape[0]
+        best, tiles = torch.topk(tmax, m, dim=1, sorted=False)
         chunk, t = tiles // self.tpc, tiles % self.tpc
         pos = (loc.gather(1, chunk) * self.chunk + t)[:, :, None] + self.tpc * torch.arange(TILE)
-        v, at = torch.topk(torch.from_numpy(flat).view(-1)[pos.view(nq, -1)], m, dim=1)
+        vals = torch.from_numpy(flat).view(-1)[pos].masked_fill_((best == -math.inf)[:, :, None], -math.inf)
+        v, at = torch.topk(vals.view(nq, -1), m, dim=1)
         tile, j = tiles.gather(1, at // TILE), at % TILE
         position = (tile // self.tpc) * self.chunk + j * self.tpc + tile % self.tpc
         return v, self.rows[position]
@@ -391,13 +404,25 @@ class Tiled:
                 mt[lo:lo + BOUND_QUERIES, t0:t0 + nt] = torch.from_numpy(ap).view(-1, TILE, nt).amax(1)
         return mt, gap
 
-    def _need(self, q64, m):
-        """Chunks each query must compute (N x chunks, bool): tau = the m-th largest LB_T (<= the exact m-th
-        largest similarity); a chunk is needed when one of its tiles has UB_T > tau (module docstring)."""
+    def _pruned(self, q64, q32, m):
+        """The pruned search of a block of queries (module docstring, "Pruned search"): (chunks computed, N x
+        chunks bool; the store of their similarities, :meth:`_sims`). First the FIRST_CHUNKS chunks of largest
+        M_T per query, whose m-th largest float32 value is s'; tau = max(s', the m-th largest LB_T) (both <= s_m
+        + err); then every other chunk with a tile of UB_T > tau."""
+        nq = q64.shape[0]
         mt, gap = self.bounds(q64)
         tau = torch.topk(mt - gap, m, dim=1, sorted=False).values.amin(1, keepdim=True)
-        need = mt.add_(gap) > tau
-        return need.view(q64.shape[0], self.chunks, self.tpc).any(2)
+        first = torch.topk(mt.view(nq, self.chunks, self.tpc).amax(2), min(FIRST_CHUNKS, self.chunks), dim=1).indices
+        need = torch.zeros(nq, self.chunks, dtype=torch.bool).scatter_(1, first, True)
+        tmax, loc, flat0 = self._sims(q32, need)
+        flat0 = flat0.copy()  # the buffer is reused for the whole store below
+        if first.shape[1] * self.chunk >= m:
+            seen = torch.from_numpy(flat0)[loc.gather(1, first)].view(nq, -1)
+            tau = torch.maximum(tau, torch.topk(seen, m, dim=1, sorted=False).values.amin(1, keepdim=True))
+        more = (mt.add_(gap) > tau).view(nq, self.chunks, self.tpc).any(2) & ~need
+        flat = self._flat(flat0.shape[0] + int(more.sum()))
+        flat[:flat0.shape[0]] = flat0
+        return need | more, self._sims(q32, more, (tmax, loc, flat), flat0.shape[0])
 
 
 def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, search: Float32Search | None = None,
