@@ -59,7 +59,7 @@ def _case(name):
 
 
 #: small layouts, so that the test banks span many chunks, bound blocks and query blocks (no effect on values)
-SMALL = {"CHUNK": 32, "CLUSTER_SIZE": 64, "BOUND_TILES": 3, "BOUND_QUERIES": 7, "KNN_BLOCK": 4096}
+SMALL = {"CHUNK": 32, "CLUSTER_SIZE": 64, "KNN_BLOCK": 4096}
 
 
 def _layout(monkeypatch, small):
