@@ -91,11 +91,11 @@ are ordered by decreasing cosine to its axis, so a segment is a thin shell (fash
 Pruned search (:meth:`Tiled._pruned`, :meth:`Tiled._select`), per block of queries, a chunk computed at most
 once per query (one float32 matmul per chunk with the queries that need it, :meth:`Tiled._sims`):
 
-1. UB_C for every chunk; the f = ``FIRST_CHUNKS`` chunks of largest UB_C are computed; s' = the m-th
-   largest float32 value computed (-inf when fewer than m);
-2. the chunks not yet computed with UB_C > s' are *bounded*: M_T of their tiles (one float32 matmul of
-   width R per chunk, :meth:`Tiled.bounds`); the f bounded chunks of largest M_T are computed; tau = the
-   m-th largest float32 value computed in 1 and 2 (>= s');
+1. the ``FIRST_CHUNKS`` chunks of largest mean similarity q^T mean(b) (a guess: any choice is exact) are
+   computed; s' = the m-th largest float32 value computed (-inf when fewer than m);
+2. UB_C for every chunk; the chunks not yet computed with UB_C > s' are *bounded*: M_T of their tiles (one
+   float32 matmul of width R per chunk, :meth:`Tiled.bounds`); the ``SECOND_CHUNKS`` bounded chunks of
+   largest M_T are computed; tau = the m-th largest float32 value computed in 1 and 2 (>= s');
 3. every other bounded chunk with a tile of UB_T > tau is computed; then the selection above.
 
 Claim: the certificate's premise holds. Proof: let s_m be the m-th largest computed value. The rows computed
@@ -108,8 +108,8 @@ their float32 values, as the brute force gives them up to the summation order (c
 values never depend on the layout or the bounds, only the time does.
 
 Measured (fashionmnist-cnn features, 50,000 x 256 bank, k = 50, 1 thread; ``benchmarks/field_speed.py``):
-the pruned search computes about 11 % of the similarities for ID queries (Fashion-MNIST test) and 15 % for
-OOD ones (MNIST test), and the rank-R bound for about 25 % / 40 % of the rows.
+the pruned search computes about 10 % of the similarities for ID queries (Fashion-MNIST test) and 15 % for
+OOD ones (MNIST test), and the rank-R bound for about 20 % / 32 % of the rows.
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ CHUNK = 256
 BRUTE_CHUNK = 2048
 #: the pruned search's query blocks hold this many times the brute force's (its store holds only needed chunks)
 PRUNED_BLOCKS = 16
-#: chunks per query computed first by the pruned search, twice (those of largest shell bound, then of largest M_T
-#: among the chunks it bounds): their values give its threshold tau (no effect on values)
+#: chunks per query computed first by the pruned search (those of largest mean similarity), then second (those of
+#: largest M_T among the chunks it bounds): their values give its threshold tau (module docstring; no effect on values)
 FIRST_CHUNKS = 4
+SECOND_CHUNKS = 4
 #: margins of the float64 shell bound: on every cosine and angle (ANGLE_MARGIN + (D + 4) 2^-52) and on the bound
 #: (module docstring, "Shell bound")
 ANGLE_MARGIN = 1e-12
@@ -346,6 +347,7 @@ class Tiled:
         interval [phi_lo, phi_hi] of the rows' angles to the cone's axis (widened by the margin a; a zero row
         spans [0, pi]) and the smallest and largest row norm (module docstring, "Shell bound")."""
         self.axes = u.double() / u.double().norm(dim=1, keepdim=True)
+        self.means = self.b32.reshape(self.chunks, self.chunk, self.d).mean(1)  # to choose the chunks computed first
         self.margin = a = ANGLE_MARGIN + (self.d + 4) * 2.0**-52
         real = self.rows >= 0
         pos = torch.nonzero(real).reshape(-1)
@@ -508,8 +510,8 @@ class Tiled:
         chunks bool; the store of their similarities, :meth:`_sims`; rows whose rank-R bound was computed)."""
         nq, f = q64.shape[0], min(FIRST_CHUNKS, self.chunks)
         shell = self.shell_bounds(q64)
-        # 1. the f chunks of largest shell bound; tau = the m-th largest float32 value computed (-inf: fewer than m)
-        first = torch.topk(shell, f, dim=1).indices
+        # 1. the f chunks of largest mean similarity; tau = the m-th largest float32 value computed (-inf: fewer than m)
+        first = torch.topk(torch.from_numpy(q32 @ self.means.T), f, dim=1).indices
         need = torch.zeros(nq, self.chunks, dtype=torch.bool).scatter_(1, first, True)
         tmax = torch.full((nq, self.tiles), -math.inf, dtype=torch.float32)
         loc = torch.zeros(nq, self.chunks, dtype=torch.int64)
@@ -520,7 +522,7 @@ class Tiled:
         bounded = (shell > tau.double()) & ~need
         mt, gap = self.bounds(q64, bounded)
         best = mt.view(nq, self.chunks, self.tpc).amax(2)
-        values, second = torch.topk(best, f, dim=1)
+        values, second = torch.topk(best, min(SECOND_CHUNKS, self.chunks), dim=1)
         found = values > -math.inf
         need2 = torch.zeros_like(need).scatter_(1, second, found)
         p1, p2 = nq * f, int(need2.sum())
