@@ -171,6 +171,11 @@ def test_pruned_search_skips_most_of_a_clustered_bank(monkeypatch):
     assert search.stats["brute_queries"] == 0
     assert search.stats["similarities"] < 0.35 * 500 * 20000
     assert search.stats["bounded"] < 0.35 * 500 * 20000  # the shells spare the rank-R bound most chunks
+    # a large k (m = 1,208 values: more than the 4 chunks computed first hold) is still pruned, and exact
+    ref = torch.topk(q @ bank.T, 600, dim=1).values[:, -1]
+    torch.testing.assert_close(kth_similarity(q, bank, 600, search), ref, rtol=1e-13, atol=1e-15)
+    assert search.stats["bounded"] < 0.5 * 500 * 20000
+    assert search.stats["similarities"] < 0.5 * 500 * 20000
     bank, q = _unit(torch.randn(20000, 64, generator=g, dtype=torch.float64)), _unit(torch.randn(500, 64, generator=g))
     for backend in ("auto", "pruned"):
         search = Float32Search(bank, backend)

@@ -91,11 +91,11 @@ are ordered by decreasing cosine to its axis, so a segment is a thin shell (fash
 Pruned search (:meth:`Tiled._pruned`, :meth:`Tiled._select`), per block of queries, a chunk computed at most
 once per query (one float32 matmul per chunk with the queries that need it, :meth:`Tiled._sims`):
 
-1. the ``FIRST_CHUNKS`` chunks of largest mean similarity q^T mean(b) (a guess: any choice is exact) are
-   computed; s' = the m-th largest float32 value computed (-inf when fewer than m);
+1. the ``FIRST_CHUNKS`` (or enough for 2m values) chunks of largest mean similarity q^T mean(b) (a guess:
+   any choice is exact) are computed; s' = the m-th largest float32 value computed (-inf when fewer than m);
 2. UB_C for every chunk; the chunks not yet computed with UB_C > s' are *bounded*: M_T of their tiles (one
-   float32 matmul of width R per chunk, :meth:`Tiled.bounds`); the ``SECOND_CHUNKS`` bounded chunks of
-   largest M_T are computed; tau = the m-th largest float32 value computed in 1 and 2 (>= s');
+   float32 matmul of width R per chunk, :meth:`Tiled.bounds`); the ``SECOND_CHUNKS`` (idem) bounded chunks
+   of largest M_T are computed; tau = the m-th largest float32 value computed in 1 and 2 (>= s');
 3. every other bounded chunk with a tile of UB_T > tau is computed; then the selection above.
 
 Claim: the certificate's premise holds. Proof: let s_m be the m-th largest computed value. The rows computed
@@ -508,7 +508,9 @@ class Tiled:
     def _pruned(self, q64, q32, m):
         """The pruned search of a block of queries (module docstring, "Pruned search"): (chunks computed, N x
         chunks bool; the store of their similarities, :meth:`_sims`; rows whose rank-R bound was computed)."""
-        nq, f = q64.shape[0], min(FIRST_CHUNKS, self.chunks)
+        nq = q64.shape[0]
+        at_least = math.ceil(2 * m / self.chunk)  # chunks for 2m values (large k)
+        f = min(self.chunks, max(FIRST_CHUNKS, at_least))
         shell = self.shell_bounds(q64)
         # 1. the f chunks of largest mean similarity; tau = the m-th largest float32 value computed (-inf: fewer than m)
         first = torch.topk(torch.from_numpy(q32 @ self.means.T), f, dim=1).indices
@@ -522,7 +524,7 @@ class Tiled:
         bounded = (shell > tau.double()) & ~need
         mt, gap = self.bounds(q64, bounded)
         best = mt.view(nq, self.chunks, self.tpc).amax(2)
-        values, second = torch.topk(best, min(SECOND_CHUNKS, self.chunks), dim=1)
+        values, second = torch.topk(best, min(self.chunks, max(SECOND_CHUNKS, at_least)), dim=1)
         found = values > -math.inf
         need2 = torch.zeros_like(need).scatter_(1, second, found)
         p1, p2 = nq * f, int(need2.sum())
