@@ -325,6 +325,7 @@ class Tiled:
         pad = torch.nonzero(~real[npos - self.chunk:]).reshape(-1).numpy()
         self.pad = pad if len(pad) else None  # positions of the last chunk that hold no row (masked to -inf)
         self._buf = np.empty(0, dtype=np.float32)
+        self._scratch = {}  # name -> float32 buffer reused across blocks (no page faults per block)
         if pruned:
             self._bounds(bank, basis)
             self._shells(bank, assign, u)
@@ -397,6 +398,13 @@ class Tiled:
         stats.update(similarities=min(done, nq * self.n), brute_queries=brute, bounded=bounded)
         return vals, rows
 
+    def _tiles(self, name, nq):
+        """An nq x tiles float32 tensor of -inf in a buffer reused across blocks (one per ``name``)."""
+        size = nq * self.tiles
+        if self._scratch.get(name, np.empty(0)).size < size:
+            self._scratch[name] = np.empty(size, dtype=np.float32)
+        return torch.from_numpy(self._scratch[name][:size]).view(nq, self.tiles).fill_(-math.inf)
+
     def _flat(self, pairs):
         """An uninitialised flat store of ``pairs`` rows of ``chunk`` float32 values, in a buffer reused across
         blocks (no page faults per block)."""
@@ -468,8 +476,10 @@ class Tiled:
         x32 = x.float().numpy()
         slack = float32_error(self.r) * qn.clamp_min(1.0) + 2.0**-23 * qn + self.e_p + SLACK
         gap = (rq[:, None].float() * self.rho_t[None, :]).add_(slack[:, None].float())
-        mt = torch.full((nq, self.tiles), -math.inf, dtype=torch.float32)
-        mask = torch.ones(nq, self.chunks, dtype=torch.bool) if mask is None else mask
+        if mask is None:  # every chunk, in a new tensor
+            mt, mask = torch.full((nq, self.tiles), -math.inf), torch.ones(nq, self.chunks, dtype=torch.bool)
+        else:  # the search's: a buffer reused across blocks
+            mt = self._tiles("bounds", nq)
         chunk, qs = torch.nonzero(mask.T, as_tuple=True)
         counts = torch.bincount(chunk, minlength=self.chunks).tolist()
         buf = np.empty((max(counts, default=0), self.chunk), dtype=np.float32)
@@ -515,7 +525,7 @@ class Tiled:
         # 1. the f chunks of largest mean similarity; tau = the m-th largest float32 value computed (-inf: fewer than m)
         first = torch.topk(torch.from_numpy(q32 @ self.means.T), f, dim=1).indices
         need = torch.zeros(nq, self.chunks, dtype=torch.bool).scatter_(1, first, True)
-        tmax = torch.full((nq, self.tiles), -math.inf, dtype=torch.float32)
+        tmax = self._tiles("maxima", nq)
         loc = torch.zeros(nq, self.chunks, dtype=torch.int64)
         flat1 = self._sims(q32, need, (tmax, loc, np.empty((nq * f, self.chunk), dtype=np.float32)))[2]
         top = self._top_values(flat1, loc.gather(1, first), None, m)
