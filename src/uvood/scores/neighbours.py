@@ -346,9 +346,10 @@ class Tiled:
     def _shells(self, bank, assign, u):
         """Per segment (the rows of one chunk in one cone; a chunk holds one or a few): its chunk, its cone, the
         interval [phi_lo, phi_hi] of the rows' angles to the cone's axis (widened by the margin a; a zero row
-        spans [0, pi]) and the smallest and largest row norm (module docstring, "Shell bound")."""
+        spans [0, pi]) and the smallest and largest row norm (module docstring, "Shell bound"); and each chunk's
+        mean row, whose similarity chooses the chunks the search computes first."""
         self.axes = u.double() / u.double().norm(dim=1, keepdim=True)
-        self.means = self.b32.reshape(self.chunks, self.chunk, self.d).mean(1)  # to choose the chunks computed first
+        self.means = self.b32.reshape(self.chunks, self.chunk, self.d).mean(1)
         self.margin = a = ANGLE_MARGIN + (self.d + 4) * 2.0**-52
         real = self.rows >= 0
         pos = torch.nonzero(real).reshape(-1)
@@ -530,7 +531,7 @@ class Tiled:
         flat1 = self._sims(q32, need, (tmax, loc, np.empty((nq * f, self.chunk), dtype=np.float32)))[2]
         top = self._top_values(flat1, loc.gather(1, first), None, m)
         tau = top.amin(1, keepdim=True)
-        # 2. M_T on the chunks the shells cannot exclude, then the f of them of largest M_T; tau again
+        # 2. M_T on the chunks the shells cannot exclude, then the SECOND_CHUNKS of them of largest M_T; tau again
         bounded = (shell > tau.double()) & ~need
         mt, gap = self.bounds(q64, bounded)
         best = mt.view(nq, self.chunks, self.tpc).amax(2)
