@@ -198,13 +198,14 @@ def float32_error(d: int) -> float:
 
 def tile_max(block: np.ndarray, tpc: int) -> torch.Tensor:
     """rows x tpc: the maxima of the TILE contiguous slices of ``tpc`` values of each row of ``block`` (rows x
-    TILE * tpc), by halving (elementwise maxima: measured 3.5x faster than ``amax`` over the strided axis).
-    TILE is a power of two."""
-    v = torch.from_numpy(block).view(block.shape[0], TILE, tpc)
+    TILE * tpc), by halving with numpy's elementwise maximum (measured 3.5x faster than torch's ``amax`` over
+    the strided axis, and 2-3x faster than torch's ``maximum`` on blocks of under 100 rows, which are many:
+    less time per call). TILE is a power of two."""
+    v = block.reshape(block.shape[0], TILE, tpc)
     while v.shape[1] > 1:
         half = v.shape[1] // 2
-        v = torch.maximum(v[:, :half], v[:, half:])
-    return v[:, 0]
+        v = np.maximum(v[:, :half], v[:, half:])
+    return torch.from_numpy(v[:, 0])
 
 
 def largest(x: torch.Tensor, m: int, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
