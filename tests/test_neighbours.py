@@ -2,7 +2,8 @@
 numpy's BLAS): their k-th similarity equals the float64 brute force on every kind of bank (clustered, random,
 ties, k near n, far queries, one cone, banks smaller than a block or than m tiles), the backends agree, the
 principal-basis tile bound holds row by row, the pruned search computes fewer similarities than a brute force
-on clustered data (counted, not timed), and numpy's BLAS runs with torch's thread count."""
+on clustered data (counted, not timed), the chunks' shell bounds hold row by row, and numpy's BLAS runs with
+torch's thread count."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _case(name):
 
 
 #: small layouts, so that the test banks span many chunks, bound blocks and query blocks (no effect on values)
-SMALL = {"CHUNK": 32, "CLUSTER_SIZE": 64, "BOUND_TILES": 3, "BOUND_QUERIES": 7, "KNN_BLOCK": 4096}
+SMALL = {"CHUNK": 32, "CLUSTER_SIZE": 64, "KNN_BLOCK": 4096}
 
 
 def _layout(monkeypatch, small):
@@ -129,11 +130,34 @@ def test_tile_bound_holds_for_every_row(monkeypatch):
     assert float(gap.max()) < 1e-4  # rank 3 < R: no residual, only the slack
 
 
+def test_shell_bound_holds_for_every_row(monkeypatch):
+    """The float64 shell bound of every chunk is >= q^T b for every row b of the chunk (float64), for queries on
+    the bank, opposite ones, random ones, of norm 0.5 and 3, the zero query, and a bank with zero rows; and it
+    is tight for a query equal to a bank row on that row's chunk (its angle lies in the row's shell), so that a
+    bound 1 % too small fails the first assertion."""
+    _layout(monkeypatch, True)
+    g = torch.Generator().manual_seed(3)
+    bank, _ = _clustered(2000, spread=0.3)
+    bank = torch.cat([bank, torch.zeros(5, D, dtype=torch.float64)])
+    q = torch.cat([bank[:100], -bank[100:150], _unit(torch.randn(100, D, generator=g, dtype=torch.float64)),
+                   0.5 * bank[150:160], 3.0 * bank[160:170], torch.zeros(1, D, dtype=torch.float64)])
+    tiled = Tiled(bank, principal_basis(bank))
+    ub = tiled.shell_bounds(q)
+    rows = tiled.rows.view(tiled.chunks, tiled.chunk)
+    sims = torch.cat([q @ bank.T, torch.full((q.shape[0], 1), -math.inf, dtype=torch.float64)], 1)[:, rows]
+    best = sims.amax(2)  # queries x chunks: the largest exact similarity of each chunk
+    assert bool((ub >= best).all()), "shell bound below a similarity"
+    own = (ub - best)[:100].gather(1, torch.nonzero(rows[None, :, :] == torch.arange(100)[:, None, None])[:, 1:2])
+    assert float(own.abs().max()) < 1e-6
+    # the shells exclude chunks: a query on the bank is far from most cones
+    assert float((ub[:100] < 0.5).double().mean()) > 0.3
+
+
 def test_pruned_search_skips_most_of_a_clustered_bank(monkeypatch):
     """On a clustered bank whose centres span few dimensions (as penultimate features do), with queries near
-    the clusters, the pruned search computes a fraction of the N x n similarities of a brute force and sends
-    no query to the brute force; on random vectors "auto" takes a brute force (no low-rank structure), and
-    "pruned" computes at most every similarity."""
+    the clusters, the pruned search computes a fraction of the N x n similarities of a brute force (and of its
+    rank-R bounds) and sends no query to the brute force; on random vectors "auto" takes a brute force (no
+    low-rank structure), and "pruned" computes at most every similarity."""
     monkeypatch.setattr(neighbours, "CLUSTER_SIZE", 512)
     g = torch.Generator().manual_seed(2)
     mu = torch.randn(40, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 64, generator=g, dtype=torch.float64)
@@ -146,6 +170,12 @@ def test_pruned_search_skips_most_of_a_clustered_bank(monkeypatch):
     assert search.backend == "pruned"
     assert search.stats["brute_queries"] == 0
     assert search.stats["similarities"] < 0.35 * 500 * 20000
+    assert search.stats["bounded"] < 0.35 * 500 * 20000  # the shells spare the rank-R bound most chunks
+    # a large k (m = 1,208 values: more than the 4 chunks computed first hold) is still pruned, and exact
+    ref = torch.topk(q @ bank.T, 600, dim=1).values[:, -1]
+    torch.testing.assert_close(kth_similarity(q, bank, 600, search), ref, rtol=1e-13, atol=1e-15)
+    assert search.stats["bounded"] < 0.5 * 500 * 20000
+    assert search.stats["similarities"] < 0.5 * 500 * 20000
     bank, q = _unit(torch.randn(20000, 64, generator=g, dtype=torch.float64)), _unit(torch.randn(500, 64, generator=g))
     for backend in ("auto", "pruned"):
         search = Float32Search(bank, backend)

@@ -43,12 +43,14 @@ spherical k-means into cones of about ``CLUSTER_SIZE`` rows, each cone's rows by
 axis; ``"brute"``: the bank's order), cut into tiles of ``TILE`` consecutive rows, tiles grouped into
 chunks of ``CHUNK`` rows (``BRUTE_CHUNK`` for the brute force). Inside a chunk, row j of tile t is stored
 at j * (tiles per chunk) + t, so that the tile maxima of a block of similarities are a maximum over TILE
-contiguous slices. The last chunk is padded with zero rows whose similarities are set to -inf.
+contiguous slices (:func:`tile_max`, by halving). The last chunk is padded with zero rows whose similarities
+are set to -inf. The pruned search's projections y (below) are stored in the same layout.
 
 Selection: the m largest values of a query lie in its m tiles of largest maximum (each such tile holds a
 value >= the m-th largest tile maximum M_m; any other tile's values are <= M_m, and the m tiles hold m
 distinct values >= M_m). So: tile maxima of the computed chunks (-inf elsewhere), ``topk`` of the tiles,
-then ``topk`` of their m * TILE values: two small selections instead of a top-m over n values.
+then the m largest of their m * TILE values (a tile not computed, when fewer than m are, contributes -inf):
+two small selections instead of a top-m over n values.
 
 Bound (``"pruned"``; :func:`principal_basis`, :meth:`Tiled.bounds`). P is the bank's rank-R principal
 basis (R = ``RANK`` or D / 4; top eigenvectors of bank^T bank, float64), x = P^T q, y = P^T b, and
@@ -67,21 +69,47 @@ x^T y: step 1's bound at width R; x, y rounded to float32) and rho_T = the large
 the 2^-23 |q| covering a query given in float32, SLACK = 1e-6 the float32 evaluation of M_T +- g. The
 bound holds for queries of any norm (only float32_error assumes |q| <= 1, hence max(1, |q|)). Real
 penultimate features are close to a low-rank subspace (fashionmnist-cnn, D = 256: 96 % of the energy in
-32 directions, median |b_R| 0.19), so g is small and the bound tight.
+32 directions, median |b_R| 0.19), so g is small and the bound tight. (The search uses UB_T only.)
 
-Pruned search (:meth:`Tiled._need`, :meth:`Tiled._select`), per block of queries: M_T for every tile
-(a float32 matmul of width R, blocked for the cache); tau = the m-th largest LB_T; a chunk is computed
-for a query when one of its tiles has UB_T > tau, one matmul per chunk with the queries that need it;
-then the selection above over the computed chunks.
+Shell bound (:meth:`Tiled.shell_bounds`; float64, a few operations per query and chunk). A row b of cone a
+(unit axis u_a) has the angle phi_b = arccos(b^T u_a / |b|) in [0, pi] to the axis; the rows of one chunk in
+one cone (a *segment*; a chunk holds one or a few) have angles in [phi_lo, phi_hi] and norms in [n_lo,
+n_hi]. For a query q at angle theta to u_a, the angle between q and b is at least |theta - phi_b| (triangle
+inequality of the angle on the sphere), so at least delta = dist(theta, [phi_lo, phi_hi]) in [0, pi], and as
+cos decreases on [0, pi]:
 
-Claim: the certificate's premise holds. Proof: the m tiles of largest LB_T each hold a row b* with exact
-q^T b* >= LB_T >= tau and UB_T > LB_T >= tau, so they are computed, and fl32(q^T b*) >= tau - err: at least
-m computed rows have float32 values >= tau - err, so s_m >= tau - err. A row never computed lies in a tile
-with UB_T <= tau, so q^T b <= tau <= s_m + err. A computed row outside the candidates has fl32(q^T b) <=
-s_m, so q^T b <= s_m + err. No row is computed twice (each chunk at most once per query), so the
-candidates are m distinct rows with their float32 values, as the brute force gives them up to the
-summation order (covered by step 1): the values never depend on the layout or the bounds, only the time
-does.
+    q^T b = |q| |b| cos angle(q, b) <= |q| |b| cos delta <= |q| (n_hi if cos delta >= 0 else n_lo) cos delta.
+
+UB_C is the largest of these over the chunk's segments, plus SHELL_SLACK = 1e-9. Rounding: with a = 1e-12 +
+(D + 4) 2^-52 (``ANGLE_MARGIN`` + the float64 error of a cosine of width D, Higham Eq. 3.5, u_a normalised in
+float64), every cosine (rows' and queries') is widened by a before arccos (monotone), every angle by a after
+it (arccos's own rounding), cos delta is raised by a, and SHELL_SLACK covers the products (relative
+rounding 1e-15 |q|: |q| <= 1e6). A zero row gets [0, pi]; a zero query gets UB_C = SHELL_SLACK >= 0. Each cone's rows
+are ordered by decreasing cosine to its axis, so a segment is a thin shell (fashionmnist-cnn: median width
+0.035 rad) and chunks of cones far from the query are excluded at once.
+
+Pruned search (:meth:`Tiled._pruned`, :meth:`Tiled._select`), per block of queries, a chunk computed at most
+once per query (one float32 matmul per chunk with the queries that need it, :meth:`Tiled._sims`):
+
+1. the ``FIRST_CHUNKS`` (or enough for 2m values) chunks of largest mean similarity q^T mean(b) (a guess:
+   any choice is exact) are computed; s' = the m-th largest float32 value computed (-inf when fewer than m);
+2. UB_C for every chunk; the chunks not yet computed with UB_C > s' are *bounded*: M_T of their tiles (one
+   float32 matmul of width R per chunk, :meth:`Tiled.bounds`); the ``SECOND_CHUNKS`` (idem) bounded chunks
+   of largest M_T are computed; tau = the m-th largest float32 value computed in 1 and 2 (>= s');
+3. every other bounded chunk with a tile of UB_T > tau is computed; then the selection above.
+
+Claim: the certificate's premise holds. Proof: let s_m be the m-th largest computed value. The rows computed
+in 1 and 2 are among the computed rows, so s_m >= tau >= s'. A row never computed lies either in a chunk
+never bounded, with q^T b <= UB_C <= s' <= s_m, or in a bounded chunk whose tiles all have UB_T <= tau, so
+q^T b <= tau <= s_m. A computed row outside the candidates has fl32(q^T b) <= s_m, so q^T b <= s_m + err.
+(When fewer than m values are computed in 1 and 2, s' = tau = -inf: every chunk is bounded and every tile
+holding a row computed, a brute force.) No row is computed twice, so the candidates are m distinct rows with
+their float32 values, as the brute force gives them up to the summation order (covered by step 1): the
+values never depend on the layout or the bounds, only the time does.
+
+Measured (fashionmnist-cnn features, 50,000 x 256 bank, k = 50, 1 thread; ``benchmarks/field_speed.py``):
+the pruned search computes about 10 % of the similarities for ID queries (Fashion-MNIST test) and 15 % for
+OOD ones (MNIST test), and the rank-R bound for about 20 % / 32 % of the rows.
 """
 
 from __future__ import annotations
@@ -111,11 +139,16 @@ TILE = 16
 CHUNK = 256
 #: rows per chunk of the brute force (every chunk is computed: wide chunks make the tile maxima cheap)
 BRUTE_CHUNK = 2048
-#: tiles and queries per block of the pruned search's bound matmul (sized for the cache; no effect on values)
-BOUND_TILES = 256
-BOUND_QUERIES = 256
 #: the pruned search's query blocks hold this many times the brute force's (its store holds only needed chunks)
 PRUNED_BLOCKS = 16
+#: chunks per query computed first by the pruned search (those of largest mean similarity), then second (those of
+#: largest M_T among the chunks it bounds): their values give its threshold tau (module docstring; no effect on values)
+FIRST_CHUNKS = 4
+SECOND_CHUNKS = 4
+#: margins of the float64 shell bound: on every cosine and angle (ANGLE_MARGIN + (D + 4) 2^-52) and on the bound
+#: (module docstring, "Shell bound")
+ANGLE_MARGIN = 1e-12
+SHELL_SLACK = 1e-9
 #: rows per cone of the spherical k-means that orders the bank (k = n // CLUSTER_SIZE cones, at most MAX_CLUSTERS)
 CLUSTER_SIZE = 2048
 MAX_CLUSTERS = 4096
@@ -163,6 +196,32 @@ def float32_error(d: int) -> float:
     return (d + 4) * 2.0**-24 * 1.01
 
 
+def tile_max(block: np.ndarray, tpc: int) -> torch.Tensor:
+    """rows x tpc: the maxima of the TILE contiguous slices of ``tpc`` values of each row of ``block`` (rows x
+    TILE * tpc), by halving with numpy's elementwise maximum (measured 3.5x faster than torch's ``amax`` over
+    the strided axis, and 2-3x faster than torch's ``maximum`` on blocks of under 100 rows, which are many:
+    less time per call). TILE is a power of two."""
+    v = block.reshape(block.shape[0], TILE, tpc)
+    while v.shape[1] > 1:
+        half = v.shape[1] // 2
+        v = np.maximum(v[:, :half], v[:, half:])
+    return torch.from_numpy(v[:, 0])
+
+
+def largest(x: torch.Tensor, m: int, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the m largest entries of each row of a float32 N x w tensor (m <= w), in no order
+    (decreasing when ``ordered``), like ``torch.topk`` (any of tied entries): numpy's ``argpartition``, measured
+    1.5-2x faster than ``torch.topk`` on CPU for m = 108 of 1,000-3,000 distinct values (but several times
+    slower with many ties, e.g. -inf for what was not computed: use ``torch.topk`` there)."""
+    w = x.shape[1]
+    idx = np.argpartition(x.numpy(), w - m, axis=1)[:, w - m:]
+    vals = np.take_along_axis(x.numpy(), idx, 1)
+    if ordered:
+        o = np.argsort(-vals, axis=1, kind="stable")
+        idx, vals = np.take_along_axis(idx, o, 1), np.take_along_axis(vals, o, 1)
+    return torch.from_numpy(vals), torch.from_numpy(idx)
+
+
 def check_finite(x: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise UvoodError(f"KNN: the {what} hold non-finite values (NaN or inf); score finite features.")
@@ -171,7 +230,8 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 class Float32Search:
     """The m largest float32 similarities of unit queries to a fixed bank of unit rows (step 1 of the
     module docstring), with the bank's float32 layout (and faiss index, or pruning bounds) built once
-    and reused. ``stats`` (after :meth:`top`): similarities computed, queries searched by brute force."""
+    and reused. ``stats`` (after :meth:`top`): similarities computed, queries searched by brute force, and
+    (pruned search) rows whose rank-R bound was computed (``bounded``)."""
 
     def __init__(self, bank: torch.Tensor, backend: str = "auto"):
         self.bank, self.requested = bank, backend
@@ -251,7 +311,7 @@ class Tiled:
             cos_b = (bank32 * u[assign]).sum(1)
             order = torch.from_numpy(np.lexsort((-cos_b.numpy(), assign.numpy()))).long()
         else:
-            order = torch.arange(n)
+            order, assign, u = torch.arange(n), None, None
         self.chunks = math.ceil(n / self.chunk)
         npos = self.chunks * self.chunk
         self.tiles = npos // TILE
@@ -266,31 +326,50 @@ class Tiled:
         pad = torch.nonzero(~real[npos - self.chunk:]).reshape(-1).numpy()
         self.pad = pad if len(pad) else None  # positions of the last chunk that hold no row (masked to -inf)
         self._buf = np.empty(0, dtype=np.float32)
+        self._scratch = {}  # name -> float32 buffer reused across blocks (no page faults per block)
         if pruned:
-            self._bounds(bank, order, basis)
+            self._bounds(bank, basis)
+            self._shells(bank, assign, u)
 
-    def _bounds(self, bank, order, basis):
-        """The rank-R principal basis P of the bank, the float32 projections y = P^T b of every row, and per
-        tile the largest residual norm rho_T = max |b - P y| (module docstring, "Bound"). The projections are
-        stored in blocks of BOUND_TILES tiles, row j of the block's tile t at j * (tiles in block) + t, so
-        that a tile's maximum is a maximum over TILE contiguous slices."""
-        n, npos = self.n, self.tiles * TILE
+    def _bounds(self, bank, basis):
+        """The rank-R principal basis P of the bank, the float32 projections y = P^T b of every row, stored in
+        the chunk layout of the rows (zero rows for padding), and per tile the largest residual norm rho_T =
+        max |b - P y| (module docstring, "Bound")."""
         self.P, y_rows, rho_rows = basis
         self.r = r = self.P.shape[1]
         self.e_p = 2.0 * float((self.P.T @ self.P - torch.eye(r, dtype=torch.float64)).norm()) + 1e-12
-        y = torch.zeros(npos, r, dtype=torch.float64)
-        rho = torch.zeros(npos, dtype=torch.float64)
-        y[:n], rho[:n] = y_rows[order], rho_rows[order]
-        self.rho_t = rho.view(self.tiles, TILE).amax(1).float()
-        blocks, place = [], []
-        for t0 in range(0, self.tiles, BOUND_TILES):
-            nt = min(BOUND_TILES, self.tiles - t0)
-            blocks.append(y[t0 * TILE:(t0 + nt) * TILE].view(nt, TILE, r).transpose(0, 1).reshape(-1, r))
-            place.append(torch.arange(t0 * TILE, (t0 + nt) * TILE).view(nt, TILE).T.reshape(-1))
-        self.y32 = torch.cat(blocks).float().contiguous().numpy()
-        # per block (first tile): its positions that hold no row (masked to -inf); padding can span two blocks
-        self.ypad = {i * BOUND_TILES: torch.nonzero(p >= n).reshape(-1).numpy() for i, p in enumerate(place)
-                     if bool((p >= n).any())}
+        real = self.rows >= 0
+        self.y32 = np.zeros((self.rows.numel(), r), dtype=np.float32)
+        self.y32[real.numpy()] = y_rows[self.rows[real]].float().numpy()
+        rows = self.tile_rows()
+        self.rho_t = torch.where(rows >= 0, rho_rows[rows.clamp_min(0)], 0.0).amax(1).float()
+
+    def _shells(self, bank, assign, u):
+        """Per segment (the rows of one chunk in one cone; a chunk holds one or a few): its chunk, its cone, the
+        interval [phi_lo, phi_hi] of the rows' angles to the cone's axis (widened by the margin a; a zero row
+        spans [0, pi]) and the smallest and largest row norm (module docstring, "Shell bound"); and each chunk's
+        mean row, whose similarity chooses the chunks the search computes first."""
+        self.axes = u.double() / u.double().norm(dim=1, keepdim=True)
+        self.means = self.b32.reshape(self.chunks, self.chunk, self.d).mean(1)
+        self.margin = a = ANGLE_MARGIN + (self.d + 4) * 2.0**-52
+        real = self.rows >= 0
+        pos = torch.nonzero(real).reshape(-1)
+        b = bank[self.rows[pos]]
+        cone = assign[self.rows[pos]]
+        norm = b.norm(dim=1)
+        cos = (b * self.axes[cone]).sum(1) / norm.clamp_min(1e-300)
+        lo = torch.arccos((cos + a).clamp(-1.0, 1.0)) - a
+        hi = torch.arccos((cos - a).clamp(-1.0, 1.0)) + a
+        lo[norm == 0], hi[norm == 0] = 0.0, math.pi
+        key, seg = torch.unique((pos // self.chunk) * self.axes.shape[0] + cone, return_inverse=True)
+        self.seg_chunk, self.seg_cone = key // self.axes.shape[0], key % self.axes.shape[0]
+
+        def reduce(values, how):
+            out = torch.zeros(key.numel(), dtype=torch.float64)
+            return out.scatter_reduce_(0, seg, values, how, include_self=False)
+
+        self.seg_lo, self.seg_hi = reduce(lo, "amin"), reduce(hi, "amax")
+        self.seg_nlo, self.seg_nhi = reduce(norm, "amin"), reduce(norm, "amax")
 
     def top(self, q, m, stats):
         """(values, rows) of the m largest float32 similarities per query; fills ``stats``."""
@@ -298,7 +377,7 @@ class Tiled:
         q64, q32 = q.double(), q.float().contiguous().numpy()
         vals = torch.empty(nq, m, dtype=torch.float32)
         rows = torch.empty(nq, m, dtype=torch.int64)
-        done = brute = 0
+        done = brute = bounded = 0
         step = max(1, KNN_BLOCK // (self.chunks * self.chunk)) * (PRUNED_BLOCKS if self.pruned else 1)
         for lo in range(0, nq, step):
             hi = min(nq, lo + step)
@@ -308,26 +387,45 @@ class Tiled:
                 s[:, (self.rows < 0).numpy()] = -np.inf
                 v, pos = torch.topk(torch.from_numpy(s), m, dim=1)
                 vals[lo:hi], rows[lo:hi], need = v, self.rows[pos], every
+            elif self.pruned:
+                need, store, b = self._pruned(q64[lo:hi], q32[lo:hi], m)
+                bounded += b
+                vals[lo:hi], rows[lo:hi] = self._select(*store, m)
             else:
-                need = self._need(q64[lo:hi], m) if self.pruned else every
-                vals[lo:hi], rows[lo:hi] = self._select(q32[lo:hi], need, m)
+                need = every
+                vals[lo:hi], rows[lo:hi] = self._select(*self._sims(q32[lo:hi], need), m)
             count = need.sum(1)
             done += int(count.sum()) * self.chunk
             brute += int((count == self.chunks).sum())
-        stats.update(similarities=min(done, nq * self.n), brute_queries=brute)
+        stats.update(similarities=min(done, nq * self.n), brute_queries=brute, bounded=bounded)
         return vals, rows
 
-    def _sims(self, q32, need):
+    def _tiles(self, name, nq):
+        """An nq x tiles float32 tensor of -inf in a buffer reused across blocks (one per ``name``)."""
+        size = nq * self.tiles
+        if self._scratch.get(name, np.empty(0)).size < size:
+            self._scratch[name] = np.empty(size, dtype=np.float32)
+        return torch.from_numpy(self._scratch[name][:size]).view(nq, self.tiles).fill_(-math.inf)
+
+    def _flat(self, pairs):
+        """An uninitialised flat store of ``pairs`` rows of ``chunk`` float32 values, in a buffer reused across
+        blocks (no page faults per block)."""
+        if self._buf.size < pairs * self.chunk:
+            self._buf = np.empty(pairs * self.chunk, dtype=np.float32)
+        return self._buf[:pairs * self.chunk].reshape(pairs, self.chunk)
+
+    def _sims(self, q32, need, store=None, base=0):
         """float32 similarities of every query to the chunks it needs, one matmul per chunk with the queries
-        that need it: (tile maxima, -inf where not computed; row of each (query, chunk) in the flat store;
-        the flat store, one row of ``chunk`` values per pair, pairs in chunk order)."""
+        that need it, written into ``store`` = (tile maxima, -inf where not computed; flat row number of each
+        computed (query, chunk), counted from ``base``; the flat rows, one of ``chunk`` values per pair, pairs
+        in chunk order), a new one by default (:meth:`_flat`). Returns the store."""
         nq, tpc = q32.shape[0], self.tpc
         chunk, qs = torch.nonzero(need.T, as_tuple=True)
         pairs = qs.numel()
-        if self._buf.size < pairs * self.chunk:
-            self._buf = np.empty(pairs * self.chunk, dtype=np.float32)
-        flat = self._buf[:pairs * self.chunk].reshape(pairs, self.chunk)
-        tmax = torch.full((nq, self.tiles), -math.inf, dtype=torch.float32)
+        if store is None:
+            store = (torch.full((nq, self.tiles), -math.inf, dtype=torch.float32),
+                     torch.zeros(nq, self.chunks, dtype=torch.int64), self._flat(pairs))
+        tmax, loc, flat = store
         counts = torch.bincount(chunk, minlength=self.chunks).tolist()
         qn, at = qs.numpy(), 0
         for c, cnt in enumerate(counts):
@@ -335,29 +433,28 @@ class Tiled:
                 continue
             out = flat[at:at + cnt]
             every = cnt == nq
-            np.matmul(q32 if every else q32[qn[at:at + cnt]], self.b32[c * self.chunk:(c + 1) * self.chunk].T,
-                      out=out)
+            np.matmul(q32 if every else q32[qn[at:at + cnt]], self.b32[c * self.chunk:(c + 1) * self.chunk].T, out=out)
             if c == self.chunks - 1 and self.pad is not None:
                 out[:, self.pad] = -np.inf
-            tm = torch.from_numpy(out).view(cnt, TILE, tpc).amax(1)  # while the block is in the cache
+            tm = tile_max(out, tpc)  # while the block is in the cache
             if every:
                 tmax[:, c * tpc:(c + 1) * tpc] = tm
             else:
                 tmax[qs[at:at + cnt], c * tpc:(c + 1) * tpc] = tm
             at += cnt
-        loc = torch.zeros(nq * self.chunks, dtype=torch.int64)
-        loc[qs * self.chunks + chunk] = torch.arange(pairs)
-        return tmax, loc.view(nq, self.chunks), flat
+        loc[qs, chunk] = torch.arange(base, base + pairs)
+        return store
 
-    def _select(self, q32, need, m):
+    def _select(self, tmax, loc, flat, m):
         """The m largest computed values per query: they lie in the m tiles of largest maximum (each such tile
-        holds a value >= the m-th largest tile maximum, and every other tile's values are <= it)."""
-        nq = q32.shape[0]
-        tmax, loc, flat = self._sims(q32, need)
-        tiles = torch.topk(tmax, m, dim=1, sorted=False).indices
+        holds a value >= the m-th largest tile maximum, and every other tile's values are <= it). A tile not
+        computed (maximum -inf; possible when fewer than m tiles are) contributes -inf values."""
+        nq = tmax.shape[0]
+        best, tiles = torch.topk(tmax, m, dim=1, sorted=False)  # many -inf ties: numpy's argpartition is slow there
         chunk, t = tiles // self.tpc, tiles % self.tpc
         pos = (loc.gather(1, chunk) * self.chunk + t)[:, :, None] + self.tpc * torch.arange(TILE)
-        v, at = torch.topk(torch.from_numpy(flat).view(-1)[pos.view(nq, -1)], m, dim=1)
+        vals = torch.from_numpy(flat).view(-1)[pos].masked_fill_((best == -math.inf)[:, :, None], -math.inf)
+        v, at = largest(vals.view(nq, -1), m, ordered=True)
         tile, j = tiles.gather(1, at // TILE), at % TILE
         position = (tile // self.tpc) * self.chunk + j * self.tpc + tile % self.tpc
         return v, self.rows[position]
@@ -368,10 +465,12 @@ class Tiled:
         pos = ((t // self.tpc) * self.chunk + t % self.tpc)[:, None] + self.tpc * torch.arange(TILE)
         return self.rows[pos]
 
-    def bounds(self, q64):
+    def bounds(self, q64, mask=None):
         """(M, g), both N x tiles float32: M_T the tile's largest float32 x^T y, g = |q_R| rho_T + slack, so that
         UB_T = M_T + g >= q^T b for every row b of the tile and LB_T = M_T - g <= q^T b* for the tile's row b*
-        of largest x^T y (module docstring, "Bound"). Tiles that hold no row have M = -inf."""
+        of largest x^T y (module docstring, "Bound"). M_T is computed for the chunks of ``mask`` (N x chunks
+        bool; every chunk by default), one matmul of width R per chunk with the queries that need it; it is
+        -inf elsewhere and on tiles that hold no row."""
         nq = q64.shape[0]
         x = q64 @ self.P
         rq = (q64 - x @ self.P.T).norm(dim=1)
@@ -379,25 +478,93 @@ class Tiled:
         x32 = x.float().numpy()
         slack = float32_error(self.r) * qn.clamp_min(1.0) + 2.0**-23 * qn + self.e_p + SLACK
         gap = (rq[:, None].float() * self.rho_t[None, :]).add_(slack[:, None].float())
-        mt = torch.empty(nq, self.tiles, dtype=torch.float32)
-        buf = np.empty((BOUND_QUERIES, BOUND_TILES * TILE), dtype=np.float32)  # reused: no page faults per block
-        for lo in range(0, nq, BOUND_QUERIES):
-            xb = x32[lo:lo + BOUND_QUERIES]
-            for t0 in range(0, self.tiles, BOUND_TILES):
-                nt = min(BOUND_TILES, self.tiles - t0)
-                ap = np.matmul(xb, self.y32[t0 * TILE:(t0 + nt) * TILE].T, out=buf[:xb.shape[0], :nt * TILE])
-                if t0 in self.ypad:
-                    ap[:, self.ypad[t0]] = -np.inf
-                mt[lo:lo + BOUND_QUERIES, t0:t0 + nt] = torch.from_numpy(ap).view(-1, TILE, nt).amax(1)
+        if mask is None:  # every chunk, in a new tensor
+            mt, mask = torch.full((nq, self.tiles), -math.inf), torch.ones(nq, self.chunks, dtype=torch.bool)
+        else:  # the search's: a buffer reused across blocks
+            mt = self._tiles("bounds", nq)
+        chunk, qs = torch.nonzero(mask.T, as_tuple=True)
+        counts = torch.bincount(chunk, minlength=self.chunks).tolist()
+        buf = np.empty((max(counts, default=0), self.chunk), dtype=np.float32)
+        qn_, at, tpc = qs.numpy(), 0, self.tpc
+        for c, cnt in enumerate(counts):
+            if not cnt:
+                continue
+            every = cnt == nq
+            ap = np.matmul(x32 if every else x32[qn_[at:at + cnt]], self.y32[c * self.chunk:(c + 1) * self.chunk].T,
+                           out=buf[:cnt])
+            if c == self.chunks - 1 and self.pad is not None:
+                ap[:, self.pad] = -np.inf
+            tm = tile_max(ap, tpc)
+            if every:
+                mt[:, c * tpc:(c + 1) * tpc] = tm
+            else:
+                mt[qs[at:at + cnt], c * tpc:(c + 1) * tpc] = tm
+            at += cnt
         return mt, gap
 
-    def _need(self, q64, m):
-        """Chunks each query must compute (N x chunks, bool): tau = the m-th largest LB_T (<= the exact m-th
-        largest similarity); a chunk is needed when one of its tiles has UB_T > tau (module docstring)."""
-        mt, gap = self.bounds(q64)
-        tau = torch.topk(mt - gap, m, dim=1, sorted=False).values.amin(1, keepdim=True)
-        need = mt.add_(gap) > tau
-        return need.view(q64.shape[0], self.chunks, self.tpc).any(2)
+    def shell_bounds(self, q64):
+        """N x chunks float64: UB_C >= q^T b for every row b of chunk C (module docstring, "Shell bound"): per
+        segment |q| |b|_max-or-min cos(dist(theta, [phi_lo, phi_hi])) + SHELL_SLACK, theta = the query's angle
+        to the segment's cone axis, the largest over the chunk's segments."""
+        qn = q64.norm(dim=1)
+        cos = (q64 @ self.axes.T) / qn.clamp_min(1e-300)[:, None]
+        a = self.margin
+        th_lo = torch.arccos((cos + a).clamp(-1.0, 1.0)) - a
+        th_hi = torch.arccos((cos - a).clamp(-1.0, 1.0)) + a
+        dist = torch.maximum(th_lo[:, self.seg_cone] - self.seg_hi, self.seg_lo - th_hi[:, self.seg_cone]).clamp_min(0)
+        c = torch.cos(dist) + a
+        ub = qn[:, None] * torch.where(c >= 0, self.seg_nhi, self.seg_nlo) * c + SHELL_SLACK
+        out = torch.full((q64.shape[0], self.chunks), -math.inf, dtype=torch.float64)
+        return out.scatter_reduce_(1, self.seg_chunk.expand(q64.shape[0], -1), ub, "amax")
+
+    def _pruned(self, q64, q32, m):
+        """The pruned search of a block of queries (module docstring, "Pruned search"): (chunks computed, N x
+        chunks bool; the store of their similarities, :meth:`_sims`; rows whose rank-R bound was computed)."""
+        nq = q64.shape[0]
+        at_least = math.ceil(2 * m / self.chunk)  # chunks for 2m values (large k)
+        f = min(self.chunks, max(FIRST_CHUNKS, at_least))
+        shell = self.shell_bounds(q64)
+        # 1. the f chunks of largest mean similarity; tau = the m-th largest float32 value computed (-inf: fewer than m)
+        first = torch.topk(torch.from_numpy(q32 @ self.means.T), f, dim=1).indices
+        need = torch.zeros(nq, self.chunks, dtype=torch.bool).scatter_(1, first, True)
+        tmax = self._tiles("maxima", nq)
+        loc = torch.zeros(nq, self.chunks, dtype=torch.int64)
+        flat1 = self._sims(q32, need, (tmax, loc, np.empty((nq * f, self.chunk), dtype=np.float32)))[2]
+        top = self._top_values(flat1, loc.gather(1, first), None, m)
+        tau = top.amin(1, keepdim=True)
+        # 2. M_T on the chunks the shells cannot exclude, then the SECOND_CHUNKS of them of largest M_T; tau again
+        bounded = (shell > tau.double()) & ~need
+        mt, gap = self.bounds(q64, bounded)
+        best = mt.view(nq, self.chunks, self.tpc).amax(2)
+        values, second = torch.topk(best, min(self.chunks, max(SECOND_CHUNKS, at_least)), dim=1)
+        found = values > -math.inf
+        need2 = torch.zeros_like(need).scatter_(1, second, found)
+        p1, p2 = nq * f, int(need2.sum())
+        flat2 = self._sims(q32, need2, (tmax, loc, np.empty((p2, self.chunk), dtype=np.float32)), p1)[2]
+        tau = self._top_values(flat2, loc.gather(1, second) - p1, found, m, top).amin(1, keepdim=True)
+        need |= need2
+        # 3. every other chunk with a tile of UB_T > tau
+        more = (mt.add_(gap) > tau).view(nq, self.chunks, self.tpc).any(2) & bounded & ~need
+        flat = self._flat(p1 + p2 + int(more.sum()))
+        flat[:p1], flat[p1:p1 + p2] = flat1, flat2
+        self._sims(q32, more, (tmax, loc, flat[p1 + p2:]), p1 + p2)
+        return need | more, (tmax, loc, flat), int(bounded.sum()) * self.chunk
+
+    def _top_values(self, flat, rows, valid, m, before=None):
+        """N x m float32: the m largest values (in no order) of the flat rows ``rows`` (N x r; ``valid``: N x r
+        bool, or None for all) of each query, together with ``before`` (N x m, or None); -inf where fewer."""
+        if not flat.shape[0]:  # no rows computed
+            return before if before is not None else torch.full((rows.shape[0], m), -math.inf)
+        vals = torch.from_numpy(flat)[rows.clamp_min(0)]
+        if valid is not None:
+            vals.masked_fill_(~valid[:, :, None], -math.inf)
+        vals = vals.view(rows.shape[0], -1)
+        if before is not None:
+            vals = torch.cat([before, vals], 1)
+        if vals.shape[1] < m:
+            vals = torch.cat([vals, torch.full((vals.shape[0], m - vals.shape[1]), -math.inf)], 1)
+        w = vals.shape[1]
+        return torch.from_numpy(np.partition(vals.numpy(), w - m, axis=1)[:, w - m:])
 
 
 def kth_similarity(q: torch.Tensor, bank: torch.Tensor, k: int, search: Float32Search | None = None,
