@@ -497,3 +497,28 @@ def test_bootstrap_intervals_on_threads_equal_one_thread_and_sklearn():
     for d, (a, b) in todo.items():
         want = roc_auc_score(np.r_[np.ones(a.size), np.zeros(b.size)], np.r_[a, b])
         assert abs(one[d]["auroc"] - want) < 1e-12 and one[d]["ci_low"] <= one[d]["auroc"] <= one[d]["ci_high"]
+
+
+def test_manifest_dirty_flag_ignores_the_runs_own_output_folder(tmp_path):
+    """A rerun that rewrites the committed results/small must not call its own code "with uncommitted changes";
+    a changed file elsewhere still does."""
+    import subprocess
+
+    from uvood.bench.manifest import git_revision
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "small").mkdir(parents=True)
+    (tmp_path / "results" / "small" / "results.csv").write_text("a\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    out = tmp_path / "results" / "small"
+    assert git_revision(tmp_path, outputs=out)["dirty"] is False
+    (out / "results.csv").write_text("b\n")
+    assert git_revision(tmp_path, outputs=out)["dirty"] is False
+    assert git_revision(tmp_path)["dirty"] is True
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_revision(tmp_path, outputs=out)["dirty"] is True

@@ -19,23 +19,35 @@ from .runner import RunResult
 MANIFEST = "run.json"
 
 
-def git_revision(where: Path | None = None) -> dict | None:
-    """``{"commit": sha, "dirty": bool}`` of the git checkout holding uvood's code, or None."""
+def git_revision(where: Path | None = None, outputs: Path | None = None) -> dict | None:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout holding uvood's code, or None. ``dirty``: a tracked
+    file has uncommitted changes, not counting those under ``outputs`` (the run's own output folder, e.g. the
+    committed ``results/small`` that a rerun rewrites: the flag is about the code and data that made the run)."""
     where = Path(where or Path(__file__).resolve().parent)
 
-    def git(*args) -> str:
-        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+    def git(*args, strip: bool = True) -> str:
+        out = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10,
+                             check=True).stdout
+        return out.strip() if strip else out
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        changed = git("status", "--porcelain", "--untracked-files=no", "-z", strip=False).split("\0")  # "XY path"
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
     except (OSError, subprocess.SubprocessError):
         return None
+    out = Path(outputs).resolve() if outputs is not None else None
+    paths, entries = [], iter(changed)
+    for entry in entries:  # "XY path"; a rename or copy ("R"/"C") is followed by its source path
+        if len(entry) > 3:
+            paths.append(top / entry[3:])
+            if entry[0] in "RC":
+                next(entries, None)
+    dirty = any(out is None or not path.resolve().is_relative_to(out) for path in paths)
     return {"commit": commit, "dirty": dirty}
 
 
-def manifest(result: RunResult, command: str) -> dict:
+def manifest(result: RunResult, command: str, out: Path | None = None) -> dict:
     """The manifest of ``result`` as a JSON-ready dict (module docstring)."""
     from .. import __version__
 
@@ -43,7 +55,7 @@ def manifest(result: RunResult, command: str) -> dict:
     versions = meta.get("versions", {})
     return {
         "uvood": __version__,
-        "git": git_revision(),
+        "git": git_revision(outputs=out),
         "command": command,
         "benchmark": {"name": spec.name, "version": spec.version},
         "models": {k: {"model": m["model"], "fingerprint": m.get("fingerprint")} for k, m in result.models.items()},
@@ -62,6 +74,6 @@ def manifest(result: RunResult, command: str) -> dict:
 def write_manifest(result: RunResult, out: Path, command: str) -> Path:
     """Write ``run.json`` under ``out`` (atomically) and return its path."""
     path = Path(out) / MANIFEST
-    text = json.dumps(manifest(result, command), indent=1)
+    text = json.dumps(manifest(result, command, out), indent=1)
     atomic_write(path, lambda f: f.write(text.encode()))
     return path
