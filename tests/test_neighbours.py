@@ -215,3 +215,25 @@ def test_blas_runs_with_torchs_thread_count():
     finally:
         torch.set_num_threads(before)
     assert inside and all(t == 1 for t in inside)
+
+
+@pytest.mark.parametrize("share", [0.0, 2.0])
+def test_auto_hands_the_rest_of_a_call_to_faiss_after_a_block_that_pruned_too_little(share, monkeypatch):
+    """"auto" (faiss installed) searches block by block with the pruned search; after a block that computed more
+    than AUTO_SWITCH_SHARE of its similarities, the rest of the call goes to faiss. Share 0: every first block
+    switches; share 2: never. Either way the values are the float64 brute force's."""
+    pytest.importorskip("faiss")
+    _layout(monkeypatch, True)
+    monkeypatch.setattr(neighbours, "AUTO_SWITCH_SHARE", share)
+    bank, q = _case("clustered")
+    search = Float32Search(bank, "auto")
+    step = None
+    for k in (1, 7, 50):
+        ref = torch.topk(q @ bank.T, k, dim=1).values[:, -1]
+        torch.testing.assert_close(kth_similarity(q, bank, k, search), ref, rtol=1e-13, atol=1e-15)
+        step = search._tiled.block_queries()
+        assert step < q.shape[0]  # several blocks, so that there is a rest to hand over
+        if share == 0.0:
+            assert search.stats["switched_at"] == step and search.stats["brute_queries"] >= q.shape[0] - step
+        else:
+            assert "switched_at" not in search.stats and search.stats["brute_queries"] < q.shape[0]
