@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gradient_scores import cnn, machine_info, mlp  # noqa: E402
 from gradient_scores import race as cpu_race  # noqa: E402
-from uvood.scores import engine, fused, get_score  # noqa: E402
+from uvood.scores import conv_kernel, engine, fused, get_score  # noqa: E402
 from uvood.scores.gradient import _logit_cotangents, mean_of_norm_from_label_norms  # noqa: E402
 
 BEFORE = "ff610c4"  # the last commit before the fused pass
@@ -97,6 +97,17 @@ def fitted_batchgrad(model, shape):
     return bg
 
 
+def torch_conv(fn):
+    """``fn`` run with the compiled convolution kernel switched off (torch's per-sample kernel, as before it)."""
+    def run(*args):
+        enabled, conv_kernel.ENABLED = conv_kernel.ENABLED, False
+        try:
+            return fn(*args)
+        finally:
+            conv_kernel.ENABLED = enabled
+    return run
+
+
 def model_paths(model, x, old) -> list:
     """(label, fn(x)) of every path timed on ``model``."""
     gn, eg = get_score("gradnorm(depth=deep)"), get_score("exgrad(depth=deep)")
@@ -126,6 +137,8 @@ def model_paths(model, x, old) -> list:
             ("GradNorm deep", lambda xx: gn.from_model(model, xx)),
             ("forward + C backward", lambda xx: bound(model, xx, 10)),
             ("ExGrad deep", lambda xx: eg.from_model(model, xx)),
+            ("GradNorm deep, torch's conv kernel", torch_conv(lambda xx: gn.from_model(model, xx))),
+            ("ExGrad deep, torch's conv kernel", torch_conv(lambda xx: eg.from_model(model, xx))),
             ("squared-l2 mean-of-norm, before", sq_before),
             ("squared-l2 mean-of-norm, now", lambda xx: sq.from_model(model, xx)),
             ("bench's deep scores, separate passes (before)", separate),
@@ -133,13 +146,20 @@ def model_paths(model, x, old) -> list:
                                                                                label_norms=(1.0,)))]
 
 
-def speed(args, lines, results):
+def speed(args, lines, results, lines_err):
     old = engine_before()
     for name, (model, x) in models(args.quick, args.batch).items():
         paths = model_paths(model, x, old)
         rates, values = race([(fn, x) for _, fn in paths], args.repeats)
         r = dict(zip([p for p, _ in paths], rates))
-        err = float(((values[5] - values[4]).abs() / values[4].abs()).max())
+        labels = [p for p, _ in paths]
+        now, before = values[labels.index("squared-l2 mean-of-norm, now")], values[labels.index(
+            "squared-l2 mean-of-norm, before")]
+        err = float(((now - before).abs() / before.abs()).max())
+        for score in ("GradNorm", "ExGrad"):  # the compiled kernel's values against torch's kernel's
+            a, b = values[labels.index(f"{score} deep")], values[labels.index(f"{score} deep, torch's conv kernel")]
+            r_err = float(((a - b).abs() / b.abs()).max())
+            lines_err.append(f"{name} {score} {r_err:.1e}")
         results[name] = {"rates": r, "sq_rel_diff": err}
         for p, rate in r.items():
             lines.append(f"| {name} | {p} | {rate:,.1f} |")
@@ -161,7 +181,8 @@ def conv_records(batch):
 
 
 def ghost_factor(args, lines):
-    """Seconds per cost-model multiply-add of the ghost norm and of the per-sample kernel, per CNN conv."""
+    """Seconds per cost-model multiply-add of the ghost norm and of the per-sample kernel (the compiled one where it
+    runs: GHOST_FACTOR_COMPILED; else torch's: GHOST_FACTOR), per CNN conv."""
     convs, acts = conv_records(args.batch)
     K = 10
     rows = []
@@ -172,11 +193,12 @@ def ghost_factor(args, lines):
         d, cout = m.weight[0].numel(), m.weight.shape[0]
 
         def kernel(_, m=m, a=a, g=g):
-            factor, engine.GHOST_FACTOR = engine.GHOST_FACTOR, float("inf")  # the cost model never picks ghost
+            factors = engine.GHOST_FACTOR, engine.GHOST_FACTOR_COMPILED
+            engine.GHOST_FACTOR = engine.GHOST_FACTOR_COMPILED = float("inf")  # the cost model never picks ghost
             try:
                 return engine.ConvRule().norms(m, (a,), {}, g, ["weight"], "l2sq")
             finally:
-                engine.GHOST_FACTOR = factor
+                engine.GHOST_FACTOR, engine.GHOST_FACTOR_COMPILED = factors
 
         def ghost(_, m=m, a=a, g=g):
             return engine.ConvRule.ghost_l2sq(m, a, g)
@@ -206,6 +228,7 @@ def block_table(args, lines):
             a, o = acts[m]
             g = torch.randn(o.shape[0], K, *o.shape[1:]).transpose(0, 1)  # sample-major, as the engine holds it
 
+            @torch_conv
             def kernel(_, m=m, a=a, g=g):
                 block, engine.BLOCK_ELEMENTS = engine.BLOCK_ELEMENTS, float("inf")
                 try:
@@ -216,18 +239,30 @@ def block_table(args, lines):
             def blocked(_, m=m, a=a, g=g):
                 return engine.ConvRule.reduce_blocked(m, a, g, [("l1", None)])
 
-            (rk, rb), (vk, vb) = race([(kernel, a), (blocked, a)], args.repeats)
-            rel = float(((vb - vk).abs() / vk).max())
-            rows.append((K, tuple(m.weight.shape), o.shape[2] * o.shape[3], a.shape[0] / rk, a.shape[0] / rb, rel,
+            def compiled(_, m=m, a=a, g=g):
+                return conv_kernel.weight_norms(m, a, list(m.padding), g, [("l1", None)])
+
+            paths = [(kernel, a), (blocked, a)] + ([(compiled, a)] if conv_kernel.available() else [])
+            rates, vals = race(paths, args.repeats)
+            vk = vals[0]
+            rel = max(float(((v - vk).abs() / vk).max()) for v in vals[1:])
+            times = [a.shape[0] / r for r in rates] + [float("nan")] * (3 - len(rates))
+            rows.append((K, tuple(m.weight.shape), o.shape[2] * o.shape[3], *times, rel,
                          engine.ConvRule.blocked(m, a, g)))
-    lines += ["", f"Per-sample l1 of conv weight gradients, batch {args.batch}, BLOCK_ELEMENTS = "
-              f"{engine.BLOCK_ELEMENTS}:", "",
-              "| K | conv (Cout, Cin, k, k) | T | kernel s | blocked s | kernel / blocked | max rel. diff "
-              "| rule takes |",
-              "|---:|---|---:|---:|---:|---:|---:|---|"]
-    for K, shape, T, tk, tb, rel, pick in rows:
-        lines.append(f"| {K} | {shape} | {T} | {tk:.3f} | {tb:.3f} | {tk / tb:.2f}x | {rel:.1e} | "
-                     f"{'blocked' if pick else 'kernel'} |")
+    rule = "compiled" if conv_kernel.available() else None
+    lines += ["", f"Per-sample l1 of conv weight gradients, batch {args.batch}: torch's per-sample kernel, cache-sized "
+              f"blocks of it (BLOCK_ELEMENTS = {engine.BLOCK_ELEMENTS}) and the compiled kernel "
+              f"(uvood.scores.conv_kernel, {conv_kernel.tag()}); max rel. diff of the others to torch's kernel:", "",
+              "| K | conv (Cout, Cin, k, k) | T | torch kernel s | blocked s | compiled s | torch kernel / compiled "
+              "| max rel. diff | rule takes |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for K, shape, T, tk, tb, tc, rel, pick in rows:
+        lines.append(f"| {K} | {shape} | {T} | {tk:.3f} | {tb:.3f} | {tc:.3f} | {tk / tc:.2f}x | {rel:.1e} | "
+                     f"{rule or ('blocked' if pick else 'kernel')} |")
+    totals = {K: (sum(r[3] for r in rows if r[0] == K), sum(r[5] for r in rows if r[0] == K)) for K in (1, 10)}
+    lines.append("")
+    lines.append("Summed over the convolutions: " + "; ".join(
+        f"K = {K}: torch kernel {tk:.3f} s, compiled {tc:.3f} s ({tk / tc:.2f}x)" for K, (tk, tc) in totals.items()))
     return rows
 
 
@@ -293,7 +328,8 @@ def main() -> None:
              f"best of {args.repeats}, batch {args.batch} (CNN; MLP {4 * args.batch})"
              f"{' (--quick)' if args.quick else ''}; CPU time of the process (the machine was shared), ratios "
              "compare paths timed in the same run.", "", "| model | path | samples/s |", "|---|---|---:|"]
-    results = speed(args, lines, {})
+    lines_err: list[str] = []
+    results = speed(args, lines, {}, lines_err)
     ghost_factor(args, lines)
     block_table(args, lines)
     mem = rss(args, lines)
@@ -303,7 +339,11 @@ def main() -> None:
         targets += [(f"{name} deep GradNorm / (forward + backward)", r["GradNorm deep"] / r["forward + backward"],
                      0.95),
                     (f"{name} deep ExGrad / (forward + C backward)", r["ExGrad deep"] / r["forward + C backward"],
-                     0.95)]
+                     0.95),
+                    (f"{name} deep GradNorm with torch's conv kernel / (forward + backward)",
+                     r["GradNorm deep, torch's conv kernel"] / r["forward + backward"], None),
+                    (f"{name} deep ExGrad with torch's conv kernel / (forward + C backward)",
+                     r["ExGrad deep, torch's conv kernel"] / r["forward + C backward"], None)]
     c = results["CNN"]["rates"]
     targets += [("CNN squared-l2 mean-of-norm, now / before", c["squared-l2 mean-of-norm, now"]
                  / c["squared-l2 mean-of-norm, before"], 1.3),
@@ -316,7 +356,8 @@ def main() -> None:
                                                  f"{'met' if (v <= -goal if goal < 0 else v >= goal) else 'MISSED'})")
         for t, v, goal in targets)]
     lines.append("Agreement, squared-l2 mean-of-norm now vs before (float32): max rel. diff "
-                 + ", ".join(f"{n} {res['sq_rel_diff']:.1e}" for n, res in results.items()) + ".")
+                 + ", ".join(f"{n} {res['sq_rel_diff']:.1e}" for n, res in results.items()) + "; compiled conv "
+                 "kernel vs torch's (float32): " + ", ".join(lines_err) + ".")
     text = "\n".join(lines)
     print(text)
     if args.write:

@@ -34,6 +34,11 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     return d.hexdigest()
 
 
+def default_cache_dir() -> Path:
+    """uvood's cache folder: ``$UVOOD_CACHE``, else ``~/.cache/uvood``."""
+    return Path(os.environ.get("UVOOD_CACHE", Path.home() / ".cache" / "uvood"))
+
+
 def atomic_write(path, write: Callable[[BinaryIO], object], any_rank: bool = False) -> None:
     """Write a file atomically: ``write(f)`` fills a temp file (unique name, same folder), which
     then replaces ``path``; on any failure the temp file is removed and ``path`` is untouched.

@@ -7,7 +7,8 @@ per feature set; the deep per-label norms once per data set; the other scores th
 
 Every cache key carries the version of the code that produced the values: the feature format
 (``features.FORMAT_VERSION``), each score's registry versions (``Score.version_tag``), the deep
-label norms' (``gradient.LABEL_NORMS_VERSION``) and the metrics' (``metrics.METRICS_VERSION``).
+label norms' (``gradient.LABEL_NORMS_VERSION``) and the metrics' (``metrics.METRICS_VERSION``); deep rows also
+the path of the convolution weight-gradient norms (``conv_kernel.tag()``: the compiled kernel or torch's).
 Bumping one recomputes exactly what it produced; the rest is read from the caches.
 
 Runs sharing a cache folder claim each item with a lock file (:func:`uvood.cache.claim`): a second
@@ -34,14 +35,14 @@ from torch import nn
 from .. import data as uvdata
 from .. import metrics, precision, zoo
 from ..api import score_model
-from ..cache import atomic_write, claim, load_verified, peek, save_verified
+from ..cache import atomic_write, claim, default_cache_dir, load_verified, peek, save_verified
 from ..data import transforms
 from ..devices import probe
 from ..distributed import all_gather, map_shards
 from ..errors import UvoodError
 from ..features import FORMAT_VERSION as FEATURES_VERSION
 from ..features import extract, model_fingerprint
-from ..scores import fused
+from ..scores import conv_kernel, fused
 from ..scores.gradient import (
     DEEP_BATCH_SIZE,
     LABEL_NORMS_VERSION,
@@ -83,10 +84,6 @@ class RunResult:
     meta: dict = field(default_factory=dict)
     #: (ID set, score spec) -> why the score cannot be fitted on that ID set's training data (no rows for it)
     not_applicable: dict[tuple[str, str], str] = field(default_factory=dict)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("UVOOD_CACHE", Path.home() / ".cache" / "uvood"))
 
 
 def _precision_tag() -> str:
@@ -298,11 +295,13 @@ def _deep_entry(fp: str, inputs: Inputs, model_name: str, cache: Path, score, di
     costs tens of ms, so a run hashes each fitted state once per model, not once per data set)."""
     if _shares_label_norms(score):
         key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, "label-norms", score.T,
-                                         LABEL_NORMS_VERSION]).encode()).hexdigest()
+                                         LABEL_NORMS_VERSION, conv_kernel.tag()]).encode()).hexdigest()
         return key, cache / f"labelnorms-{_slug(f'{model_name}__{inputs.identity}__T={score.T}')}.npz", \
             ("label", score.T)
+    engine_tag = conv_kernel.tag() if getattr(score, "depth", None) == "deep" else None  # which conv path
     key = hashlib.sha256(json.dumps([fp, inputs.identity, inputs.desc, score.spec, score.version_tag,
-                                     digest or _fit_state_digest(score)]).encode()).hexdigest()
+                                     digest or _fit_state_digest(score)] + ([engine_tag] if engine_tag else [])
+                                    ).encode()).hexdigest()
     return key, cache / f"scores-{_slug(model_name + '__' + inputs.identity + '__' + score.spec)}.npz", \
         ("score", score.spec)
 
@@ -683,6 +682,7 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
             "max_memory": max_memory, "precision": precision.parse(None),
             "feature_sets_computed": sum(feature_sets),
             "versions": {"features": FEATURES_VERSION, "label_norms": LABEL_NORMS_VERSION,
+                         "conv_weight_norms": conv_kernel.tag(),
                          "metrics": metrics.METRICS_VERSION,
                          "scores": {full: score_objs[full].version_tag for _, full, _ in rows_spec}}}
     return RunResult(spec, rows, all_scores, models, datasets, timings, quick, meta, not_applicable)

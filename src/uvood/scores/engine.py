@@ -41,7 +41,10 @@ How (Opacus / BackPACK style)
      exceeds BLOCK_ELEMENTS (late layers, K labels), it is formed in cache-sized blocks of
      (label, output channel) rows, G_{n,k}[c0:c1] @ unfold(a_n)^T, and every norm is taken from
      the block while it is in cache (:meth:`ConvRule.reduce_blocked`; 3x faster on the CNN's last
-     convolution, where T = 4 positions make the kernel write-bound). Squared l2 alone may instead come from
+     convolution, where T = 4 positions make the kernel write-bound). For 2-D convolutions without groups in
+     float32 on the CPU, the norms instead come from a compiled kernel that forms each register tile of the
+     gradient and reduces it there (:mod:`uvood.scores.conv_kernel`; torch's kernels where it cannot
+     run). Squared l2 alone may instead come from
      the ghost norm ||sum_t g_t a_t^T||^2 = sum_{t,t'} (a_t . a_t')(g_t . g_t') (Gram matrices of
      the T output positions), chosen per layer by a cost model (:meth:`ConvRule.ghost_cheaper`):
      cheaper where T (d + K Cout) < K Cout d, i.e. on late layers with few positions.
@@ -91,6 +94,7 @@ from torch import nn
 
 from ..errors import UvoodError
 from ..model import forward_head
+from . import conv_kernel
 
 NORMS = ("l1", "l2sq")
 
@@ -103,6 +107,9 @@ CHUNK_ELEMENTS = 2**23
 #: cost of one ghost-norm multiply-add relative to one of the per-sample weight-gradient kernel
 #: (:meth:`ConvRule.ghost_cheaper`); measured on CPU with benchmarks/fused_pass.py: 1.1-2.0 on the CNN
 GHOST_FACTOR = 1.5
+#: the same against the compiled kernel (:mod:`uvood.scores.conv_kernel`), for the layers it covers: 1.7-2.5 on
+#: the CNN's convolutions with T >= 64 positions (benchmarks/fused_pass.py, 2026-11-30)
+GHOST_FACTOR_COMPILED = 2.3
 
 #: elements of one block of a sample's per-sample convolution weight gradient (labels x output channels x patch)
 #: formed and reduced while it is in cache (:meth:`ConvRule.reduce_blocked`); gradients of at most this many
@@ -306,21 +313,24 @@ class ConvRule(LayerRule):
 
         Per sample, with T output positions, d = Cin k^2 patch elements, K cotangents: the kernel costs
         K Cout d T multiply-adds, the ghost norm T^2 d (patch Gram) + K T^2 Cout (gradient Grams). The
-        ghost norm is chosen when GHOST_FACTOR times its count is smaller (GHOST_FACTOR measured:
-        benchmarks/fused_pass.py); only for 2-D convolutions without groups. Logged at debug level."""
+        ghost norm is chosen when GHOST_FACTOR times its count is smaller (GHOST_FACTOR_COMPILED against the
+        compiled kernel where it runs; both measured: benchmarks/fused_pass.py); only for 2-D convolutions
+        without groups. Logged at debug level."""
         if not isinstance(module, nn.Conv2d) or module.groups != 1 or a.ndim != 4:
             return False
         K = g.shape[0]
         T = math.prod(g.shape[3:])
         cout, d = module.weight.shape[0], module.weight[0].numel()
         kernel, ghost = K * cout * d * T, T * T * (d + K * cout)
-        choice = GHOST_FACTOR * ghost < kernel
+        compiled = conv_kernel.ENABLED and conv_kernel.covers(module, a, g) and conv_kernel.available()
+        factor = GHOST_FACTOR_COMPILED if compiled else GHOST_FACTOR
+        choice = factor * ghost < kernel
         key = (id(module), tuple(a.shape[1:]), K)
         if _GHOST_LOGGED.get(key) != choice:
             _GHOST_LOGGED[key] = choice
             log.debug("conv %s (T=%d, d=%d, Cout=%d, K=%d): %s (kernel %.3g, ghost %.3g x %.1f multiply-adds)",
-                      tuple(module.weight.shape), T, d, cout, K, "ghost norm" if choice else "per-sample kernel",
-                      kernel, ghost, GHOST_FACTOR)
+                      tuple(module.weight.shape), T, d, cout, K, "ghost norm" if choice else
+                      ("compiled kernel" if compiled else "per-sample kernel"), kernel, ghost, factor)
         return choice
 
     @staticmethod
@@ -424,11 +434,17 @@ class ConvRule(LayerRule):
     def reduce(self, module, inputs, g, name, reds) -> torch.Tensor:
         """R x K x n (float64): for each (norm, offset) of ``reds``, the norm of the per-sample gradient of
         parameter ``name`` plus ``offset`` (a tensor of the parameter's shape, or None), from ONE kernel
-        call per sample for every reduction (BatchGrad's anchor offset included: no gradient is stored)."""
+        call per sample for every reduction (BatchGrad's anchor offset included: no gradient is stored).
+        Weights of 2-D convolutions take the compiled kernel (:mod:`uvood.scores.conv_kernel`: each tile
+        of the gradient formed and reduced in registers) where it runs; else torch's kernel, per sample or
+        in blocks (:meth:`reduce_blocked`)."""
         K, n = g.shape[:2]
         if name == "bias":
             b = g.sum(dim=tuple(range(3, g.ndim))) if g.ndim > 3 else g
             return torch.stack([_vector_norm(b if off is None else b + off.to(b.dtype), nm) for nm, off in reds])
+        fast = conv_kernel.weight_norms(module, *self._padded(module, inputs[0]), g, reds)
+        if fast is not None:  # the compiled kernel: no per-sample gradient formed
+            return fast
         if self.blocked(module, inputs[0], g):
             return self.reduce_blocked(module, inputs[0], g, reds)
         offs = [None if off is None else off.detach().to(g.dtype).reshape(1, -1) for _, off in reds]
