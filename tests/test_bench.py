@@ -141,6 +141,7 @@ def test_run_manifest_names_models_data_versions_and_conventions(tmp_path, data_
         assert {t.split(":")[0]: int(t.split(":")[1]) for t in tag.split("*")} == score_versions(row["score"])
     assert man["versions"]["metrics"] == uvood.metrics.METRICS_VERSION
     assert man["versions"]["features"] == uvood.features.FORMAT_VERSION
+    assert man["versions"]["conv_weight_norms"] == uvood.scores.conv_kernel.tag()
     assert man["metric_conventions"]["fpr_fpr_positive"] == "id" and "average precision" in \
         man["metric_conventions"]["aupr"]
     assert man["settings"]["quick"] is True and man["settings"]["n_per_set"] == 80

@@ -2,8 +2,9 @@
 
 It says what produced the numbers: uvood's version and git revision (when the code is a git
 checkout), the models' fingerprints (sha256 of their weights), the data sets' identities, the
-code versions of every score, of the features, the deep label norms and the metrics (the same
-versions that key the caches), the metric conventions and the run's settings.
+code versions of every score, of the features, the deep label norms, the metrics and the path of the
+convolution weight-gradient norms (the same versions that key the caches), the metric conventions and
+the run's settings.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def manifest(result: RunResult, command: str, out: Path | None = None) -> dict:
         "models": {k: {"model": m["model"], "fingerprint": m.get("fingerprint")} for k, m in result.models.items()},
         "data": {k: d["identity"] for k, d in result.datasets.items()},
         "versions": {"features": versions.get("features"), "label_norms": versions.get("label_norms"),
-                     "metrics": versions.get("metrics")},
+                     "metrics": versions.get("metrics"), "conv_weight_norms": versions.get("conv_weight_norms")},
         "score_versions": versions.get("scores", {}),
         "metric_conventions": {**metrics.CONVENTIONS, "fpr": f"FPR at TPR = {spec.metric['tpr']} with positive = "
                                f"{spec.metric['fpr_positive']!r}", **{f"fpr_{k}": v for k, v in spec.metric.items()},

@@ -107,7 +107,7 @@ CHUNK_ELEMENTS = 2**23
 #: cost of one ghost-norm multiply-add relative to one of the per-sample weight-gradient kernel
 #: (:meth:`ConvRule.ghost_cheaper`); measured on CPU with benchmarks/fused_pass.py: 1.1-2.0 on the CNN
 GHOST_FACTOR = 1.5
-#: the same against the compiled kernel (:mod:`uvood.scores.conv_kernel`), for the layers it covers: 1.7-2.5 on
+#: the same against the compiled kernel (:mod:`uvood.scores.conv_kernel`), for the layers it covers: 1.7-3.0 on
 #: the CNN's convolutions with T >= 64 positions (benchmarks/fused_pass.py, 2026-11-30)
 GHOST_FACTOR_COMPILED = 2.3
 
