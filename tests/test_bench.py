@@ -220,6 +220,9 @@ def test_bench_small_quick_cli(tmp_path, data_dir, capsys):
     assert "## Where the time goes" in report and "fused deep pass" in report
     history = json.loads((tmp_path / "out" / "timings.json").read_text())
     assert len(history) == 1 and history[0]["quick"] and history[0]["breakdown"] and history[0]["cold"]
+    # every second counted once: the phases (model fits run inside the deep pass's lookup) sum to at most the total
+    phases = sum(v for k, v in history[0]["breakdown"].items() if not k.endswith("/all"))
+    assert phases <= history[0]["total_s"] + 0.5, (phases, history[0])
 
 
 def test_partial_or_quick_run_never_writes_over_the_reference_results(tmp_path, data_dir, monkeypatch):
