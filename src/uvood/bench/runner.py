@@ -616,8 +616,8 @@ def run(spec: BenchSpec, scores: list[str] | None = None, quick: bool = False, n
                 ds = spec.datasets[id_name]
                 if "dataset" not in ds:
                     raise UvoodError(f"{sc.spec} needs labelled ID training data; {id_name} has no named data set.")
-                model_fits[full] = ModelFit(sc, model, model_name, fp, ds, in_shape, data_dir, cache,
-                                            limit=min(spec.quick_n, MODEL_FIT_N) if quick else MODEL_FIT_N,
+                limit = min(spec.quick_n, spec.quick_model_fit_n or spec.quick_n, MODEL_FIT_N) if quick else MODEL_FIT_N
+                model_fits[full] = ModelFit(sc, model, model_name, fp, ds, in_shape, data_dir, cache, limit=limit,
                                             timings=timings, timing_key=f"{model_name}/{id_name}/fits of model scores")
         from_features = [score_objs[full] for _, full, _ in rows_spec if not score_objs[full].needs_model]
         digests = None

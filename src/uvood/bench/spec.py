@@ -32,6 +32,9 @@ class BenchSpec:
     quick_deep_n: int | None = None  # the same with --quick
     fit_n: int | None = None  # ID training images the fitted scores see (evenly spaced; None = the whole split)
     quick_fit_n: int | None = None  # the same with --quick
+    #: with --quick, ID training images the scores that fit through the model (BatchGrad's anchors, deep low-dim's
+    #: subspace) see, at most ``quick_n`` (None: ``quick_n``); without --quick: runner.MODEL_FIT_N
+    quick_model_fit_n: int | None = None
 
     def paper_name(self, name: str) -> str:
         """The paper's name for one of our data sets (e.g. Fashion-MNIST stands in for SVHN)."""
