@@ -526,3 +526,23 @@ def test_manifest_dirty_flag_ignores_the_runs_own_output_folder(tmp_path):
     assert git_revision(tmp_path)["dirty"] is True
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_revision(tmp_path, outputs=out)["dirty"] is True
+
+
+def test_quick_runs_fit_model_scores_on_quick_model_fit_n_images(tmp_path, data_dir, monkeypatch):
+    """--quick fits BatchGrad's anchors on min(quick_n, quick_model_fit_n) ID training images; without the field,
+    on quick_n of them."""
+    from uvood.bench import runner
+
+    limits = []
+    orig = runner.ModelFit.__init__
+
+    def spy(self, *args, **kwargs):
+        limits.append(kwargs["limit"])
+        orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner.ModelFit, "__init__", spy)
+    for over, expected in (({"quick_model_fit_n": 30}, 30), ({"quick_model_fit_n": None}, 80)):
+        spec = _mini_spec(tmp_path, pairs=[["MNIST", "Fashion-MNIST"]], deep=True, quick_deep_n=20, **over)
+        res = run(spec, scores=["batchgrad(depth=deep)"], quick=True, data_dir=data_dir,
+                  cache_dir=tmp_path / str(expected), progress=False, log=lambda *a: 0, n_boot=20)
+        assert limits[-1] == expected and len(res.rows) == 1
