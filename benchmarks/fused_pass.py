@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -100,11 +101,8 @@ def fitted_batchgrad(model, shape):
 def torch_conv(fn):
     """``fn`` run with the compiled convolution kernel switched off (torch's per-sample kernel, as before it)."""
     def run(*args):
-        enabled, conv_kernel.ENABLED = conv_kernel.ENABLED, False
-        try:
+        with mock.patch.object(conv_kernel, "ENABLED", False):
             return fn(*args)
-        finally:
-            conv_kernel.ENABLED = enabled
     return run
 
 
@@ -193,12 +191,9 @@ def ghost_factor(args, lines):
         d, cout = m.weight[0].numel(), m.weight.shape[0]
 
         def kernel(_, m=m, a=a, g=g):
-            factors = engine.GHOST_FACTOR, engine.GHOST_FACTOR_COMPILED
-            engine.GHOST_FACTOR = engine.GHOST_FACTOR_COMPILED = float("inf")  # the cost model never picks ghost
-            try:
+            inf = float("inf")  # the cost model never picks ghost
+            with mock.patch.multiple(engine, GHOST_FACTOR=inf, GHOST_FACTOR_COMPILED=inf):
                 return engine.ConvRule().norms(m, (a,), {}, g, ["weight"], "l2sq")
-            finally:
-                engine.GHOST_FACTOR, engine.GHOST_FACTOR_COMPILED = factors
 
         def ghost(_, m=m, a=a, g=g):
             return engine.ConvRule.ghost_l2sq(m, a, g)
@@ -230,11 +225,8 @@ def block_table(args, lines):
 
             @torch_conv
             def kernel(_, m=m, a=a, g=g):
-                block, engine.BLOCK_ELEMENTS = engine.BLOCK_ELEMENTS, float("inf")
-                try:
+                with mock.patch.object(engine, "BLOCK_ELEMENTS", float("inf")):
                     return engine.ConvRule().reduce(m, (a,), g, "weight", [("l1", None)])
-                finally:
-                    engine.BLOCK_ELEMENTS = block
 
             def blocked(_, m=m, a=a, g=g):
                 return engine.ConvRule.reduce_blocked(m, a, g, [("l1", None)])

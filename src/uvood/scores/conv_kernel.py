@@ -56,7 +56,7 @@ MR, NR = 6, 16  # register tile of conv_kernel.c: output channels x patch column
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_state: dict = {}  # "lib": the loaded library or None; "why": why not; "pool": (pid, executor)
+_state: dict = {}  # "lib": the loaded library or None; "why": why not; "pool": (pid, workers, executor)
 
 
 def _compiler() -> str | None:
@@ -130,10 +130,10 @@ def covers(module: torch.nn.Module, a: torch.Tensor, g: torch.Tensor) -> bool:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    pid, pool = _state.get("pool", (None, None))
-    if pid != os.getpid() or pool._max_workers < workers:  # a forked child gets its own threads
+    pid, size, pool = _state.get("pool", (None, 0, None))
+    if pid != os.getpid() or size < workers:  # a forked child gets its own threads
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uvood-conv")
-        _state["pool"] = (os.getpid(), pool)
+        _state["pool"] = (os.getpid(), workers, pool)
     return pool
 
 
@@ -144,7 +144,7 @@ def weight_norms(module: torch.nn.Module, a: torch.Tensor, padding: list[int], g
     does not run (see the module docstring). ``a``: the layer's input (n x Cin x H x W) with any non-zero
     padding mode already applied, ``padding``: the zero padding left, ``g``: K x n x Cout x Ho x Wo output
     gradients (a view of a sample-major buffer, or any layout)."""
-    if not (ENABLED and covers(module, a, g)) or _load() is None:
+    if not (covers(module, a, g) and available()):
         return None
     lib = _state["lib"]
     K, n = g.shape[:2]

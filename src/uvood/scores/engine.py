@@ -322,7 +322,7 @@ class ConvRule(LayerRule):
         T = math.prod(g.shape[3:])
         cout, d = module.weight.shape[0], module.weight[0].numel()
         kernel, ghost = K * cout * d * T, T * T * (d + K * cout)
-        compiled = conv_kernel.ENABLED and conv_kernel.covers(module, a, g) and conv_kernel.available()
+        compiled = conv_kernel.covers(module, a, g) and conv_kernel.available()
         factor = GHOST_FACTOR_COMPILED if compiled else GHOST_FACTOR
         choice = factor * ghost < kernel
         key = (id(module), tuple(a.shape[1:]), K)
